@@ -1,0 +1,252 @@
+"""Configs: frozen dataclasses, loaded from YAML plus dotted ``key=value`` overrides.
+
+There is one config path for every entry point::
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/smollm2.yaml", ["train.lr=5e-5"])
+
+- Unknown keys are errors, with the closest valid key suggested.
+- Values are checked against the field's type (``int``, ``float``, ``bool``, ``str``,
+  ``Literal[...]`` choices, ``tuple[...]``, ``Optional``, nested dataclasses) when parsed.
+- Checks between fields live in each dataclass's ``__post_init__``.
+
+The model config, :class:`MendConfig`, is defined here; the configs of training, data and
+evaluation live beside the code they configure and use the same loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from mend.errors import ConfigError
+
+T = TypeVar("T")
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MendConfig:
+    """Everything that defines a MEND distiller and the frozen LLM it feeds.
+
+    A checkpoint stores this config as JSON, so :meth:`Distiller.from_pretrained` rebuilds the
+    same model from it.
+    """
+
+    distiller: str
+    """The distiller LM: a hub id, a local directory, a ``.gguf`` file or a zoo name."""
+    llm: str
+    """The frozen LLM that reads the distilled vectors; same forms as ``distiller``."""
+    num_placeholders: int = 100
+    """``l``: how many vectors the distiller emits (0 turns MEND into zero-shot)."""
+    placeholder_init: Literal["random", "vocab"] = "random"
+    """``random``: N(0, 0.02); ``vocab``: copies of the distiller's embeddings of random tokens."""
+    projection: Literal["auto", "always", "none"] = "auto"
+    """Linear+Tanh from distiller to LLM hidden size: ``auto`` adds it only when the sizes
+    differ, ``always`` adds it anyway, ``none`` forbids it (sizes must then match)."""
+    train_mode: Literal["full", "lora"] = "full"
+    """Train every distiller weight, or only LoRA adapters on it (a checkpoint of a few MB)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    """Passed to ``peft.LoraConfig(target_modules=...)``."""
+    io_sep: str = " "
+    """Between a demonstration's input and output (and between a query and its option)."""
+    demo_sep: str = " "
+    """Between demonstrations, and before a query that follows a context. The paper uses
+    whitespace; set ``io_sep: "\\n"`` and ``demo_sep: "\\n\\n"`` for newlines."""
+    max_distiller_length: int = 1024
+    """Distiller positions for demonstrations plus placeholders; see ``Distiller.tokenize``
+    for the truncation rule."""
+    distiller_dtype: Dtype = "float32"
+    llm_dtype: Dtype = "float32"
+    llm_8bit: bool = False
+    """Load the frozen LLM in 8-bit through bitsandbytes (needs CUDA)."""
+    allow_8bit_fallback: bool = False
+    """Where 8-bit cannot run, load the LLM in ``llm_dtype`` with a warning instead of failing."""
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if not self.distiller or not self.llm:
+            raise ConfigError("MendConfig needs both `distiller` and `llm`: a hub id, a local "
+                              "directory, a .gguf file or a zoo name (see `mend zoo list`).")
+        if self.num_placeholders < 0:
+            raise ConfigError(f"num_placeholders must be >= 0, got {self.num_placeholders}.")
+        if self.max_distiller_length <= self.num_placeholders:
+            raise ConfigError(
+                f"max_distiller_length ({self.max_distiller_length}) must exceed num_placeholders "
+                f"({self.num_placeholders}) to leave room for the demonstrations.")
+        if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("lora_r must be > 0 and lora_dropout in [0, 1).")
+
+
+# --------------------------------------------------------------------------------------------
+# Generic loading: dict -> dataclass with strict keys and checked types.
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build the dataclass ``cls`` from a mapping; unknown keys and bad types are errors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping of keys, got "
+                          f"{type(data).__name__} {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" Did you mean `{_join(where, close[0])}`?" if close else ""
+        raise ConfigError(f"Unknown config key `{_join(where, key)}`.{hint} Valid keys of "
+                          f"{cls.__name__}: {', '.join(sorted(fields))}.")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"Missing required config key(s): "
+                          f"{', '.join(_join(where, m) for m in missing)}.")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-data form of a config (tuples become lists), fit for YAML and JSON."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=5e-5", "init_from=out/x"]`` -> ``{"train": {"lr": 5e-5}, "init_from": ...}``.
+
+    Values are parsed as YAML, so ``true``, ``3``, ``[1, 2]`` and ``null`` get their types.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override `{item}` is not of the form key=value "
+                              f"(for example train.lr=5e-5).")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override `{item}` sets a key below `{part}`, which was "
+                                  f"already given a value.")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``update`` wins; nested mappings are merged key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Read a YAML file (optional), apply dotted overrides, and check it into ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. The shipped configs are "
+                              f"under configs/.")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys.")
+        data = dict(loaded or {})
+    return from_dict(cls, merge(data, parse_overrides(overrides)))
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` with the same key and type checks as loading."""
+    return from_dict(type(cfg), merge(to_dict(cfg), changes))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"`{where}` = {value!r} fits none of its types: {'; '.join(errors)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"`{where}` must be one of {', '.join(map(repr, args))}; got {value!r}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{where}` must be a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"`{where}` must have {len(args)} items, got {len(value)}.")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"`{where}` must be a mapping, got {value!r}.")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, f"{where}.{k}")
+                for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"`{where}` must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"`{where}` must be an integer, got {value!r}.")
+    if tp is float:
+        # YAML 1.1 reads `5e-5` (no dot) as a string; accept any string float() accepts.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"`{where}` must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"`{where}` must be a string, got {value!r}.")
+    raise ConfigError(f"`{where}`: mend cannot check values of type {tp!r}.")
