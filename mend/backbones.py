@@ -1,0 +1,137 @@
+"""Load any transformers causal LM (hub id, local directory, ``.gguf`` file or zoo name).
+
+Two roles use it:
+
+- the **distiller** loads the base model (no LM head: only its hidden states are used),
+  trainable, in ``distiller_dtype``;
+- the **frozen LLM** loads with its head, in ``llm_dtype`` or 8-bit, with every parameter's
+  ``requires_grad`` off and in eval mode. Gradients still flow *through* it to its inputs.
+
+8-bit loading goes through bitsandbytes and needs CUDA. Asked for where it cannot run, it
+raises :class:`~mend.errors.BackboneError` naming the reason, unless the caller allowed a
+fallback, which loads in ``dtype`` with a warning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mend import zoo
+from mend.errors import BackboneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """Map a model reference to ``(directory or hub id, gguf file name or None)``."""
+    if zoo.is_zoo_name(name):
+        return str(zoo.path(name)), None
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BackboneError(f"GGUF file {p} does not exist.")
+        return str(p.parent), p.name
+    if p.exists() and not p.is_dir():
+        raise BackboneError(f"{p} is a file but not a .gguf file: pass a model directory, a "
+                            f"hub id, a .gguf file or a zoo name ({', '.join(zoo.ZOO)}).")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise BackboneError(f"{p} is a directory without config.json, so it is not a "
+                            f"transformers model directory.")
+    if not p.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise BackboneError(f"Model directory {p} does not exist.")
+    return name, None
+
+
+def load_tokenizer(name: str):
+    """The model's tokenizer, with a pad token (the EOS token where the model has none)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve(name)
+    tok = _from_pretrained(AutoTokenizer, name, source, gguf_file=gguf_file)
+    if tok.pad_token_id is None:
+        # mend pads by hand and masks every pad position, so which id fills them is immaterial.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
+               device: str | torch.device | None = None, load_in_8bit: bool = False,
+               allow_8bit_fallback: bool = False,
+               attn_implementation: str | None = "sdpa") -> nn.Module:
+    """Load a causal LM (``with_head``) or its base model, in ``dtype`` or 8-bit."""
+    from transformers import AutoModel, AutoModelForCausalLM, GgufConfig
+
+    source, gguf_file = resolve(name)
+    kwargs: dict = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_8bit:
+        problem = bitsandbytes_problem()
+        if problem is not None:
+            if not allow_8bit_fallback:
+                raise BackboneError(
+                    f"8-bit loading of `{name}` was requested, but {problem}. Either run on a "
+                    f"CUDA machine with `pip install 'mend[8bit]'`, set llm_8bit=false, or set "
+                    f"allow_8bit_fallback=true to load it in {dtype} instead.")
+            warnings.warn(f"8-bit loading of `{name}` is not possible ({problem}); loading it "
+                          f"in {dtype} because allow_8bit_fallback is set.", stacklevel=2)
+            load_in_8bit = False
+    if load_in_8bit:
+        if gguf_file is not None:
+            raise BackboneError(f"8-bit loading of the GGUF file {name} is not supported: use "
+                                f"the zoo name or save it once as a transformers directory.")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.device(device or "cuda").index or 0}
+    elif gguf_file is not None:
+        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+    auto = AutoModelForCausalLM if with_head else AutoModel
+    model = _from_pretrained(auto, name, source, **kwargs)
+    if device is not None and not load_in_8bit:
+        model.to(device)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn off every parameter's gradient and put the model in eval mode (no dropout)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes 8-bit cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (bitsandbytes 8-bit needs a GPU)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'mend[8bit]')"
+    return None
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the model's input embeddings, which is what a prefix vector must match."""
+    return model.get_input_embeddings().embedding_dim
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (None when it does not say)."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", cfg)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _from_pretrained(auto, name: str, source: str, **kwargs):
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise BackboneError(
+            f"Could not load `{name}`: {e}\nPass a local model directory, a .gguf file or a "
+            f"zoo name ({', '.join(zoo.ZOO)})"
+            + (" (HF_HUB_OFFLINE=1 is set, so hub ids must already be cached)." if offline
+               else ", or a hub id on a machine that can reach the hub.")) from e
