@@ -1,0 +1,286 @@
+"""Run a frozen causal LM with a prefix of vectors in front of its input.
+
+Every row the LLM reads is laid out as::
+
+    [ pad.. bos | prefix ]  [ input | pad.. ]
+      the head, left-padded    right-padded, width T
+
+- ``bos`` is what the LLM's tokenizer puts before any text (Llama, Gemma), or nothing (GPT-2).
+- The prefix is either distilled vectors (MEND, prompt tuning) or the embeddings of real
+  context tokens (ICL, the distillation teacher). Both use this one code path.
+- Position ids count real tokens only, and real tokens are contiguous, so padding never
+  changes a position or a distance (sliding-window attention included).
+
+Because the input always fills the last ``T`` columns, the logits of a row's input tokens sit
+at the same indices whatever its prefix. That lets the teacher (real demonstrations) and the
+student (vectors) be compared position by position, and lets ``logits_to_keep`` skip the
+head's logits entirely.
+
+Scoring runs the head once and continues from its KV cache: one distilled context serves all
+queries and options, and a context per query serves all that query's options.
+
+:class:`PrefixLM` is deliberately not an ``nn.Module``: modules that hold it (the Distiller)
+then expose only their own trainable weights to optimizers, DDP and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mend.backbones import freeze, hidden_size, max_positions
+from mend.errors import InputError
+from mend.text import bos_ids, pad, positions
+
+
+@dataclass
+class _Head:
+    """A run of ``[bos | prefix]`` for ``R`` rows, to continue from."""
+
+    cache: object           # the model's KV cache, batch R
+    mask: torch.Tensor      # (R, H), left-padded
+    last: torch.Tensor      # (R, V) float32 logits at the last head position
+
+
+class PrefixLM:
+    def __init__(self, model, tokenizer):
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        self.bos = bos_ids(tokenizer)
+        self.max_length = max_positions(model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return hidden_size(self.model)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids: ``(B, T)`` -> ``(B, T, d)``."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def embed_context(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real context tokens as a prefix: ``(B, P, d)`` embeddings and their ``(B, P)`` mask."""
+        ids, mask = pad(seqs, self.tokenizer.pad_token_id, side="left")
+        return self.embed(ids), mask.to(self.device)
+
+    # ----------------------------------------------------------------------------------------
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+               with_prefix_last: bool = False) -> torch.Tensor:
+        """Logits at the input positions, float32, in one differentiable pass.
+
+        Args:
+            input_ids: ``(B, T)``, right-padded.
+            attention_mask: ``(B, T)``; 1 on real tokens. Defaults to all ones.
+            prefix: ``(B, P, d)`` vectors read before the input, or None.
+            prefix_mask: ``(B, P)``, left-padded; defaults to all ones.
+            with_prefix_last: also return the logits of the position just before the input
+                (the last prefix or bos position), so that index ``t`` predicts input token
+                ``t``. Otherwise index ``t`` predicts input token ``t + 1`` (the HF convention).
+
+        Returns:
+            ``(B, T, V)``, or ``(B, T + 1, V)`` with ``with_prefix_last``.
+        """
+        input_ids, attention_mask = self._check_input(input_ids, attention_mask)
+        head, head_mask = self._head(input_ids.shape[0], prefix, prefix_mask)
+        keep = input_ids.shape[1] + int(with_prefix_last)
+        if with_prefix_last and head.shape[1] == 0:
+            raise InputError("with_prefix_last needs a prefix or a bos token before the input.")
+        mask = torch.cat([head_mask, attention_mask], dim=1)
+        self._check_length(int(mask.sum(-1).max()))
+        embeds = torch.cat([head, self.embed(input_ids)], dim=1)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                         logits_to_keep=keep, use_cache=False)
+        return out.logits.float()
+
+    def score_options(self, query_ids: Sequence[Sequence[int]],
+                      option_ids: Sequence[Sequence[Sequence[int]]],
+                      prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+                      batch_size: int = 32, reuse_head: bool = True) -> list[torch.Tensor]:
+        """Mean per-token NLL of each option after its query (MetaICL "direct" scoring).
+
+        Args:
+            query_ids: ``Q`` id lists.
+            option_ids: for each query, its options' id lists.
+            prefix: ``(1, P, d)`` shared by all queries, or ``(Q, P, d)``, one per query.
+            prefix_mask: ``(1 or Q, P)``, left-padded; None when every position is real.
+            batch_size: (query, option) rows per forward pass.
+            reuse_head: run ``[bos | prefix]`` once and continue every row from its KV cache
+                (the default); False recomputes it per row, the plain path.
+
+        Returns:
+            ``Q`` float32 tensors on the CPU, one NLL per option; lower is more likely.
+        """
+        if len(option_ids) != len(query_ids):
+            raise InputError(f"Got {len(query_ids)} queries but {len(option_ids)} option lists.")
+        shared = prefix is None or prefix.shape[0] == 1
+        if not shared and prefix.shape[0] != len(query_ids):
+            raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 (shared) or "
+                             f"one per query ({len(query_ids)}).")
+        rows = []  # (query index, input ids, number of option tokens)
+        for q, (qi, opts) in enumerate(zip(query_ids, option_ids)):
+            if len(opts) == 0:
+                raise InputError(f"Query {q} has no options to score.")
+            for o, oi in enumerate(opts):
+                if len(oi) == 0:
+                    raise InputError(f"Option {o} of query {q} is empty after tokenization.")
+                rows.append((q, list(qi) + list(oi), len(oi)))
+        has_context = bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
+        shift = 0 if has_context else 1  # logits index of the predictor of input token t
+        for q, seq, n in rows:
+            if len(seq) - n - shift < 0:
+                raise InputError(f"Query {q}'s options have nothing before them to predict them "
+                                 f"from: give a non-empty query or a context.")
+        reuse = reuse_head and has_context
+        shared_head = self._run_head(prefix, prefix_mask) if reuse and shared else None
+        nll = torch.empty(len(rows))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask = pad([r[1] for r in chunk], self.tokenizer.pad_token_id)
+            index = torch.tensor([0 if shared else r[0] for r in chunk])
+            if reuse:
+                head = shared_head
+                if head is None:  # a context per query: run the ones this chunk needs
+                    needed, index = torch.unique(index, return_inverse=True)
+                    head = self._run_head(*_rows(prefix, prefix_mask, needed))
+                logits = self._continue(head, index, ids, mask)
+            else:
+                logits = self.logits(ids, mask, *_rows(prefix, prefix_mask, index),
+                                     with_prefix_last=has_context)
+            for j, (_, seq, n) in enumerate(chunk):
+                pred = logits[j, len(seq) - n - shift:len(seq) - shift]  # (n, V)
+                target = ids[j, len(seq) - n:len(seq)].to(pred.device)
+                nll[start + j] = F.cross_entropy(pred, target).item()
+        out, k = [], 0
+        for opts in option_ids:
+            out.append(nll[k:k + len(opts)])
+            k += len(opts)
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], prefix: torch.Tensor | None = None,
+                 prefix_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 do_sample: bool = False, **generate_kwargs) -> list[list[int]]:
+        """Greedy or sampled continuation of each prompt after the prefix.
+
+        Rows are left-padded as a whole for generation, so every row ends at the last column.
+        ``prefix`` is ``(1, P, d)`` shared, or ``(B, P, d)`` one per prompt. Returns the new
+        token ids of each row, cut before the first EOS.
+        """
+        n = len(prompt_ids)
+        if prefix is not None and prefix.shape[0] not in (1, n):
+            raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
+        rows = []  # each row's real embeddings, bos + prefix + prompt, before padding
+        for i, ids in enumerate(prompt_ids):
+            r = 0 if prefix is None or prefix.shape[0] == 1 else i
+            head, head_mask = self._head(1, *_rows(prefix, prefix_mask, torch.tensor([r])))
+            body = self.embed(torch.tensor([list(ids)], dtype=torch.long))[0]
+            rows.append(torch.cat([head[0][head_mask[0].bool()], body]))
+        width = max(r.shape[0] for r in rows)
+        self._check_length(width + max_new_tokens)
+        embeds = rows[0].new_zeros(n, width, rows[0].shape[-1])
+        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            embeds[i, width - r.shape[0]:] = r
+            mask[i, width - r.shape[0]:] = 1
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                  max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
+                                  **generate_kwargs)
+        return [seq[:seq.index(eos)] if eos in seq else seq for seq in out.tolist()]
+
+    # ----------------------------------------------------------------------------------------
+
+    def _head(self, batch: int, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[bos | prefix]`` as one left-padded block: ``(B, H, d)`` embeds, ``(B, H)`` mask."""
+        parts, masks = [], []
+        if self.bos:
+            bos = torch.tensor([self.bos], device=self.device).expand(batch, -1)
+            parts.append(self.embed(bos))
+            masks.append(torch.ones_like(bos))
+        if prefix is not None and prefix.shape[1] > 0:  # zero placeholders: no prefix at all
+            if (prefix.dim() != 3 or prefix.shape[0] != batch
+                    or prefix.shape[-1] != self.hidden_size):
+                raise InputError(f"The prefix must be (batch={batch}, P, hidden="
+                                 f"{self.hidden_size}); got {tuple(prefix.shape)}.")
+            parts.append(prefix.to(device=self.device, dtype=self.dtype))
+            masks.append(torch.ones(prefix.shape[:2], dtype=torch.long, device=self.device)
+                         if prefix_mask is None else prefix_mask.to(self.device).long())
+        elif prefix is not None and (prefix.dim() != 3 or prefix.shape[0] != batch):
+            raise InputError(f"The prefix must be (batch={batch}, P, hidden={self.hidden_size}); "
+                             f"got {tuple(prefix.shape)}.")
+        if not parts:
+            return (torch.zeros(batch, 0, self.hidden_size, dtype=self.dtype, device=self.device),
+                    torch.zeros(batch, 0, dtype=torch.long, device=self.device))
+        embeds, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        if prefix_mask is not None:
+            # Move the prefix's padding in front of bos, so real tokens stay contiguous and
+            # sliding-window attention (Gemma) sees the distances of an unpadded row.
+            order = torch.argsort(mask, dim=1, stable=True)
+            embeds = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+            mask = mask.gather(1, order)
+        return embeds, mask
+
+    @torch.no_grad()
+    def _run_head(self, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> _Head:
+        embeds, mask = self._head(1 if prefix is None else prefix.shape[0], prefix, prefix_mask)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                         logits_to_keep=1, use_cache=True)
+        return _Head(out.past_key_values, mask, out.logits[:, -1].float())
+
+    @torch.no_grad()
+    def _continue(self, head: _Head, index: torch.Tensor, input_ids: torch.Tensor,
+                  input_mask: torch.Tensor) -> torch.Tensor:
+        """Input logits after cached heads, row ``i`` after head ``index[i]``: ``(n, T + 1, V)``,
+        index ``t`` predicting input token ``t``."""
+        index = index.to(self.device)
+        cache = copy.deepcopy(head.cache)  # the forward pass appends to it
+        cache.batch_select_indices(index)
+        head_mask = head.mask.index_select(0, index)
+        input_ids, input_mask = input_ids.to(self.device), input_mask.to(self.device)
+        mask = torch.cat([head_mask, input_mask], dim=1)
+        self._check_length(int(mask.sum(-1).max()))
+        pos = head_mask.sum(-1, keepdim=True) + positions(input_mask)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, logits_to_keep=input_ids.shape[1], use_cache=True)
+        return torch.cat([head.last.index_select(0, index).unsqueeze(1), out.logits.float()], 1)
+
+    def _check_input(self, input_ids, attention_mask):
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be (batch, length>0); got {tuple(input_ids.shape)}.")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            return input_ids, torch.ones_like(input_ids)
+        return input_ids, attention_mask.to(self.device).long()
+
+    def _check_length(self, length: int) -> None:
+        if self.max_length is not None and length > self.max_length:
+            raise InputError(
+                f"A row needs {length} positions but the LLM takes at most {self.max_length} "
+                f"(max_position_embeddings). Shorten the queries or context, or use fewer "
+                f"placeholders.")
+
+
+def _rows(prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None, index: torch.Tensor
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The prefix rows ``index`` (row 0 again and again for a shared prefix)."""
+    if prefix is None:
+        return None, None
+    index = index if prefix.shape[0] > 1 else torch.zeros_like(index)
+    return (prefix.index_select(0, index.to(prefix.device)),
+            None if prefix_mask is None else prefix_mask.index_select(0, index.to(
+                prefix_mask.device)))
