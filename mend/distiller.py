@@ -1,0 +1,317 @@
+"""The MEND distiller: demonstrations in, ``l`` vectors for a frozen LLM out.
+
+    demonstration text --(distiller tokenizer)--> [pad.. demo tokens | l placeholders]
+        --(distiller LM)--> last-layer hidden states at the placeholders
+        --(Linear+Tanh when hidden sizes differ)--> (B, l, d_llm) vectors
+
+The vectors replace the demonstrations in front of the frozen LLM (:mod:`mend.prefix_lm`).
+Compress once, then score or generate for as many queries as you like::
+
+    distiller = Distiller.from_config(MendConfig(distiller="smollm2-135m", llm="smollm2-135m"))
+    ctx = distiller.compress([("great movie!", "positive"), ("dull plot", "negative")])
+    scores = distiller.score(ctx, ["a joyless film"], options=[["positive", "negative"]])
+
+The module's parameters are only what trains (the distiller LM or its LoRA adapters, the
+placeholders and the projection); the frozen LLM is held beside them, not inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mend import __version__
+from mend.backbones import hidden_size, load_model, load_tokenizer
+from mend.config import MendConfig, from_dict, replace, to_dict
+from mend.errors import CheckpointError, InputError, TruncationWarning
+from mend.prefix_lm import PrefixLM
+from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
+
+CONFIG_FILE = "mend_config.json"
+WEIGHTS_FILE = "mend_weights.safetensors"
+
+
+@dataclass
+class DistilledContext:
+    """Distilled demonstrations: ``vectors`` is ``(B, l, d_llm)``, one row per demonstration set.
+
+    A context of one row serves any number of queries; a context of ``B`` rows pairs row ``i``
+    with query ``i``.
+    """
+
+    vectors: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def __getitem__(self, index: int | slice) -> DistilledContext:
+        rows = self.vectors[index]
+        return DistilledContext(rows.unsqueeze(0) if rows.dim() == 2 else rows)
+
+
+class Distiller(nn.Module):
+    def __init__(self, config: MendConfig, encoder: nn.Module, tokenizer, llm: PrefixLM):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.llm = llm  # a plain object, not a submodule: never trained, saved or DDP-wrapped
+        self.format = DemoFormat(config.io_sep, config.demo_sep)
+        self._bos = bos_ids(tokenizer)
+        d_enc, d_llm = hidden_size(encoder), llm.hidden_size
+        if config.projection == "none" and d_enc != d_llm:
+            raise InputError(f"The distiller's hidden size ({d_enc}) differs from the LLM's "
+                             f"({d_llm}), and projection='none' forbids mapping between them. "
+                             f"Set projection='auto'.")
+        dtype = encoder.get_input_embeddings().weight.dtype
+        self.placeholders = nn.Parameter(self._init_placeholders(encoder, dtype))
+        self.projection: nn.Module = nn.Identity()
+        if config.projection == "always" or (config.projection == "auto" and d_enc != d_llm):
+            self.projection = nn.Sequential(nn.Linear(d_enc, d_llm, dtype=dtype), nn.Tanh())
+        if config.train_mode == "lora":
+            from peft import LoraConfig, get_peft_model
+            from transformers.pytorch_utils import Conv1D
+            target = config.lora_target_modules
+            encoder = get_peft_model(encoder, LoraConfig(
+                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                target_modules=target if isinstance(target, str) else list(target),
+                # GPT-2 stores its linear layers transposed, as Conv1D.
+                fan_in_fan_out=any(isinstance(m, Conv1D) for m in encoder.modules())))
+        self.encoder = encoder
+
+    def _init_placeholders(self, encoder: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        n, emb = self.config.num_placeholders, encoder.get_input_embeddings()
+        if self.config.placeholder_init == "vocab":
+            vocab = min(len(self.tokenizer), emb.num_embeddings)
+            ids = torch.randperm(vocab)[:n] if n <= vocab else torch.randint(vocab, (n,))
+            with torch.no_grad():  # through the module, so scaled embeddings (Gemma) stay right
+                return emb(ids.to(emb.weight.device)).detach().clone().to(dtype)
+        return torch.randn(n, emb.embedding_dim, dtype=dtype, device=emb.weight.device) * 0.02
+
+    # ----------------------------------------------------------------------------------------
+    # Building and saving
+
+    @classmethod
+    def from_config(cls, config: MendConfig, device: str | torch.device | None = None
+                    ) -> Distiller:
+        """Load the distiller and the frozen LLM that ``config`` names; fresh placeholders."""
+        encoder = load_model(config.distiller, with_head=False, dtype=config.distiller_dtype,
+                             device=device, attn_implementation=config.attn_implementation)
+        llm = load_model(config.llm, dtype=config.llm_dtype, device=device,
+                         load_in_8bit=config.llm_8bit,
+                         allow_8bit_fallback=config.allow_8bit_fallback,
+                         attn_implementation=config.attn_implementation)
+        return cls(config, encoder, load_tokenizer(config.distiller),
+                   PrefixLM(llm, load_tokenizer(config.llm)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        **overrides) -> Distiller:
+        """Rebuild a saved distiller. ``overrides`` change load-time settings of the config,
+        e.g. ``llm_8bit=False`` to run an 8-bit-trained distiller on a CPU."""
+        config = read_config(path)
+        if overrides:
+            config = replace(config, **overrides)
+        model = cls.from_config(config, device=device)
+        from safetensors.torch import load_file
+        model.load_trainable_state_dict(load_file(Path(path) / WEIGHTS_FILE))
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the trainable weights (safetensors) and the config (JSON) to ``path``.
+
+        Each file is written to a temporary name and renamed, so an interrupted save never
+        leaves a corrupt checkpoint behind.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
+            save_file(self.trainable_state_dict(), f.name, metadata={"format": "pt"})
+        os.replace(f.name, path / WEIGHTS_FILE)
+        meta = {"mend_version": __version__, "config": to_dict(self.config)}
+        with tempfile.NamedTemporaryFile("w", dir=path, suffix=".tmp", delete=False) as f:
+            json.dump(meta, f, indent=2)
+        os.replace(f.name, path / CONFIG_FILE)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Placeholders, projection, and the distiller's weights (or only its LoRA adapters)."""
+        state = {"placeholders": self.placeholders}
+        state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        if self.config.train_mode == "lora":
+            from peft import get_peft_model_state_dict
+            encoder = get_peft_model_state_dict(self.encoder)
+        else:
+            encoder = self.encoder.state_dict()
+        state.update({f"encoder.{k}": v for k, v in encoder.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict`; checks every shape before copying."""
+        ph = state.get("placeholders")
+        if ph is None or ph.shape != self.placeholders.shape:
+            raise CheckpointError(
+                f"The checkpoint's placeholders have shape "
+                f"{None if ph is None else tuple(ph.shape)}, but this distiller needs "
+                f"{tuple(self.placeholders.shape)} (num_placeholders x distiller hidden size).")
+        proj = {k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")}
+        mine = self.projection.state_dict()
+        if proj.keys() != mine.keys() or any(proj[k].shape != mine[k].shape for k in mine):
+            raise CheckpointError(
+                f"The checkpoint's projection ({_shapes(proj)}) does not fit this distiller and "
+                f"LLM ({_shapes(mine)}): the LLM's hidden size ({self.llm.hidden_size}) must be "
+                f"the one the checkpoint was trained for.")
+        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        with torch.no_grad():
+            self.placeholders.copy_(ph)
+        self.projection.load_state_dict(proj)
+        if self.config.train_mode == "lora":
+            from peft import set_peft_model_state_dict
+            result = set_peft_model_state_dict(self.encoder, encoder)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise CheckpointError(f"LoRA weights do not fit the distiller: {unexpected[:3]}")
+        else:
+            try:
+                self.encoder.load_state_dict(encoder, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"The checkpoint's distiller weights do not fit "
+                                      f"`{self.config.distiller}`: {e}") from None
+
+    # ----------------------------------------------------------------------------------------
+    # Distilling
+
+    def tokenize(self, demo_sets: Sequence[Demos]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Demonstration sets -> left-padded ``(B, S)`` distiller ids and mask.
+
+        Truncation rule: a set may use ``max_distiller_length - num_placeholders`` tokens
+        (bos included). Whole demonstrations are kept in order while they fit; the first one
+        that does not fit, and every one after it, is dropped. If even the first does not fit,
+        it is cut to the budget, keeping its first tokens. A :class:`TruncationWarning`
+        counts the demonstrations and tokens dropped.
+        """
+        budget = self.config.max_distiller_length - self.config.num_placeholders
+        seqs, dropped_demos, dropped_tokens, cut_sets = [], 0, 0, 0
+        for demos in demo_sets:
+            pieces = encode(self.tokenizer, self.format.pieces(demos))
+            seq, demos_out, tokens_out = fit(pieces, budget, head=self._bos)
+            seqs.append(seq)
+            dropped_demos += demos_out
+            dropped_tokens += tokens_out
+            cut_sets += tokens_out > 0
+        if cut_sets:
+            warnings.warn(
+                f"{cut_sets} of {len(seqs)} demonstration set(s) exceeded the distiller budget of "
+                f"{budget} tokens (max_distiller_length {self.config.max_distiller_length} - "
+                f"{self.config.num_placeholders} placeholders): dropped {dropped_demos} "
+                f"demonstration(s) and {dropped_tokens} token(s) in all.",
+                TruncationWarning, stacklevel=2)
+        ids, mask = pad(seqs, self.tokenizer.pad_token_id, side="left")
+        device = self.placeholders.device
+        return ids.to(device), mask.to(device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Distill tokenized demonstrations (from :meth:`tokenize`) into vectors.
+
+        Args:
+            input_ids: ``(B, S)`` left-padded distiller token ids.
+            attention_mask: ``(B, S)``, 1 on real tokens.
+
+        Returns:
+            ``(B, l, d_llm)`` in the LLM's dtype; differentiable w.r.t. the trainable weights.
+        """
+        b, n = input_ids.shape[0], self.config.num_placeholders  # n is the paper's l
+        if n == 0:
+            return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)
+        embeds = self.encoder.get_input_embeddings()(input_ids)
+        embeds = torch.cat([embeds, self.placeholders.to(embeds.dtype).expand(b, -1, -1)], 1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(b, n)], dim=1)
+        # Left padding keeps the placeholders in the last l columns for every row, and the
+        # position ids skip the padding, so a set gives the same vectors alone or in a batch.
+        out = self.encoder(inputs_embeds=embeds, attention_mask=mask,
+                           position_ids=positions(mask))
+        return self.projection(out.last_hidden_state[:, -n:]).to(self.llm.dtype)
+
+    @torch.no_grad()
+    def compress(self, demos: Demos) -> DistilledContext:
+        """Distill one demonstration set: pairs, strings, or one string. ``(1, l, d_llm)``."""
+        return self.compress_batch([demos])
+
+    @torch.no_grad()
+    def compress_batch(self, demo_sets: Sequence[Demos], batch_size: int = 16
+                       ) -> DistilledContext:
+        """Distill many demonstration sets, ``batch_size`` at a time. ``(B, l, d_llm)``."""
+        if isinstance(demo_sets, str) or len(demo_sets) == 0:
+            raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
+                             "compress() for a single set.")
+        was_training = self.training
+        self.eval()
+        try:
+            rows = [self(*self.tokenize(demo_sets[i:i + batch_size]))
+                    for i in range(0, len(demo_sets), batch_size)]
+        finally:
+            self.train(was_training)
+        return DistilledContext(torch.cat(rows))
+
+    # ----------------------------------------------------------------------------------------
+    # Using a distilled context
+
+    @torch.no_grad()
+    def score(self, ctx: DistilledContext, queries: Sequence[str],
+              options: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 32
+              ) -> list[list[float]]:
+        """Mean per-token NLL of each option after each query (lower is more likely).
+
+        Args:
+            ctx: from :meth:`compress` (one row, shared) or :meth:`compress_batch` (a row per
+                query).
+            queries: query texts.
+            options: one list of option strings shared by every query, or a list per query.
+        """
+        queries = _strings(queries, "queries")
+        if len(options) > 0 and all(isinstance(o, str) for o in options):
+            options = [options] * len(queries)
+        if len(options) != len(queries):
+            raise InputError(f"Got {len(queries)} queries but {len(options)} option lists.")
+        tok = self.llm.tokenizer
+        q_ids = encode(tok, [self.format.query(q) for q in queries])
+        o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
+                 for opts in options]
+        scores = self.llm.score_options(q_ids, o_ids, prefix=ctx.vectors, batch_size=batch_size)
+        return [s.tolist() for s in scores]
+
+    def generate(self, ctx: DistilledContext, prompts: Sequence[str], max_new_tokens: int = 32,
+                 do_sample: bool = False, **generate_kwargs) -> list[str]:
+        """Greedy (default) or sampled text after each prompt, read behind the vectors."""
+        prompts = _strings(prompts, "prompts")
+        ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
+        out = self.llm.generate(ids, prefix=ctx.vectors, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, **generate_kwargs)
+        return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def read_config(path: str | os.PathLike) -> MendConfig:
+    """The :class:`MendConfig` stored in a checkpoint directory."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} is not a mend checkpoint: it needs {CONFIG_FILE} and "
+                              f"{WEIGHTS_FILE} (written by Distiller.save_pretrained).")
+    return from_dict(MendConfig, json.loads((path / CONFIG_FILE).read_text())["config"])
+
+
+def _strings(items: Sequence[str], name: str) -> list[str]:
+    if isinstance(items, str) or len(items) == 0 or not all(isinstance(x, str) for x in items):
+        raise InputError(f"`{name}` must be a non-empty list of strings, got {items!r:.80}.")
+    return list(items)
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items()) or "none"

@@ -1,0 +1,76 @@
+"""Training objectives as pure functions of aligned logits, targets and masks.
+
+Alignment convention: ``logits[:, t]`` is the distribution that predicts ``targets[:, t]``.
+``PrefixLM.logits(..., with_prefix_last=True)[:, :-1]`` gives exactly that for the input ids,
+so the first input token is predicted from the last prefix position.
+
+Masked-out positions are dropped *before* any softmax, so no full-vocabulary log-probs are
+ever formed for positions that do not count.
+
+- ``L_distill`` = :func:`kl_distill` at the input positions (MEND meta-distillation).
+- ``L_pred``    = :func:`ce_loss` with the mask on output tokens.
+- CLM           = :func:`ce_loss` with the mask on every input token (HyperTuning).
+- ``L_pred + lambda * L_distill`` (and ``CLM + gamma * L_distill``) = :func:`mend_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T, ...)`` -> ``(N, ...)``: the rows where ``mask`` is true (all when None)."""
+    if mask is None:
+        return x.reshape(-1, *x.shape[2:])
+    return x[mask.to(x.device).bool()]
+
+
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+               mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) between next-token distributions, the MEND distillation loss.
+
+    - **Direction:** forward KL with the teacher as target,
+      ``sum_v p_T(v) * (log p_T(v) - log p_S(v))``; it is zero iff the two agree.
+    - **Temperature:** both logits are divided by ``tau`` before the softmax, and the result is
+      multiplied by ``tau**2`` (Hinton et al., 2015) so gradient scale does not shrink with
+      ``tau``. ``tau = 1`` is the plain KL.
+    - **Normalisation:** summed over the vocabulary, then averaged over the positions where
+      ``mask`` is 1, across the whole batch (a token-level mean, not a mean of per-row means).
+      No position counted gives 0.
+
+    Args:
+        student_logits: ``(B, T, V)``; carries the gradient.
+        teacher_logits: ``(B, T, V)``; treated as a constant (detached).
+        mask: ``(B, T)``, 1 where the loss counts; None counts every position.
+    """
+    s = _select(student_logits, mask).float() / temperature
+    t = _select(teacher_logits.detach(), mask).float() / temperature
+    if s.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    return kl / s.shape[0] * temperature ** 2
+
+
+def ce_loss(logits: torch.Tensor, targets: torch.Tensor,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy ``-log p(target_t)``, averaged over the positions where ``mask`` is 1.
+
+    The mean is over tokens across the whole batch. Used as ``L_pred`` (mask on output tokens)
+    and as the CLM objective (mask on every input token). No position counted gives 0.
+
+    Args:
+        logits: ``(B, T, V)``, ``logits[:, t]`` predicting ``targets[:, t]``.
+        targets: ``(B, T)`` token ids.
+        mask: ``(B, T)``; None counts every position.
+    """
+    x = _select(logits, mask).float()
+    y = _select(targets.to(logits.device), mask)
+    if x.shape[0] == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(x, y, reduction="mean")
+
+
+def mend_loss(pred: torch.Tensor, distill: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """``L_pred + lambda * L_distill`` (finetuning), or ``CLM + gamma * L_distill`` (ablation)."""
+    return pred + lam * distill
