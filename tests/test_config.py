@@ -1,0 +1,72 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from mend.config import MendConfig, from_dict, load_config, parse_overrides, replace, to_dict
+from mend.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-4
+    steps: int = 10
+    kind: str = "a"
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    tags: tuple[str, ...] = ()
+    maybe: int | None = None
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ninner:\n  lr: 5e-5\n  steps: 3\ntags: [a, b]\n")
+    cfg = load_config(Outer, path, ["inner.steps=7", "maybe=null"])
+    # YAML reads "5e-5" as a string; float fields accept it.
+    assert cfg == Outer(name="x", inner=Inner(lr=5e-5, steps=7), tags=("a", "b"), maybe=None)
+    assert to_dict(cfg) == {"name": "x", "inner": {"lr": 5e-5, "steps": 7, "kind": "a"},
+                            "tags": ["a", "b"], "maybe": None}
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"Unknown config key `inner.step`.*`inner.steps`"):
+        from_dict(Outer, {"name": "x", "inner": {"step": 3}})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "x", "inner": {"steps": "many"}}, "inner.steps` must be an integer"),
+    ({"name": "x", "inner": {"steps": True}}, "inner.steps` must be an integer"),
+    ({"name": 3}, "`name` must be a string"),
+    ({"name": "x", "tags": "a"}, "`tags` must be a list"),
+    ({}, "Missing required config key"),
+    ({"name": "x", "inner": 5}, "expected a mapping"),
+])
+def test_bad_values_are_named(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_literal_choices_and_cross_field_checks():
+    with pytest.raises(ConfigError, match="placeholder_init` must be one of 'random', 'vocab'"):
+        from_dict(MendConfig, {"distiller": "a", "llm": "b", "placeholder_init": "zeros"})
+    with pytest.raises(ConfigError, match="max_distiller_length"):
+        MendConfig(distiller="a", llm="b", num_placeholders=100, max_distiller_length=50)
+    with pytest.raises(ConfigError, match="num_placeholders must be >= 0"):
+        MendConfig(distiller="a", llm="b", num_placeholders=-1)
+
+
+def test_replace_checks_like_loading():
+    cfg = MendConfig(distiller="a", llm="b")
+    assert replace(cfg, llm_8bit=True).llm_8bit is True
+    with pytest.raises(ConfigError, match="Unknown config key `llm_8bits`"):
+        replace(cfg, llm_8bits=True)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")

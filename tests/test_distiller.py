@@ -1,0 +1,170 @@
+"""Distiller on tiny random models: shapes, invariances, training, checkpoints, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DEMOS
+from mend import Distiller, MendConfig
+from mend.distiller import CONFIG_FILE, WEIGHTS_FILE
+from mend.errors import BackboneError, CheckpointError, ConfigError, InputError, TruncationWarning
+from mend.losses import kl_distill
+from mend.text import encode
+from mend.tiny import ARCHS
+
+OPTIONS = ["positive", "negative"]
+
+
+def test_shapes_and_dtypes(make_distiller):
+    d = make_distiller("llama", "gpt2", num_placeholders=5, llm_dtype="bfloat16")
+    ctx = d.compress(DEMOS)
+    assert ctx.vectors.shape == (1, 5, 48) and ctx.vectors.dtype == torch.bfloat16
+    assert d.placeholders.shape == (5, 32) and d.placeholders.dtype == torch.float32
+    assert isinstance(d.projection[0], torch.nn.Linear) and d.projection[0].out_features == 48
+    batch = d.compress_batch([DEMOS, DEMOS[:1], "one plain string"])
+    assert len(batch) == 3 and batch[1].vectors.shape == (1, 5, 48)
+    scores = d.score(batch, ["a joyless film", "great", "ok"], options=OPTIONS)
+    assert len(scores) == 3 and all(len(s) == 2 for s in scores)
+    assert all(isinstance(x, float) and x > 0 for s in scores for x in s)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compress_is_padding_invariant(make_distiller, arch):
+    d = make_distiller(arch, "llama", distiller_hidden=32, llm_hidden=32)
+    sets = [DEMOS[:1], DEMOS, ["a single plain string demonstration that is longer"]]
+    batch = d.compress_batch(sets).vectors
+    for i, demos in enumerate(sets):
+        alone = d.compress(demos).vectors
+        assert torch.allclose(batch[i:i + 1], alone, atol=1e-5), (arch, i)
+    # Different demonstrations do give different vectors.
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+
+
+def test_zero_placeholders_leave_the_llm_unchanged(make_distiller):
+    d = make_distiller("llama", "llama", num_placeholders=0)
+    ctx = d.compress(DEMOS)
+    assert ctx.vectors.shape == (1, 0, 48)
+    ids = torch.tensor(encode(d.llm.tokenizer, [" a joyless film"]))
+    expected = d.llm.model(torch.cat([torch.tensor([d.llm.bos]), ids], 1)).logits[:, 1:]
+    assert torch.allclose(d.llm.logits(ids, prefix=ctx.vectors), expected, atol=1e-5)
+    zero_shot = d.llm.score_options(encode(d.llm.tokenizer, [" a joyless film"]),
+                                    [encode(d.llm.tokenizer, [" positive", " negative"])])
+    assert d.score(ctx, ["a joyless film"], OPTIONS)[0] == pytest.approx(
+        zero_shot[0].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("mode, llm_dtype", [("full", "float32"), ("lora", "float32"),
+                                             ("full", "bfloat16")])
+def test_one_step_trains_the_distiller_and_never_the_llm(make_distiller, mode, llm_dtype):
+    d = make_distiller("gpt2", "llama", train_mode=mode, llm_dtype=llm_dtype)
+    trainable = {n: p.detach().clone() for n, p in d.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in d.llm.model.named_parameters()}
+    assert "placeholders" in trainable and not any(p.requires_grad for p in
+                                                   d.llm.model.parameters())
+    if mode == "lora":
+        assert all("lora_" in n or not n.startswith("encoder.") for n in trainable)
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = d.tokenize([DEMOS])
+    inputs = torch.tensor(encode(d.llm.tokenizer, [" a joyless film negative"]))
+    with torch.no_grad():
+        context = encode(d.llm.tokenizer, d.format.pieces(DEMOS))
+        teacher = d.llm.logits(inputs, prefix=d.llm.embed(torch.tensor([sum(context, [])])))
+    student = d.llm.logits(inputs, prefix=d(ids, mask))
+    loss = kl_distill(student, teacher)
+    loss.backward()
+    opt.step()
+    changed = [n for n, p in d.named_parameters() if p.requires_grad
+               and not torch.equal(p.detach(), trainable[n])]
+    assert "placeholders" in changed and any(n.startswith("encoder.") for n in changed)
+    assert set(changed) == set(trainable), set(trainable) - set(changed)
+    assert all(torch.equal(p, frozen[n]) for n, p in d.llm.model.named_parameters())
+
+
+@pytest.mark.parametrize("settings", [
+    dict(train_mode="full"),
+    dict(train_mode="lora", placeholder_init="vocab", projection="always"),
+])
+def test_save_then_load_gives_identical_scores(make_distiller, tmp_path, settings):
+    d = make_distiller("llama", "gpt2", **settings)
+    with torch.no_grad():  # move every trainable weight away from its fresh initialisation
+        for p in d.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    d.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["config"]
+    assert saved["distiller"] == d.config.distiller and saved["llm"] == d.config.llm
+    loaded = Distiller.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == d.config
+    queries = ["a joyless film", "what a delightful story"]
+    assert loaded.score(loaded.compress(DEMOS), queries, OPTIONS) == d.score(
+        d.compress(DEMOS), queries, OPTIONS)
+    assert not list(tmp_path.glob("ckpt/*.tmp"))
+    if settings["train_mode"] == "lora":  # only adapters, placeholders and projection
+        full = sum(p.numel() for p in d.encoder.parameters())
+        from safetensors.torch import load_file
+        saved_numel = sum(t.numel() for t in load_file(tmp_path / "ckpt" / WEIGHTS_FILE).values())
+        assert saved_numel < full / 2
+
+
+def test_different_tokenizers_and_hidden_sizes_work_together(make_distiller):
+    d = make_distiller("qwen2", "gemma3", distiller_hidden=32, llm_hidden=64)
+    assert d.tokenizer.get_vocab() != d.llm.tokenizer.get_vocab()
+    assert d._bos == [] and d.llm.bos == [d.llm.tokenizer.bos_token_id]  # byte-level vs SP
+    ctx = d.compress(DEMOS)
+    assert ctx.vectors.shape == (1, 4, 64)
+    texts = d.generate(ctx, ["a joyless film"], max_new_tokens=3)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_over_long_demonstrations_are_truncated_with_a_count(make_distiller):
+    d = make_distiller("gpt2", "gpt2", num_placeholders=4, max_distiller_length=24)
+    long_demos = [("word " * 5, "positive")] * 6
+    with pytest.warns(TruncationWarning, match=r"budget of 20 tokens.*dropped \d+ demonstration"):
+        ids, mask = d.tokenize([long_demos, DEMOS[:1]])
+    assert mask.sum(1).max().item() <= 20
+    with pytest.warns(TruncationWarning, match="1 of 1 demonstration set"):
+        assert d.compress(long_demos).vectors.shape == (1, 4, 48)
+
+
+def test_bad_inputs_give_clear_errors(make_distiller, tmp_path, tiny_model):
+    d = make_distiller("llama", "gpt2")
+    with pytest.raises(InputError, match="No demonstrations"):
+        d.compress([])
+    with pytest.raises(InputError, match="wrap it in a list"):
+        d.compress(("great", "positive"))
+    ctx = d.compress_batch([DEMOS, DEMOS])
+    with pytest.raises(InputError, match="needs 1 \\(shared\\) or one per query"):
+        d.score(ctx, ["a", "b", "c"], OPTIONS)
+    with pytest.raises(InputError, match="non-empty list of strings"):
+        d.score(ctx[0], "not a list", OPTIONS)
+    with pytest.raises(InputError, match="2 queries but 3 option lists"):
+        d.score(ctx[0], ["a", "b"], [OPTIONS] * 3)
+    with pytest.raises(CheckpointError, match="not a mend checkpoint"):
+        Distiller.from_pretrained(tmp_path)
+    with pytest.raises(InputError, match="projection='none' forbids"):
+        make_distiller("llama", "gpt2", projection="none")
+    with pytest.raises(ConfigError, match="Unknown config key `num_placeholder`"):
+        Distiller.from_pretrained(_saved(d, tmp_path), num_placeholder=3)
+
+
+def test_mismatched_hidden_size_on_load_is_named(make_distiller, tmp_path, tiny_model):
+    d = make_distiller("llama", "gpt2", llm_hidden=48)
+    with pytest.raises(CheckpointError, match="LLM's hidden size \\(64\\)"):
+        Distiller.from_pretrained(_saved(d, tmp_path), llm=tiny_model("gpt2", 64))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_8bit_without_cuda_fails_clearly_or_falls_back_when_asked(tiny_model):
+    cfg = dict(distiller=tiny_model("llama"), llm=tiny_model("gpt2", 48), num_placeholders=2,
+               max_distiller_length=64, llm_8bit=True)
+    with pytest.raises(BackboneError, match="no CUDA device.*allow_8bit_fallback=true"):
+        Distiller.from_config(MendConfig(**cfg))
+    with pytest.warns(UserWarning, match="allow_8bit_fallback is set"):
+        d = Distiller.from_config(MendConfig(**cfg, allow_8bit_fallback=True))
+    assert d.llm.dtype == torch.float32
+
+
+def _saved(d: Distiller, tmp_path):
+    d.save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"
