@@ -1,0 +1,236 @@
+"""MetaICL tasks and partitions, k-shot sampling, and the context truncation rules.
+
+Layout (as in ``../shared/data/metaicl``)::
+
+    <root>/config/<partition>.json       {"train": [task, ...], "test": [task, ...]}
+    <root>/config/tasks/<task>.json      {"task_type": ..., "options": [...] or null}
+    <root>/<task>/<task>_16_<seed>_{train,dev}.jsonl
+    <root>/<task>/<task>_test.jsonl[.gz]
+
+Each line: ``{"task", "input", "output", "options"}``. A task named in a partition but absent
+from ``root`` is skipped with one warning naming it.
+
+**Truncation rules** (both counted by the caller's :class:`~mend.data.Counters`):
+
+1. *Per input:* each demonstration input, and each query input, keeps its first
+   ``max_input_tokens`` LLM tokens (it is cut from the end). Outputs are never cut.
+2. *Context budget:* demonstrations are kept whole, in order, while the context fits in
+   ``max_context_tokens`` (lowered, where needed, so that bos + context + query + output fits
+   the LLM's positions); the first one that does not fit and all later ones are dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mend.data import Counters, Example
+from mend.errors import ConfigError, InputError
+from mend.text import DemoFormat, encode
+
+SEEDS = (100, 13, 21, 42, 87)
+
+
+@dataclass(frozen=True)
+class MetaICLConfig:
+    root: str = "../shared/data/metaicl"
+    partition: str = "class_to_class"
+    k: int = 16
+    """Demonstrations per training example, drawn from the same task."""
+    max_input_tokens: int = 256
+    max_context_tokens: int = 900
+    max_examples_per_task: int | None = None
+    """Cap on each meta-train task's pool (None: all of it)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_input_tokens < 1 or self.max_context_tokens < 1:
+            raise ConfigError("data.k, data.max_input_tokens and data.max_context_tokens "
+                              "must be positive.")
+
+
+@dataclass
+class Task:
+    name: str
+    type: str
+    """``classification``, ``multi-choice`` or ``free-form``."""
+    directory: Path
+
+    @property
+    def is_classification(self) -> bool:
+        return self.type == "classification"
+
+    def rows(self, split: str, seed: int | None = None) -> list[dict]:
+        """``train``/``dev`` rows of a seed (16 each), or the ``test`` rows."""
+        if split == "test":
+            candidates = [self.directory / f"{self.name}_test.jsonl.gz",
+                          self.directory / f"{self.name}_test.jsonl"]
+        else:
+            candidates = [self.directory / f"{self.name}_16_{seed}_{split}.jsonl"]
+        for path in candidates:
+            if path.is_file():
+                opener = gzip.open if path.suffix == ".gz" else open
+                with opener(path, "rt", encoding="utf-8") as f:
+                    return [json.loads(line) for line in f if line.strip()]
+        raise InputError(f"Task {self.name} has no {split} file (looked for "
+                         f"{', '.join(str(c) for c in candidates)}).")
+
+    def pool(self, limit: int | None = None) -> list[dict]:
+        """The meta-training pool: test rows, then every seed's train and dev rows, deduped."""
+        seen, out = set(), []
+        sources = [("test", None)] + [(s, seed) for seed in SEEDS for s in ("train", "dev")]
+        for split, seed in sources:
+            try:
+                rows = self.rows(split, seed)
+            except InputError:
+                continue
+            for row in rows:
+                key = (row["input"], row["output"])
+                if key not in seen:
+                    seen.add(key)
+                    out.append(row)
+        return out[:limit] if limit is not None else out
+
+
+def load_task(root: str | Path, name: str) -> Task | None:
+    """The task ``name`` under ``root``, or None when its folder is missing."""
+    root = Path(root)
+    if not (root / name).is_dir():
+        return None
+    meta = root / "config" / "tasks" / f"{name}.json"
+    kind = json.loads(meta.read_text()).get("task_type") if meta.is_file() else None
+    if kind is None:  # no task config: infer from the rows' options
+        first = Task(name, "free-form", root / name).rows("train", SEEDS[0])[0]
+        kind = "classification" if first.get("options") else "free-form"
+    return Task(name, kind, root / name)
+
+
+def load_partition(root: str | Path, partition: str) -> tuple[list[Task], list[Task]]:
+    """The present train and test tasks of a partition; one warning per missing task."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"MetaICL data root {root} does not exist. Point data.root at a "
+                          f"folder in MetaICL layout, e.g. ../shared/data/metaicl.")
+    path = root / "config" / f"{partition}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "config").glob("*.json"))
+        raise ConfigError(f"Partition `{partition}` has no config at {path}. Known partitions: "
+                          f"{', '.join(known)}.")
+    spec = json.loads(path.read_text())
+    out = []
+    for side in ("train", "test"):
+        tasks = []
+        for name in dict.fromkeys(spec[side]):  # a task listed twice still counts once
+            task = load_task(root, name)
+            if task is None:
+                warnings.warn(f"MetaICL task `{name}` ({partition} {side}) is not under {root}; "
+                              f"skipping it.", stacklevel=2)
+            else:
+                tasks.append(task)
+        out.append(tasks)
+    return out[0], out[1]
+
+
+def sample_demos(pool_size: int, k: int, exclude: int, rng: random.Random) -> list[int]:
+    """``k`` distinct indices of the pool, never ``exclude`` (fewer if the pool is small)."""
+    candidates = [i for i in range(pool_size) if i != exclude] if pool_size <= 4 * k else None
+    if candidates is not None:
+        return rng.sample(candidates, min(k, len(candidates)))
+    picked: list[int] = []
+    while len(picked) < k:  # rejection sampling: cheap for pools much larger than k
+        i = rng.randrange(pool_size)
+        if i != exclude and i not in picked:
+            picked.append(i)
+    return picked
+
+
+class ContextBuilder:
+    """Applies the truncation rules and builds LLM-token contexts and inputs."""
+
+    def __init__(self, llm_tokenizer, fmt: DemoFormat, bos: Sequence[int],
+                 max_input_tokens: int, max_context_tokens: int, max_positions: int | None,
+                 counters: Counters | None = None):
+        self.tok, self.fmt, self.bos = llm_tokenizer, fmt, list(bos)
+        self.max_input, self.max_context = max_input_tokens, max_context_tokens
+        self.max_positions = max_positions
+        self.counters = counters if counters is not None else Counters()
+
+    def cut_input(self, text: str, what: str) -> str:
+        """Rule 1: keep the first ``max_input_tokens`` LLM tokens of an input."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_input:
+            return text
+        self.counters.add(f"{what}_inputs_cut")
+        self.counters.add(f"{what}_tokens_cut", len(ids) - self.max_input)
+        return self.tok.decode(ids[:self.max_input])
+
+    def query(self, text: str, after_context: bool = True) -> list[int]:
+        return encode(self.tok, [self.fmt.query(self.cut_input(text, "query"), after_context)])[0]
+
+    def option(self, text: str) -> list[int]:
+        return encode(self.tok, [self.fmt.option(text)])[0]
+
+    def context(self, demos: Sequence[tuple[str, str]], reserve: int
+                ) -> tuple[list[tuple[str, str]], list[int]]:
+        """Rule 2, after rule 1: the kept demonstrations (text) and their LLM ids.
+
+        ``reserve`` is the number of input tokens that follow the context.
+        """
+        demos = [(self.cut_input(x, "demo"), y) for x, y in demos]
+        budget = self.max_context
+        if self.max_positions is not None:
+            budget = min(budget, self.max_positions - len(self.bos) - reserve)
+        pieces = encode(self.tok, self.fmt.pieces(demos)) if demos else []
+        ids: list[int] = []
+        for kept, piece in enumerate(pieces):  # whole demonstrations only: labels stay intact
+            if len(ids) + len(piece) > budget:
+                self.counters.add("demos_dropped", len(pieces) - kept)
+                return demos[:kept], ids
+            ids += piece
+        return demos, ids
+
+    def example(self, demos: Sequence[tuple[str, str]], x: str, y: str) -> Example | None:
+        """A finetuning example, or None (counted) when no demonstration fits."""
+        query, output = self.query(x), self.option(y)
+        kept, context = self.context(demos, reserve=len(query) + len(output))
+        if not kept:
+            self.counters.add("examples_skipped_no_context")
+            return None
+        return Example(demos=kept, context=context, input=query + output,
+                       targets_from=len(query))
+
+
+class FinetuneData:
+    """Stage-2 examples: every pool row of every meta-train task, shuffled per epoch, each
+    with ``k`` demonstrations drawn from its own task (never itself)."""
+
+    def __init__(self, cfg: MetaICLConfig, tasks: Sequence[Task], builder: ContextBuilder,
+                 seed: int):
+        self.cfg, self.builder, self.seed = cfg, builder, seed
+        self.pools = {t.name: t.pool(cfg.max_examples_per_task) for t in tasks}
+        self.pools = {name: rows for name, rows in self.pools.items() if len(rows) > 1}
+        if not self.pools:
+            raise ConfigError("No meta-train task has more than one example: nothing to train "
+                              "on. Check data.root and data.partition.")
+
+    @property
+    def counters(self) -> Counters:
+        return self.builder.counters
+
+    def keys(self, epoch: int) -> list[tuple[str, int, int]]:
+        """This epoch's order of ``(task, row, epoch)`` keys."""
+        keys = [(task, i, epoch) for task, rows in self.pools.items() for i in range(len(rows))]
+        random.Random(f"{self.seed}-{epoch}").shuffle(keys)
+        return keys
+
+    def example(self, key: tuple[str, int, int]) -> Example | None:
+        task, i, epoch = key
+        rows = self.pools[task]
+        rng = random.Random(f"{self.seed}-{epoch}-{task}-{i}")  # independent of batch order
+        picked = sample_demos(len(rows), self.cfg.k, exclude=i, rng=rng)
+        return self.builder.example([(rows[j]["input"], rows[j]["output"]) for j in picked],
+                                    rows[i]["input"], rows[i]["output"])
