@@ -1,0 +1,60 @@
+"""The two small protocols every method in mend implements.
+
+**Evaluation** (:class:`Method`): a method turns demonstration sets into a *prefix* for the
+frozen LLM. The harness does everything else the same way for every method: it builds the
+contexts, reads the queries after the prefix and scores the options (see
+:mod:`mend.evaluate`).
+
+- zero-shot: no prefix, and the query is read with no separator in front;
+- ICL: the embeddings of the demonstrations' LLM tokens;
+- MEND and HyperTuning: the vectors a distiller makes of the demonstrations' text;
+- prompt tuning: the same learned vectors whatever the demonstrations.
+
+**Training** (:class:`Trainable`): a method that learns offers the module to optimise, a
+collator from :class:`~mend.data.Example` lists to tensors, a loss, and a way to save itself.
+:func:`mend.train.train` runs any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mend.data import Counters, Example
+from mend.prefix_lm import PrefixLM
+from mend.text import DemoFormat
+
+Prefix = tuple[torch.Tensor | None, torch.Tensor | None]
+"""``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix."""
+
+
+class Method(Protocol):
+    name: str
+    llm: PrefixLM
+    format: DemoFormat
+    reads_context: bool
+    """False for zero-shot: the query is then read with no ``demo_sep`` in front."""
+
+    def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
+               contexts: Sequence[Sequence[int]]) -> Prefix:
+        """One prefix row per demonstration set; ``contexts`` are the same sets in LLM ids."""
+
+
+class Trainable(Protocol):
+    module: nn.Module
+    """What the optimizer trains (and DDP wraps); never the frozen LLM."""
+    counters: Counters
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """Examples -> a batch of tensors on the module's device."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"loss": scalar to minimise, other scalars to log}``; ``model`` is ``module`` as
+        prepared by accelerate (call it, not ``module``, so DDP syncs gradients)."""
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a checkpoint that ``from_pretrained`` loads."""

@@ -1,0 +1,115 @@
+"""MEND: a distiller turns demonstrations into vectors for the frozen LLM.
+
+Evaluation uses :class:`Mend`; both training stages use :class:`MendObjective`, whose loss is
+a weighted sum of three terms, all computed through the frozen LLM reading the vectors:
+
+- ``distill``: ``L_distill``, KL(LLM | real demonstrations || LLM | vectors) at every input
+  position (the teacher reads the demonstrations' LLM tokens, the student the vectors);
+- ``pred``: ``L_pred``, cross-entropy of the output tokens given the vectors and the input;
+- ``clm``: the CLM objective, cross-entropy of every input token given the vectors
+  (HyperTuning-style; the MEND ablations use it).
+
+Stage 1 (paper): ``distill: 1``. Stage 2: ``pred: 1, distill: lambda``. Ablations set the
+weights differently; a zero weight skips its term's computation (a zero ``distill`` skips the
+teacher pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mend.data import Counters, Example
+from mend.distiller import Distiller
+from mend.errors import ConfigError
+from mend.losses import ce_loss, kl_distill
+from mend.methods.base import Prefix
+from mend.text import pad
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    distill: float = 1.0
+    """Weight of ``L_distill`` (lambda in stage 2, gamma in the CLM + distill ablation)."""
+    pred: float = 0.0
+    """Weight of ``L_pred`` (cross-entropy on output tokens)."""
+    clm: float = 0.0
+    """Weight of the CLM objective (cross-entropy on every input token)."""
+    temperature: float = 1.0
+    """Softmax temperature of ``L_distill`` (see :func:`mend.losses.kl_distill`)."""
+
+    def __post_init__(self) -> None:
+        weights = (self.distill, self.pred, self.clm)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ConfigError("objective weights must be >= 0 with at least one > 0; got "
+                              f"distill={self.distill}, pred={self.pred}, clm={self.clm}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}.")
+
+
+class Mend:
+    """MEND (or HyperTuning, whose distiller was trained with CLM) as an evaluation method."""
+
+    reads_context = True
+
+    def __init__(self, distiller: Distiller, name: str = "mend"):
+        self.name, self.distiller = name, distiller
+        self.llm, self.format = distiller.llm, distiller.format
+
+    def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
+               contexts: Sequence[Sequence[int]]) -> Prefix:
+        return self.distiller.compress_batch(list(demo_sets)).vectors, None
+
+
+class MendObjective:
+    """The trainable side of MEND: collation and the weighted loss."""
+
+    def __init__(self, distiller: Distiller, cfg: ObjectiveConfig,
+                 counters: Counters | None = None):
+        self.module, self.cfg = distiller, cfg
+        self.counters = counters if counters is not None else Counters()
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
+        """Examples -> tensors: distiller ids (left-padded), the teacher's context ids
+        (left-padded) and the shared input ids (right-padded), with masks."""
+        d = self.module
+        pad_id = d.llm.tokenizer.pad_token_id
+        demo_ids, demo_mask = d.tokenize([e.demos for e in examples], self.counters)
+        context_ids, context_mask = pad([e.context for e in examples], pad_id, side="left")
+        input_ids, input_mask = pad([e.input for e in examples], pad_id)
+        starts = torch.tensor([e.targets_from for e in examples]).unsqueeze(1)
+        columns = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        target_mask = (columns >= starts) & input_mask.bool()
+        device = d.placeholders.device
+        return {"demo_ids": demo_ids, "demo_mask": demo_mask,
+                "context_ids": context_ids.to(device), "context_mask": context_mask.to(device),
+                "input_ids": input_ids.to(device), "input_mask": input_mask.to(device),
+                "target_mask": target_mask.to(device),
+                "tokens": int(context_mask.sum() + input_mask.sum())}
+
+    def loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        llm, cfg = self.module.llm, self.cfg
+        ids, mask = batch["input_ids"], batch["input_mask"]
+        vectors = model(batch["demo_ids"], batch["demo_mask"])
+        # Index t of these logits predicts input token t (the first from the last vector).
+        student = llm.logits(ids, mask, prefix=vectors, with_prefix_last=True)[:, :-1]
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.distill:
+            with torch.no_grad():
+                teacher = llm.logits(ids, mask, prefix=llm.embed(batch["context_ids"]),
+                                     prefix_mask=batch["context_mask"],
+                                     with_prefix_last=True)[:, :-1]
+            terms["distill"] = kl_distill(student, teacher, mask, cfg.temperature)
+        if cfg.pred:
+            terms["pred"] = ce_loss(student, ids, batch["target_mask"])
+        if cfg.clm:
+            terms["clm"] = ce_loss(student, ids, mask)
+        loss = sum(getattr(cfg, name) * value for name, value in terms.items())
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.module.save_pretrained(path)

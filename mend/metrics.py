@@ -1,0 +1,42 @@
+"""Metrics as MetaICL defines them, on lists of predicted and gold strings.
+
+- **Macro-F1** averages the per-label F1 over the labels present in the gold answers only. A
+  gold label that is never predicted scores F1 = 0; a predicted label that is never gold
+  lowers the recall of the true labels but is not averaged itself.
+- **Accuracy** is the fraction of exact matches.
+
+Classification tasks are ranked by macro-F1 and the others by accuracy; both are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
+    _check(preds, golds)
+    return float(np.mean([p == g for p, g in zip(preds, golds)]))
+
+
+def macro_f1(preds: Sequence[str], golds: Sequence[str]) -> float:
+    from sklearn.metrics import f1_score
+
+    _check(preds, golds)
+    return float(f1_score(list(golds), list(preds), labels=sorted(set(golds)), average="macro",
+                          zero_division=0))
+
+
+def task_metrics(preds: Sequence[str], golds: Sequence[str], classification: bool
+                 ) -> dict[str, float]:
+    """Both metrics, plus ``score``: the one the task is ranked by."""
+    out = {"macro_f1": macro_f1(preds, golds), "accuracy": accuracy(preds, golds)}
+    out["score"] = out["macro_f1"] if classification else out["accuracy"]
+    return out
+
+
+def _check(preds: Sequence[str], golds: Sequence[str]) -> None:
+    if len(preds) != len(golds) or not golds:
+        raise ValueError(f"Need equally many predictions and golds, at least one; got "
+                         f"{len(preds)} and {len(golds)}.")
