@@ -91,11 +91,31 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
         kwargs["device_map"] = {"": torch.device(device or "cuda").index or 0}
     elif gguf_file is not None:
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-    auto = AutoModelForCausalLM if with_head else AutoModel
-    model = _from_pretrained(auto, name, source, **kwargs)
+    if with_head:
+        model = _from_pretrained(AutoModelForCausalLM, name, source, **kwargs)
+    else:
+        # A causal-LM checkpoint read as a base model leaves its LM head unused by design;
+        # transformers would print a load report about it on every load, so quiet it here.
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = _from_pretrained(AutoModel, name, source, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     if device is not None and not load_in_8bit:
         model.to(device)
     return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing, under either of transformers' method names
+    (``activation_checkpointing_enable`` from 5.2x, ``gradient_checkpointing_enable`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from mend import __version__
-from mend.backbones import hidden_size, load_model, load_tokenizer
+from mend.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
 from mend.config import MendConfig, from_dict, replace, to_dict
+from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.prefix_lm import PrefixLM
 from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
@@ -186,17 +187,24 @@ class Distiller(nn.Module):
                 raise CheckpointError(f"The checkpoint's distiller weights do not fit "
                                       f"`{self.config.distiller}`: {e}") from None
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Trade compute for memory in the distiller and in the frozen LLM's student pass."""
+        enable_checkpointing(self.encoder)
+        self.llm.gradient_checkpointing_enable()
+
     # ----------------------------------------------------------------------------------------
     # Distilling
 
-    def tokenize(self, demo_sets: Sequence[Demos]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, demo_sets: Sequence[Demos], counters: Counters | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Demonstration sets -> left-padded ``(B, S)`` distiller ids and mask.
 
         Truncation rule: a set may use ``max_distiller_length - num_placeholders`` tokens
         (bos included). Whole demonstrations are kept in order while they fit; the first one
         that does not fit, and every one after it, is dropped. If even the first does not fit,
         it is cut to the budget, keeping its first tokens. A :class:`TruncationWarning`
-        counts the demonstrations and tokens dropped.
+        counts the demonstrations and tokens dropped, or, when ``counters`` is given (training
+        pipelines), the counts are added there instead.
         """
         budget = self.config.max_distiller_length - self.config.num_placeholders
         seqs, dropped_demos, dropped_tokens, cut_sets = [], 0, 0, 0
@@ -207,7 +215,10 @@ class Distiller(nn.Module):
             dropped_demos += demos_out
             dropped_tokens += tokens_out
             cut_sets += tokens_out > 0
-        if cut_sets:
+        if counters is not None:
+            counters.add("distiller_demos_dropped", dropped_demos)
+            counters.add("distiller_tokens_dropped", dropped_tokens)
+        elif cut_sets:
             warnings.warn(
                 f"{cut_sets} of {len(seqs)} demonstration set(s) exceeded the distiller budget of "
                 f"{budget} tokens (max_distiller_length {self.config.max_distiller_length} - "

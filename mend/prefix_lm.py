@@ -25,6 +25,7 @@ then expose only their own trainable weights to optimizers, DDP and ``state_dict
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mend.backbones import freeze, hidden_size, max_positions
+from mend.backbones import enable_checkpointing, freeze, hidden_size, max_positions
 from mend.errors import InputError
 from mend.text import bos_ids, pad, positions
 
@@ -52,6 +53,31 @@ class PrefixLM:
         self.tokenizer = tokenizer
         self.bos = bos_ids(tokenizer)
         self.max_length = max_positions(model)
+        self._checkpointed: list[torch.nn.Module] = []
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the LLM's layer activations during backward instead of storing them.
+
+        transformers checkpoints a layer only while that layer is in training mode, which for
+        a frozen LLM must not turn on dropout or drop KV caches. So only the decoder layers
+        themselves (not their submodules) are flagged as training, and only inside passes
+        that record gradients (see :meth:`_checkpointing`).
+        """
+        enable_checkpointing(self.model)
+        self.model.eval()
+        self._checkpointed = [m for m in self.model.modules()
+                              if getattr(m, "gradient_checkpointing", False)]
+
+    @contextlib.contextmanager
+    def _checkpointing(self):
+        on = torch.is_grad_enabled() and bool(self._checkpointed)
+        for m in self._checkpointed:
+            m.training = on
+        try:
+            yield
+        finally:
+            for m in self._checkpointed:
+                m.training = False
 
     @property
     def device(self) -> torch.device:
@@ -101,8 +127,9 @@ class PrefixLM:
         mask = torch.cat([head_mask, attention_mask], dim=1)
         self._check_length(int(mask.sum(-1).max()))
         embeds = torch.cat([head, self.embed(input_ids)], dim=1)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                         logits_to_keep=keep, use_cache=False)
+        with self._checkpointing():
+            out = self.model(inputs_embeds=embeds, attention_mask=mask,
+                             position_ids=positions(mask), logits_to_keep=keep, use_cache=False)
         return out.logits.float()
 
     def score_options(self, query_ids: Sequence[Sequence[int]],

@@ -1,0 +1,458 @@
+"""One training loop for every trainable method, on accelerate (one device or DDP).
+
+    result = train(cfg.train, method, make_batches, output_dir, evaluate=...)
+
+What it does:
+
+- AdamW (or bitsandbytes' 8-bit AdamW) over the method's trainable parameters; a
+  transformers LR schedule with warmup; gradient clipping; bf16/fp16 autocast; gradient
+  accumulation; gradient checkpointing where the method's module supports it.
+- **Checkpoints** every ``save_every`` steps, at the end, and on SIGTERM, under
+  ``output_dir/checkpoints/step-NNNNNNNN``: model, optimizer, scheduler, RNG states (through
+  ``accelerator.save_state``), and the step, which fixes the position in the data. Each is
+  written to a temporary directory and renamed, so a kill never leaves a corrupt one. Started
+  again with the same command, a run resumes from its last checkpoint and reaches the same
+  weights as a run never interrupted.
+- **Logs:** a tqdm bar (loss, LR, tokens/s) on the main process; every logged step as one JSON
+  line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
+  TensorBoard; ``loss.png`` at the end.
+- **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
+  better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
+  without improvement stop the run.
+- A NaN or infinite loss stops the run with a message naming the step and the usual fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mend.data import Counters
+from mend.errors import ConfigError, MendError
+from mend.methods.base import Trainable
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the global batch is batch_size x grad_accum x GPUs)."""
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of max_steps; used when warmup_steps is 0."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    deterministic: bool = False
+    """Also ask torch for deterministic kernels (slower on GPU)."""
+    log_every: int = 10
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    """Steps between model-selection evaluations (0: never)."""
+    patience: int = 5
+    """Stop after this many evaluations without improvement."""
+    tensorboard: bool = False
+    resume: Literal["auto", "never"] = "auto"
+    """``auto``: continue from the last checkpoint in the output directory, if any."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every",
+                     "keep_checkpoints", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
+            raise ConfigError("train.lr must be > 0, train.warmup_ratio in [0, 1) and "
+                              "train.warmup_steps >= 0.")
+
+
+class TrainingError(MendError, RuntimeError):
+    """Training cannot go on (a non-finite loss, an optimizer that cannot run here)."""
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records beyond accelerate's model/optimizer/scheduler/RNG state."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    """The data pipeline's counts over all processes, at this step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    status: str
+    """``finished``, ``early_stopped`` or ``interrupted`` (SIGTERM: run again to resume)."""
+    best_score: float | None
+    best_step: int | None
+
+
+BatchFactory = Callable[[int, int, int], Iterator[dict[str, Any]]]
+"""``(global batches to skip, rank, world size) -> this rank's batches``."""
+
+
+def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
+          output_dir: str | Path, *, counters: Counters | None = None,
+          evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          tracker_config: dict[str, Any] | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              log_with="tensorboard" if cfg.tensorboard else None,
+                              project_dir=str(output_dir))
+    set_seed(cfg.seed, deterministic=cfg.deterministic)
+    counters = counters or Counters()
+    module = method.module
+    if cfg.gradient_checkpointing:
+        if not hasattr(module, "gradient_checkpointing_enable"):
+            raise ConfigError(f"{type(module).__name__} does not support gradient checkpointing.")
+        module.gradient_checkpointing_enable()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("The method has no trainable parameters.")
+    optimizer = _optimizer(cfg, params)
+    scheduler = _scheduler(cfg, optimizer)
+    model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    checkpoints = output_dir / "checkpoints"
+    last = _latest(checkpoints) if cfg.resume == "auto" else None
+    main = accelerator.is_main_process
+    if last is not None:
+        accelerator.load_state(str(last))
+        if main:
+            print(f"mend: resuming from {last} (step {state.step})", flush=True)
+    counters.counts = dict(state.counts) if main else {}  # summed over ranks when logged
+    if main:
+        _truncate_metrics(output_dir / "metrics.jsonl", state.step)
+    if cfg.tensorboard:
+        accelerator.init_trackers("mend", config=_flat(tracker_config or {}))
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = make_batches(state.step * cfg.grad_accum * world, rank, world)
+    stop_signal = _SigtermFlag()
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
+               desc="train", dynamic_ncols=True)
+    window = _Window()
+    status = "finished"
+    model.train()
+    try:
+        while state.step < cfg.max_steps and not state.stopped:
+            grad_norm = _step(cfg, accelerator, model, method, optimizer, scheduler, params,
+                              batches, window, state.step + 1)
+            state.step += 1
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                record = _log(accelerator, window, scheduler, state.step, grad_norm, counters)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                _write(accelerator, output_dir, record, cfg)
+            if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                began = time.perf_counter()
+                _select(accelerator, model, method, evaluate, state, cfg, output_dir)
+                window.start += time.perf_counter() - began  # throughput excludes evaluation
+            if stop_signal.raised:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():
+                status = "interrupted"
+                break
+            if state.step % cfg.save_every == 0 or state.stopped:
+                _checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+        if state.stopped and status != "interrupted":
+            status = "early_stopped"
+        if not (checkpoints / f"step-{state.step:08d}").is_dir():
+            _checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+        if status != "interrupted" and (state.best_step is None or evaluate is None):
+            accelerator.wait_for_everyone()
+            if main:  # nothing selected: the final model is the run's checkpoint
+                method.save_pretrained(output_dir)
+        if main and status != "interrupted":
+            plot_metrics(output_dir)
+    finally:
+        bar.close()
+        stop_signal.restore()
+        if cfg.tensorboard:
+            accelerator.end_training()
+    if main and status == "interrupted":
+        print(f"mend: stopped by SIGTERM at step {state.step}; checkpoint saved. Run the same "
+              f"command again to resume.", flush=True)
+    return TrainResult(state.step, status, state.best_score, state.best_step)
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def _step(cfg, accelerator, model, method, optimizer, scheduler, params, batches, window,
+          step) -> float | None:
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        # Only the last micro-batch synchronises gradients across processes.
+        sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            out = method.loss(model, batch)
+            loss = out["loss"]
+            bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()),
+                               device=accelerator.device)
+            if accelerator.reduce(bad, "sum").item() > 0:  # every process stops together
+                raise TrainingError(
+                    f"The loss became {loss.item()} at step {step} (micro-batch {micro}). "
+                    f"Lower train.lr (now {cfg.lr:g}), use train.mixed_precision=bf16 or no "
+                    f"instead of fp16, or keep train.max_grad_norm set "
+                    f"(now {cfg.max_grad_norm}).")
+            accelerator.backward(loss / cfg.grad_accum)
+        window.add(out, batch.get("tokens", 0))
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw_8bit":
+        from mend.backbones import bitsandbytes_problem
+        problem = bitsandbytes_problem()
+        if problem is not None:
+            raise TrainingError(f"train.optimizer=adamw_8bit needs bitsandbytes on CUDA, but "
+                                f"{problem}. Use train.optimizer=adamw.")
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas,
+                                   weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg: TrainConfig, optimizer):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=cfg.max_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+
+
+class _Window:
+    """Sums of the loss terms and tokens since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.micro += 1
+        self.tokens += tokens
+
+
+def _log(accelerator, window: _Window, scheduler, step: int, grad_norm, counters: Counters
+         ) -> dict[str, Any]:
+    from accelerate.utils import gather_object
+
+    keys = sorted(window.sums)
+    local = torch.tensor([window.sums[k] / max(window.micro, 1) for k in keys] + [window.tokens],
+                         device=accelerator.device, dtype=torch.float64)
+    means = accelerator.reduce(local[:-1], "mean") if keys else local[:0]
+    tokens = float(accelerator.reduce(local[-1:], "sum")[0])
+    elapsed = time.perf_counter() - window.start
+    record = {"step": step, **{k: float(v) for k, v in zip(keys, means)},
+              "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "tokens_per_s": tokens / elapsed, "steps_per_s": window.micro / elapsed,
+              "time": time.time()}
+    record["counts"] = _sum_counts(gather_object([counters.counts]))
+    window.reset()
+    return record
+
+
+def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def _write(accelerator, output_dir: Path, record: dict[str, Any], cfg: TrainConfig) -> None:
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if cfg.tensorboard:
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                        step=record["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step: a killed run may have logged beyond its
+    last checkpoint, and those steps will be run (and logged) again."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
+
+
+def plot_metrics(output_dir: str | Path) -> Path | None:
+    """``loss.png``: every loss term of ``metrics.jsonl`` against the step."""
+    output_dir = Path(output_dir)
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    terms = [k for k in ("loss", "distill", "pred", "clm") if any(k in r for r in records)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in terms:
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot(*zip(*pts), label=k)
+    evals = [(r["step"], r["eval_score"]) for r in records if "eval_score" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "k--o", label="eval score")
+        ax2.set_ylabel("eval score")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if terms:
+        ax.legend(loc="upper right")
+    ax.set_title(output_dir.name)
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    return output_dir / "loss.png"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and model selection
+
+
+def _latest(checkpoints: Path) -> Path | None:
+    done = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def _checkpoint(accelerator, checkpoints: Path, state: TrainState, counters: Counters,
+                keep: int) -> None:
+    from accelerate.utils import gather_object
+
+    state.counts = _sum_counts(gather_object([counters.counts]))
+    final = checkpoints / f"step-{state.step:08d}"
+    tmp = checkpoints / f".tmp-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+        for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainConfig,
+            output_dir: Path) -> None:
+    """Evaluate on the main process, keep the best model, and decide on early stopping."""
+    from accelerate.utils import broadcast
+
+    result = torch.zeros(1, device=accelerator.device, dtype=torch.float64)
+    if accelerator.is_main_process:
+        model.eval()
+        metrics = evaluate(accelerator.unwrap_model(model))
+        model.train()
+        result[0] = metrics["score"]
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, **{f"eval_{k}": v for k, v in
+                                                       metrics.items()}}) + "\n")
+    score = float(broadcast(result)[0])
+    if state.best_score is None or score > state.best_score:
+        state.best_score, state.best_step, state.evals_without_improvement = (
+            score, state.step, 0)
+        if accelerator.is_main_process:
+            method.save_pretrained(output_dir)
+    else:
+        state.evals_without_improvement += 1
+        state.stopped = state.evals_without_improvement >= cfg.patience
+    accelerator.wait_for_everyone()
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
