@@ -1,5 +1,7 @@
 """The ``mend`` command.
 
+    mend pretrain --config FILE [key=value ...]   stage 1 (same as pretrain/run.py)
+    mend finetune --config FILE [key=value ...]   stage 2 (same as finetune/run.py)
     mend zoo list              the offline models and whether their packages are installed
     mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
 """
@@ -23,9 +25,20 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Jobs whose own parser takes the rest of the command line: name -> "module:function".
+JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in JOBS:
+        import importlib
+        module, func = JOBS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
     parser = argparse.ArgumentParser(prog="mend", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in JOBS:
+        sub.add_parser(name, help=f"run {name} (see mend {name} --help)", add_help=False)
     p = sub.add_parser("zoo", help="offline models shipped as GGUF files in PyPI packages")
     zsub = p.add_subparsers(dest="action", required=True)
     zsub.add_parser("list", help="list zoo models")

@@ -164,19 +164,35 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict, with its ``base:`` files merged in.
+
+    ``base: ../base/gpt2-large.yaml``, or a list of such paths (relative to the file), names
+    files whose keys this one starts from, merged in order; the file's own keys then override
+    them, key by key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. The shipped configs are under "
+                          f"configs/.")
+    loaded = yaml.safe_load(path.read_text())
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys.")
+    data = dict(loaded or {})
+    bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: `base` must be a config file path or a list of them.")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = merge(merged, read_yaml(path.parent / base))
+    return merge(merged, data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Read a YAML file (optional), apply dotted overrides, and check it into ``cls``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. The shipped configs are "
-                              f"under configs/.")
-        loaded = yaml.safe_load(path.read_text())
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys.")
-        data = dict(loaded or {})
+    data = read_yaml(path) if path is not None else {}
     return from_dict(cls, merge(data, parse_overrides(overrides)))
 
 

@@ -1,0 +1,88 @@
+"""Entry points: a config dataclass and a thin ``main(cfg)`` per job.
+
+``pretrain/run.py``, ``finetune/run.py`` and ``eval/run.py`` at the top of the repository,
+and the ``mend`` command, all call these, so ``accelerate launch pretrain/run.py ...`` and
+``mend pretrain ...`` run the same code. They live inside the package so that an installed
+mend (not only a checkout) has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mend.config import MendConfig, load_config, to_dict
+from mend.errors import ConfigError, MendError
+
+C = TypeVar("C")
+
+# Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
+# must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
+IDENTITY = ("distiller", "llm", "num_placeholders", "projection", "train_mode", "lora_r",
+            "lora_target_modules")
+
+
+def run(config_cls: type[C], main: Callable[[C], Any], argv: Sequence[str] | None = None,
+        prog: str | None = None) -> int:
+    """Parse ``--config FILE key=value ...``, check the config, and call ``main(cfg)``."""
+    parser = argparse.ArgumentParser(prog=prog, description=(main.__doc__ or "").split("\n")[0])
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+        result = main(cfg)
+    except MendError as e:
+        print(f"mend: error: {e}", file=sys.stderr)
+        return 2
+    return 143 if getattr(result, "status", None) == "interrupted" else 0
+
+
+def load_distiller(model: MendConfig, init_from: str | None, device):
+    """A fresh distiller, or one whose trainable weights come from a checkpoint."""
+    from mend.distiller import Distiller, read_config
+
+    if init_from is None:
+        return Distiller.from_config(model, device=device)
+    saved = read_config(init_from)
+    differ = [f for f in IDENTITY if getattr(saved, f) != getattr(model, f)]
+    if differ:
+        raise ConfigError(
+            f"init_from={init_from} was trained with different "
+            + ", ".join(f"{f} ({getattr(saved, f)!r} there, {getattr(model, f)!r} here)"
+                        for f in differ) + ". Make the model section match the checkpoint.")
+    load_time = {k: v for k, v in to_dict(model).items() if k not in IDENTITY}
+    return Distiller.from_pretrained(init_from, device=device, **load_time)
+
+
+def write_config(cfg: Any, output_dir: str | Path) -> None:
+    """Write the resolved config to ``output_dir/config.yaml``; warn when resuming a run
+    whose saved config differs."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = to_dict(cfg)
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(_diff(old, new))
+        if changed:
+            warnings.warn(f"{path} was written by a run with a different config (changed: "
+                          f"{', '.join(changed)}); it is overwritten, and the run resumes from "
+                          f"its checkpoints.", stacklevel=2)
+    path.write_text(yaml.safe_dump(new, sort_keys=False))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in old.keys() | new.keys()
+                for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
