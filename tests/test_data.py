@@ -1,0 +1,171 @@
+"""Data pipelines: windows and the beta split, MetaICL loading, k-shot sampling, truncation,
+and resumable, sharded batches."""
+
+import json
+import random
+
+import pytest
+
+from conftest import SHARED, write_metaicl
+from mend import tiny
+from mend.data import Counters, batches, shuffled
+from mend.data.metaicl import (ContextBuilder, FinetuneData, MetaICLConfig, load_partition,
+                               sample_demos)
+from mend.data.pretrain import PretrainData, TextDataConfig, documents, wikitext_articles
+from mend.errors import ConfigError
+from mend.text import DemoFormat, encode
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.tokenizer("bytelevel")
+
+
+def test_windows_and_the_beta_split_count_tokens(tmp_path, tok):
+    words = [f"w{i}" for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text(
+        json.dumps({"text": " ".join(words)}) + "\n" + json.dumps({"text": "too short"}) + "\n")
+    n = len(tok(" ".join(words), add_special_tokens=False)["input_ids"])
+    cfg = TextDataConfig(path=str(tmp_path / "docs.jsonl"), max_length=100, min_length=20,
+                         beta=0.8)
+    counters = Counters()
+    data = PretrainData(cfg, tok, bos=[], seed=0, counters=counters)
+    windows = list(data.windows(epoch=0))
+    # Full 100-token windows, then the remainder if it is at least min_length long.
+    expected = [100] * (n // 100) + ([n % 100] if n % 100 >= 20 else [])
+    assert sorted(map(len, windows), reverse=True) == expected
+    assert counters.counts["documents"] == 2
+    assert counters.counts["windows_skipped_short"] == 1 + (0 < n % 100 < 20)
+    full = next(w for w in windows if len(w) == 100)
+    example = data.split(full)
+    assert len(example.context) == 80 and len(example.input) == 20  # floor(0.8 * 100)
+    assert example.context + example.input == full
+    assert example.demos == tok.decode(full[:80]) and example.targets_from == 20
+    assert list(data.windows(0)) == windows and list(data.windows(1)) != windows
+    # bos counts against max_length: windows shrink to leave room for it.
+    with_bos = PretrainData(cfg, tok, bos=[7], seed=0)
+    assert max(map(len, with_bos.windows(0))) == 99
+    assert len(list(PretrainData(TextDataConfig(path=cfg.path, max_length=100, min_length=20,
+                                                windows_per_document=1), tok, [], 0)
+                    .windows(0))) == 1
+
+
+def test_wikitext_articles_are_joined_and_unescaped():
+    lines = [" ", " = First = ", " ", " Some text @-@ here , 1 @,@ 000 . ", " = = Section = = ",
+             " More . ", " = Second = ", " Other . "]
+    docs = list(wikitext_articles(lines))
+    assert len(docs) == 2
+    assert docs[0] == "= First =\nSome text-here , 1,000 .\n= = Section = =\nMore ."
+    assert docs[1] == "= Second =\nOther ."
+
+
+def test_local_sources_and_their_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    assert list(documents(TextDataConfig(path=str(tmp_path)))) == ["line one", "line two"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="mixes file formats"):
+        list(documents(TextDataConfig(path=str(tmp_path))))
+    with pytest.raises(ConfigError, match="no field `text`.*data.text_field"):
+        list(documents(TextDataConfig(path=str(tmp_path / "b.jsonl"))))
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(documents(TextDataConfig(path="./nowhere/at/all")))
+    with pytest.raises(ConfigError, match="beta"):
+        TextDataConfig(beta=1.0)
+
+
+def test_k_shot_sampling_never_includes_the_query():
+    rng = random.Random(0)
+    for pool, k in [(5, 16), (17, 16), (40, 16), (1000, 16)]:
+        for query in range(0, pool, max(1, pool // 7)):
+            picked = sample_demos(pool, k, exclude=query, rng=rng)
+            assert query not in picked
+            assert len(picked) == len(set(picked)) == min(k, pool - 1)
+
+
+def test_input_truncation_cuts_from_the_end_and_never_the_label(tok):
+    builder = ContextBuilder(tok, DemoFormat(), bos=[], max_input_tokens=3,
+                             max_context_tokens=1000, max_positions=None)
+    long_input = "the film was great and long"
+    cut = builder.cut_input(long_input, "demo")
+    assert encode(tok, [cut])[0] == encode(tok, [long_input])[0][:3]
+    kept, ids = builder.context([(long_input, "positive and a long label")], reserve=0)
+    assert kept == [(cut, "positive and a long label")]
+    assert tok.decode(ids).endswith(" positive and a long label")
+    assert builder.counters.counts == {"demo_inputs_cut": 2, "demo_tokens_cut": 2 * (
+        len(encode(tok, [long_input])[0]) - 3)}
+
+
+def test_context_budget_drops_later_demonstrations(tok):
+    fmt = DemoFormat()
+    demos = [("a", "b"), ("c", "d"), ("e", "f")]
+    sizes = [len(p) for p in encode(tok, fmt.pieces(demos))]
+    builder = ContextBuilder(tok, fmt, bos=[1], max_input_tokens=100,
+                             max_context_tokens=sizes[0] + sizes[1], max_positions=None)
+    kept, ids = builder.context(demos, reserve=0)
+    assert kept == demos[:2] and len(ids) == sizes[0] + sizes[1]
+    assert builder.counters.counts["demos_dropped"] == 1
+    # The LLM's positions lower the budget: bos + context + reserved input must fit.
+    tight = ContextBuilder(tok, fmt, bos=[1], max_input_tokens=100, max_context_tokens=1000,
+                           max_positions=1 + sizes[0] + 5)
+    assert tight.context(demos, reserve=5)[0] == demos[:1]
+
+
+def test_partition_loading_warns_once_per_missing_task(tmp_path):
+    root = write_metaicl(tmp_path, train=["t1", "t2", "gone"], test=["t3", "t3"])
+    with pytest.warns(UserWarning, match="`gone`") as record:
+        train, test = load_partition(root, "part")
+    assert [t.name for t in train] == ["t1", "t2"] and [t.name for t in test] == ["t3"]
+    assert len(record) == 1
+    with pytest.raises(ConfigError, match="Known partitions: part"):
+        load_partition(root, "nope")
+
+
+def test_finetune_examples_are_deterministic_and_exclude_the_query(tmp_path, tok):
+    root = write_metaicl(tmp_path, train=["t1", "t2"], test=["t3"])
+    train, _ = load_partition(root, "part")
+    builder = ContextBuilder(tok, DemoFormat(), [], 256, 900, None)
+    data = FinetuneData(MetaICLConfig(root=str(root), k=4), train, builder, seed=1)
+    assert data.keys(0) == data.keys(0) and data.keys(0) != data.keys(1)
+    for key in data.keys(0)[:10]:
+        ex = data.example(key)
+        task, i, _ = key
+        query = data.pools[task][i]
+        assert len(ex.demos) == 4 and (query["input"], query["output"]) not in ex.demos
+        assert tok.decode(ex.input[ex.targets_from:]) == " " + query["output"]
+        assert data.example(key) == ex
+
+
+def test_batches_resume_and_shard_exactly():
+    def items(epoch):
+        return [(epoch, i) for i in range(7)]
+    stream = batches(items, 3, list)
+    first = [next(stream) for _ in range(6)]  # crosses epoch boundaries (3 batches/epoch)
+    resumed = batches(items, 3, list, start=4)
+    assert [next(resumed) for _ in range(2)] == first[4:6]
+    ranks = [batches(items, 3, list, rank=r, world=2) for r in range(2)]
+    interleaved = [next(ranks[g % 2]) for g in range(6)]
+    assert interleaved == first
+    counters = Counters()
+
+    def counted(epoch):
+        for item in items(epoch):
+            counters.add("items")
+            yield item
+    mine = batches(counted, 3, list, start=2, rank=0, world=2, counters=counters)
+    next(mine)  # global batch 2: skipped batches 0 and 1 are not counted
+    assert counters.counts["items"] == 1  # batch 2 of epoch 0 is the single item (0, 6)
+    assert list(shuffled(range(10), 3, buffer=4)) == list(shuffled(range(10), 3, buffer=4))
+    assert sorted(shuffled(range(10), 3, buffer=4)) == list(range(10))
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is absent")
+def test_shared_data_loads():
+    docs = documents(TextDataConfig(path=str(SHARED / "data/text/wikitext-2"),
+                                    documents="wikitext"))
+    first = next(iter(docs))
+    assert first.startswith("= ") and "@-@" not in first
+    with pytest.warns(UserWarning, match="is not under"):
+        train, test = load_partition(SHARED / "data/metaicl", "non_nli_to_nli")
+    assert len(test) == 8 and len(train) == 43
+    mnli = next(t for t in test if t.name == "glue-mnli")
+    assert mnli.is_classification and len(mnli.rows("train", 100)) == 16

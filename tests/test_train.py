@@ -1,0 +1,219 @@
+"""The training loop and both stages on tiny models: resume after a kill, SIGTERM, model
+selection, early stopping, NaN, gradient checkpointing, configs, and a 2-process run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMOS, write_metaicl
+from mend import Distiller, tiny
+from mend.config import load_config
+from mend.data import Example
+from mend.distiller import WEIGHTS_FILE
+from mend.methods.mend import MendObjective, ObjectiveConfig
+from mend.recipes.finetune import FinetuneConfig
+from mend.recipes.finetune import main as finetune
+from mend.recipes.pretrain import PretrainConfig
+from mend.recipes.pretrain import main as pretrain
+from mend.train import TrainConfig, TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("train")
+    text = root / "corpus.txt"
+    text.write_text("\n".join(f"{i} {line}" for i in range(6)
+                              for line in tiny.CORPUS.splitlines()) + "\n")
+    model = [f"model.distiller={tiny_model('llama')}", f"model.llm={tiny_model('gpt2', 48)}",
+             "model.num_placeholders=4", "model.max_distiller_length=256"]
+    stage1 = model + [f"data.path={text}", "data.max_length=48", "data.min_length=16",
+                      "data.shuffle_buffer=50", "train.batch_size=2", "train.log_every=1",
+                      "train.lr=1e-3", "train.warmup_steps=1"]
+    return root, model, stage1
+
+
+def pretrain_cfg(args, out, **train):
+    extra = [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(PretrainConfig, None, args + extra + [f"output_dir={out}"])
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_file(Path(path) / WEIGHTS_FILE)
+
+
+def run_killed(args: list[str], out: Path, at_step: int, sig: signal.Signals) -> int:
+    """Run stage 1 in a subprocess that sends itself ``sig`` right after step ``at_step``."""
+    script = f"""
+import os, signal, sys
+import mend.train as T
+step = T._step
+def killing_step(*a, **k):
+    out = step(*a, **k)
+    if a[-1] == {at_step}:
+        os.kill(os.getpid(), signal.{sig.name})
+    return out
+T._step = killing_step
+from mend.recipes.pretrain import cli
+sys.exit(cli({args + [f"output_dir={out}"]!r}))
+"""
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300).returncode
+
+
+def test_pretrain_resumes_after_a_kill_to_identical_weights(setup):
+    root, _, stage1 = setup
+    whole = pretrain(pretrain_cfg(stage1, root / "whole", max_steps=6, save_every=2))
+    assert whole.status == "finished" and whole.step == 6
+    args = stage1 + ["train.max_steps=6", "train.save_every=2"]
+    # SIGKILL after step 5: steps 4 and 5's log lines exist, only step 4 is checkpointed.
+    assert run_killed(args, root / "killed", 5, signal.SIGKILL) == -signal.SIGKILL
+    ckpts = root / "killed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    (ckpts / ".tmp-step-00000006").mkdir()  # a checkpoint whose writing was cut off
+    resumed = pretrain(pretrain_cfg(stage1, root / "killed", max_steps=6, save_every=2))
+    assert resumed.step == 6
+    a, b = weights(root / "whole"), weights(root / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (root / "killed" / "metrics.jsonl")
+             .read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced
+    assert (root / "killed" / "loss.png").is_file()
+    assert (root / "killed" / "config.yaml").is_file()
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(setup):
+    root, _, stage1 = setup
+    args = stage1 + ["train.max_steps=4", "train.save_every=100"]
+    assert run_killed(args, root / "term", 2, signal.SIGTERM) == 143
+    assert [p.name for p in (root / "term" / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (root / "term" / WEIGHTS_FILE).exists()  # an interrupted run is not final
+    done = pretrain(pretrain_cfg(stage1, root / "term", max_steps=4, save_every=100))
+    whole = pretrain(pretrain_cfg(stage1, root / "whole4", max_steps=4, save_every=100))
+    assert done.status == whole.status == "finished"
+    a, b = weights(root / "term"), weights(root / "whole4")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
+    root, model, stage1 = setup
+    pretrain(pretrain_cfg(stage1, root / "stage1", max_steps=3, save_every=3))
+    data = write_metaicl(tmp_path / "metaicl", train=["t1", "t2"], test=["t3", "t4"])
+    cfg = load_config(FinetuneConfig, None, model + [
+        f"data.root={data}", "data.partition=part", "data.k=3", "train.max_steps=4",
+        "train.batch_size=2", "train.eval_every=1", "train.patience=10", "train.lr=5e-3",
+        f"init_from={root / 'stage1'}", f"output_dir={tmp_path / 'ft'}"])
+    result = finetune(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text()
+             .splitlines() if "eval_score" in line]
+    scores = [e["eval_score"] for e in evals]
+    assert len(scores) == 4 and all(e["eval_tasks"] == 2 for e in evals)
+    assert result.best_score == max(scores)
+    assert result.best_step == evals[scores.index(max(scores))]["step"]
+    # The output directory holds the best model: re-scoring it gives the best score.
+    from mend.evaluate import evaluate_task, mean_score
+    from mend.methods.mend import Mend
+    from mend.recipes.finetune import _builder
+    from mend.data import Counters
+    from mend.data.metaicl import load_partition
+    best = Distiller.from_pretrained(tmp_path / "ft")
+    _, test = load_partition(data, "part")
+    results = [evaluate_task(Mend(best), t, 100, "dev", _builder(cfg, best, Counters()))
+               for t in test]
+    assert mean_score(results) == pytest.approx(result.best_score, abs=1e-9)
+
+
+def test_early_stopping_after_patience_evaluations(setup, tmp_path):
+    _, model, _ = setup
+    data = write_metaicl(tmp_path / "metaicl", train=["t1"], test=["t3"])
+    cfg = load_config(FinetuneConfig, None, model + [
+        f"data.root={data}", "data.partition=part", "data.k=2", "train.max_steps=20",
+        "train.batch_size=2", "train.eval_every=1", "train.patience=2", "train.lr=1e-12",
+        f"output_dir={tmp_path / 'ft'}"])
+    result = finetune(cfg)
+    # Step 1 sets the best; steps 2 and 3 do not improve on it (the LR is negligible).
+    assert result.status == "early_stopped" and result.step == 3 and result.best_step == 1
+    rerun = finetune(cfg)  # started again, a stopped run stays stopped
+    assert rerun.step == 3
+
+
+class _Diverging:
+    """A one-weight method whose loss turns NaN at its third call."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(1, 1)
+        self.calls = 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        y = model(torch.ones(1, 1)).sum()
+        return {"loss": y * float("nan") if self.calls == 3 else y}
+
+    def save_pretrained(self, path):
+        pass
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
+    method = _Diverging()
+    forever = iter(lambda: {"tokens": 1}, None)
+    cfg = TrainConfig(max_steps=5, progress=False, save_every=100)
+    with pytest.raises(TrainingError, match=r"became nan at step 3.*train.lr"):
+        train(cfg, method, lambda start, rank, world: forever, tmp_path)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_distiller):
+    def run(checkpointing: bool):
+        d = make_distiller("llama", "gpt2")
+        if checkpointing:
+            d.gradient_checkpointing_enable()
+        d.train()
+        objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0, clm=0.5))
+        tok = d.llm.tokenizer
+        ctx = tok(" great movie! positive", add_special_tokens=False)["input_ids"]
+        inp = tok(" a joyless film negative", add_special_tokens=False)["input_ids"]
+        batch = objective.collate([Example(DEMOS, ctx, inp, 4), Example(DEMOS[:1], ctx, inp, 2)])
+        out = objective.loss(d, batch)
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+    (plain, g1), (ckpt, g2) = run(False), run(True)
+    assert set(plain) == {"loss", "distill", "pred", "clm"}
+    assert torch.allclose(plain["loss"], ckpt["loss"], atol=1e-6)
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/**/*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_parses_and_opens_with_its_command(path):
+    stage = path.relative_to(ROOT / "configs").parts[0]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), "every config opens with a comment"
+    if stage in ("pretrain", "finetune"):
+        cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
+        cfg = load_config(cls, path)
+        assert f"{stage}/run.py" in first or f"mend {stage}" in first
+        assert str(path.relative_to(ROOT)) in first
+        assert cfg.output_dir.startswith(f"out/{stage}")
+
+
+def test_two_process_cpu_run_through_accelerate_launch(setup):
+    root, _, stage1 = setup
+    out = root / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "pretrain/run.py", *stage1, "train.max_steps=2", "train.save_every=2",
+           "train.progress=false", f"output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert (out / WEIGHTS_FILE).is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
