@@ -17,18 +17,15 @@ placeholders and the projection); the frozen LLM is held beside them, not inside
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mend import __version__
+from mend import checkpoint
 from mend.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
 from mend.config import MendConfig, from_dict, replace, to_dict
 from mend.data import Counters
@@ -36,8 +33,7 @@ from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.prefix_lm import PrefixLM
 from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
 
-CONFIG_FILE = "mend_config.json"
-WEIGHTS_FILE = "mend_weights.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 
 
 @dataclass
@@ -121,27 +117,12 @@ class Distiller(nn.Module):
         if overrides:
             config = replace(config, **overrides)
         model = cls.from_config(config, device=device)
-        from safetensors.torch import load_file
-        model.load_trainable_state_dict(load_file(Path(path) / WEIGHTS_FILE))
+        model.load_trainable_state_dict(checkpoint.load_weights(path, "mend"))
         return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the trainable weights (safetensors) and the config (JSON) to ``path``.
-
-        Each file is written to a temporary name and renamed, so an interrupted save never
-        leaves a corrupt checkpoint behind.
-        """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
-            save_file(self.trainable_state_dict(), f.name, metadata={"format": "pt"})
-        os.replace(f.name, path / WEIGHTS_FILE)
-        meta = {"mend_version": __version__, "config": to_dict(self.config)}
-        with tempfile.NamedTemporaryFile("w", dir=path, suffix=".tmp", delete=False) as f:
-            json.dump(meta, f, indent=2)
-        os.replace(f.name, path / CONFIG_FILE)
+        """Write the trainable weights (safetensors) and the config (JSON) to ``path``."""
+        checkpoint.save(path, "mend", to_dict(self.config), self.trainable_state_dict())
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Placeholders, projection, and the distiller's weights (or only its LoRA adapters)."""
@@ -311,11 +292,7 @@ class Distiller(nn.Module):
 
 def read_config(path: str | os.PathLike) -> MendConfig:
     """The :class:`MendConfig` stored in a checkpoint directory."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path} is not a mend checkpoint: it needs {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE} (written by Distiller.save_pretrained).")
-    return from_dict(MendConfig, json.loads((path / CONFIG_FILE).read_text())["config"])
+    return from_dict(MendConfig, checkpoint.read_config(path, "mend"))
 
 
 def _strings(items: Sequence[str], name: str) -> list[str]:

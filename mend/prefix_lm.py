@@ -141,35 +141,52 @@ class PrefixLM:
         Args:
             query_ids: ``Q`` id lists.
             option_ids: for each query, its options' id lists.
-            prefix: ``(1, P, d)`` shared by all queries, or ``(Q, P, d)``, one per query.
-            prefix_mask: ``(1 or Q, P)``, left-padded; None when every position is real.
-            batch_size: (query, option) rows per forward pass.
-            reuse_head: run ``[bos | prefix]`` once and continue every row from its KV cache
-                (the default); False recomputes it per row, the plain path.
+            prefix, prefix_mask, batch_size, reuse_head: as in :meth:`score_pairs`.
 
         Returns:
             ``Q`` float32 tensors on the CPU, one NLL per option; lower is more likely.
         """
         if len(option_ids) != len(query_ids):
             raise InputError(f"Got {len(query_ids)} queries but {len(option_ids)} option lists.")
+        return self.score_pairs([[(q, o) for o in opts] for q, opts in zip(query_ids,
+                                                                           option_ids)],
+                                prefix, prefix_mask, batch_size, reuse_head)
+
+    def score_pairs(self, groups: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]],
+                    prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+                    batch_size: int = 32, reuse_head: bool = True) -> list[torch.Tensor]:
+        """Mean per-token NLL of each ``target`` read after its ``prompt``, after the prefix.
+
+        Direct scoring pairs (query, option); channel scoring pairs (option, query).
+
+        Args:
+            groups: per query ``q``, its ``(prompt ids, target ids)`` pairs.
+            prefix: ``(1, P, d)`` shared by all queries, or ``(Q, P, d)``, one per query.
+            prefix_mask: ``(1 or Q, P)``, left-padded; None when every position is real.
+            batch_size: (prompt, target) rows per forward pass.
+            reuse_head: run ``[bos | prefix]`` once and continue every row from its KV cache
+                (the default); False recomputes it per row, the plain path.
+
+        Returns:
+            ``Q`` float32 tensors on the CPU, one NLL per pair.
+        """
         shared = prefix is None or prefix.shape[0] == 1
-        if not shared and prefix.shape[0] != len(query_ids):
+        if not shared and prefix.shape[0] != len(groups):
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 (shared) or "
-                             f"one per query ({len(query_ids)}).")
-        rows = []  # (query index, input ids, number of option tokens)
-        for q, (qi, opts) in enumerate(zip(query_ids, option_ids)):
-            if len(opts) == 0:
-                raise InputError(f"Query {q} has no options to score.")
-            for o, oi in enumerate(opts):
-                if len(oi) == 0:
-                    raise InputError(f"Option {o} of query {q} is empty after tokenization.")
-                rows.append((q, list(qi) + list(oi), len(oi)))
+                             f"one per query ({len(groups)}).")
         has_context = bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
         shift = 0 if has_context else 1  # logits index of the predictor of input token t
-        for q, seq, n in rows:
-            if len(seq) - n - shift < 0:
-                raise InputError(f"Query {q}'s options have nothing before them to predict them "
-                                 f"from: give a non-empty query or a context.")
+        rows = []  # (query index, prompt + target ids, number of target tokens)
+        for q, pairs in enumerate(groups):
+            if len(pairs) == 0:
+                raise InputError(f"Query {q} has no options to score.")
+            for o, (prompt, target) in enumerate(pairs):
+                if len(target) == 0:
+                    raise InputError(f"Option {o} of query {q} is empty after tokenization.")
+                if len(prompt) - shift < 0:
+                    raise InputError(f"Query {q}'s options have nothing before them to predict "
+                                     f"them from: give a non-empty query or a context.")
+                rows.append((q, list(prompt) + list(target), len(target)))
         reuse = reuse_head and has_context
         shared_head = self._run_head(prefix, prefix_mask) if reuse and shared else None
         nll = torch.empty(len(rows))
@@ -191,9 +208,9 @@ class PrefixLM:
                 target = ids[j, len(seq) - n:len(seq)].to(pred.device)
                 nll[start + j] = F.cross_entropy(pred, target).item()
         out, k = [], 0
-        for opts in option_ids:
-            out.append(nll[k:k + len(opts)])
-            k += len(opts)
+        for pairs in groups:
+            out.append(nll[k:k + len(pairs)])
+            k += len(pairs)
         return out
 
     @torch.no_grad()
