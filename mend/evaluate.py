@@ -1,27 +1,92 @@
-"""Scoring MetaICL tasks with any method: predictions, metrics, and their averages.
+"""Scoring MetaICL tasks with any method: demonstrations, contexts, predictions, metrics.
 
-For one task and seed, a method's prefix is built from that seed's 16 training
-demonstrations (truncated by :class:`~mend.data.metaicl.ContextBuilder`'s rules), then every
-query is read after it and each option is scored by its mean per-token NLL (MetaICL
-"direct"); the prediction is the option with the lowest NLL. The prefix is built once and its
-KV cache serves every query and option.
+For one task and seed:
 
-The context must serve every query, so its budget reserves room for the longest query plus
-its longest option in the split.
+1. **Demonstrations.** ``fixed`` (MetaICL): the first ``k`` rows of the seed's train file, the
+   same for every query. ``resample`` (the MEND paper): ``k`` rows drawn per query from the
+   pool, with an RNG seeded by (seed, task, query). Or ``bm25``/``dense`` retrieval: the ``k``
+   pool rows nearest the query. The pool is the seed's train file (``pool: seed``) or every
+   seed's train file (``pool: all``), never holding the query itself.
+2. **Perturbations** (Min et al., 2022): ``no_label`` (inputs only), ``no_input`` (outputs
+   only), ``random_label`` (a label drawn uniformly from the options), ``wrong_label`` (a label
+   drawn from the options other than the gold one).
+3. **Contexts** follow :class:`~mend.data.metaicl.ContextBuilder`'s truncation rules (inputs
+   and queries keep their first ``max_input_tokens`` tokens; later demonstrations are dropped
+   beyond ``max_context_tokens``), counted in the result. A shared context reserves room for
+   the longest query and option of the split.
+4. **Scoring.** ``direct``: the mean per-token NLL of each option after the query. ``channel``:
+   demonstrations are read output-first, and the NLL is that of the query after each option.
+   The prediction has the lowest NLL. A shared context is run once and its KV cache serves
+   every query and option; a context per query serves all that query's options.
+
+Metrics (:mod:`mend.metrics`): macro-F1 and accuracy for every task, ranked by macro-F1 for
+classification tasks and accuracy for the others. :func:`aggregate` gives the mean and std
+over seeds and the partition average, which counts each task exactly once.
 """
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from mend.data.metaicl import ContextBuilder, Task
-from mend.metrics import task_metrics
+from mend.data import Counters
+from mend.data.metaicl import SEEDS, ContextBuilder, Task
+from mend.errors import ConfigError, InputError
 from mend.methods.base import Method
+from mend.metrics import task_metrics
+from mend.text import Demo
+
+PERTURBATIONS = ("none", "no_label", "no_input", "random_label", "wrong_label")
+
+
+@dataclass(frozen=True)
+class EvalDataConfig:
+    root: str = "../shared/data/metaicl"
+    partition: str | None = "class_to_class"
+    """Evaluate the partition's meta-test tasks..."""
+    tasks: tuple[str, ...] = ()
+    """...or exactly these tasks (overrides the partition)."""
+    split: Literal["test", "dev"] = "test"
+    seeds: tuple[int, ...] = SEEDS
+    limit: int | None = None
+    """Score only the first ``limit`` rows of each task (None: all)."""
+    max_input_tokens: int = 256
+    max_context_tokens: int = 900
+
+    def __post_init__(self) -> None:
+        if not self.partition and not self.tasks:
+            raise ConfigError("data needs a partition or a list of tasks.")
+        if not self.seeds:
+            raise ConfigError("data.seeds must name at least one seed.")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    k: int = 16
+    mode: Literal["fixed", "resample"] = "fixed"
+    selection: Literal["random", "bm25", "dense"] = "random"
+    """How the k demonstrations are chosen; bm25 and dense retrieve per query."""
+    pool: Literal["seed", "all"] = "all"
+    """Where resampled or retrieved demonstrations come from."""
+    perturbation: Literal["none", "no_label", "no_input", "random_label",
+                          "wrong_label"] = "none"
+    scoring: Literal["direct", "channel"] = "direct"
+    retriever_model: str | None = None
+    """Sentence-transformers model for dense retrieval (None: all-MiniLM-L6-v2, offline)."""
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ConfigError(f"demos.k must be >= 0, got {self.k}.")
+
+    @property
+    def per_query(self) -> bool:
+        return self.mode == "resample" or self.selection != "random"
 
 
 @dataclass
@@ -31,35 +96,182 @@ class TaskResult:
     predictions: list[str]
     golds: list[str]
     metrics: dict[str, float]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Demonstrations
+
+
+def perturb(demos: Sequence[tuple[str, str]], kind: str, options: Sequence[str],
+            rng: random.Random) -> list[Demo]:
+    """Apply a perturbation; ``options`` are the labels random and wrong labels come from."""
+    if kind == "none":
+        return list(demos)
+    if kind == "no_label":
+        return [x for x, _ in demos]
+    if kind == "no_input":
+        return [y for _, y in demos]
+    if kind == "random_label":
+        return [(x, rng.choice(list(options))) for x, _ in demos]
+    if kind == "wrong_label":
+        out = []
+        for x, y in demos:
+            wrong = [o for o in options if o != y]
+            out.append((x, rng.choice(wrong) if wrong else y))
+        return out
+    raise ConfigError(f"Unknown perturbation {kind!r}; choose from {', '.join(PERTURBATIONS)}.")
+
+
+def demo_pool(task: Task, seed: int, pool: str) -> list[dict]:
+    """The rows demonstrations are drawn from: one seed's train file, or every seed's."""
+    if pool == "seed":
+        return task.rows("train", seed)
+    seen, rows = set(), []
+    for s in SEEDS:
+        try:
+            seed_rows = task.rows("train", s)
+        except InputError:  # a seed whose train file is absent contributes nothing
+            continue
+        for row in seed_rows:
+            if (row["input"], row["output"]) not in seen:
+                seen.add((row["input"], row["output"]))
+                rows.append(row)
+    return rows
+
+
+def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig,
+                 retriever=None) -> list[list[tuple[str, str]]]:
+    """One demonstration set (fixed) or one per query (resample, retrieval)."""
+    if not cfg.per_query:
+        return [[(r["input"], r["output"]) for r in task.rows("train", seed)[:cfg.k]]]
+    pool = demo_pool(task, seed, cfg.pool)
+    sets = []
+    for qi, query in enumerate(queries):
+        banned = [i for i, r in enumerate(pool) if r["input"] == query["input"]]
+        if cfg.selection == "random":
+            rng = random.Random(f"{seed}-{task.name}-{qi}")
+            allowed = [i for i in range(len(pool)) if i not in banned]
+            picked = rng.sample(allowed, min(cfg.k, len(allowed)))
+        else:
+            picked = retriever.neighbours(query["input"], cfg.k, exclude=banned)
+        sets.append([(pool[i]["input"], pool[i]["output"]) for i in picked])
+    return sets
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
 
 
 @torch.no_grad()
 def evaluate_task(method: Method, task: Task, seed: int, split: str, builder: ContextBuilder,
-                  *, limit: int | None = None, batch_size: int = 32) -> TaskResult | None:
-    """Score ``task``'s ``split`` rows (``dev`` or ``test``) with the demonstrations of
-    ``seed``; None (with a warning) for a task without options to score."""
+                  demos: DemoConfig | None = None, *, limit: int | None = None,
+                  batch_size: int = 32, chunk: int = 16, retriever=None) -> TaskResult | None:
+    """Score ``task``'s ``split`` rows with the demonstrations of ``seed``; None (with a
+    warning) for a task without options to score."""
+    demos = demos or DemoConfig()
     rows = task.rows(split, seed)[:limit]
     if not rows or not all(row.get("options") for row in rows):
         warnings.warn(f"Task {task.name} has rows without options; only option scoring is "
                       f"supported, so it is skipped.", stacklevel=2)
         return None
-    demos = [(r["input"], r["output"]) for r in task.rows("train", seed)]
-    queries = [builder.query(r["input"], after_context=method.reads_context) for r in rows]
-    options = [[builder.option(o) for o in r["options"]] for r in rows]
-    reserve = max(len(q) + max(map(len, o)) for q, o in zip(queries, options))
-    kept, context = builder.context(demos, reserve)
-    prefix, prefix_mask = method.prefix([kept], [context]) if method.reads_context else (
-        None, None)
-    nll = method.llm.score_options(queries, options, prefix, prefix_mask, batch_size=batch_size)
+    counts_before = dict(builder.counters.counts)
+    sets = choose_demos(task, seed, rows, demos, retriever) if method.reads_context else [[]]
+    labels = sorted({o for r in rows for o in r["options"]})
+    sets = [perturb(s, demos.perturbation, labels, random.Random(f"{seed}-{task.name}-{i}-p"))
+            for i, s in enumerate(sets)]
+    if demos.scoring == "channel":  # demonstrations read output first
+        sets = [[(d[1], d[0]) if isinstance(d, tuple) else d for d in s] for s in sets]
+    groups = [_pairs(builder, r, demos.scoring, method.reads_context) for r in rows]
+    nll: list[torch.Tensor] = []
+    if len(sets) == 1:  # one context serves every query
+        reserve = max(len(p) + len(t) for g in groups for p, t in g)
+        prefix = _prefixes(method, builder, sets, [reserve])
+        nll = method.llm.score_pairs(groups, *prefix, batch_size=batch_size)
+    else:  # a context per query, scored a chunk of queries at a time
+        for start in range(0, len(rows), chunk):
+            part = groups[start:start + chunk]
+            reserves = [max(len(p) + len(t) for p, t in g) for g in part]
+            prefix = _prefixes(method, builder, sets[start:start + chunk], reserves)
+            nll += method.llm.score_pairs(part, *prefix, batch_size=batch_size)
     preds = [r["options"][int(s.argmin())] for r, s in zip(rows, nll)]
     golds = [r["output"] for r in rows]
+    counts = {k: v - counts_before.get(k, 0) for k, v in builder.counters.counts.items()
+              if v != counts_before.get(k, 0)}
     return TaskResult(task.name, seed, preds, golds,
-                      task_metrics(preds, golds, task.is_classification))
+                      task_metrics(preds, golds, task.is_classification), counts)
+
+
+def _pairs(builder: ContextBuilder, row: dict, scoring: str, after_context: bool
+           ) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, target) id pairs that score each option of a row."""
+    if scoring == "direct":
+        query = builder.query(row["input"], after_context)
+        return [(query, builder.option(o)) for o in row["options"]]
+    # Channel: P(input | option). The input is cut by the same rule as a query.
+    target = builder.option(builder.cut_input(row["input"], "query"))
+    return [(builder.query(o, after_context), target) for o in row["options"]]
+
+
+def _prefixes(method: Method, builder: ContextBuilder, sets: list[list[Demo]],
+              reserves: list[int]):
+    if not method.reads_context:
+        return None, None
+    kept, contexts = [], []
+    for demo_set, reserve in zip(sets, reserves):
+        k, ids = builder.context(demo_set, reserve)
+        kept.append(k)
+        contexts.append(ids)
+    if not any(contexts):
+        raise ConfigError("No demonstration fits the context budget: raise "
+                          "data.max_context_tokens or lower data.max_input_tokens.")
+    return method.prefix(kept, contexts)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def aggregate(results: Sequence[TaskResult]) -> dict[str, Any]:
+    """Per-task mean and std over seeds, and the partition average over tasks.
+
+    The partition average is the mean over tasks of each task's mean over seeds; each task
+    counts exactly once. Its std is the std over seeds of the per-seed task averages. A
+    (task, seed) pair given twice is an error, never averaged in twice.
+    """
+    seen: set[tuple[str, int]] = set()
+    by_task: dict[str, dict[int, dict[str, float]]] = {}
+    for r in results:
+        if (r.task, r.seed) in seen:
+            raise ValueError(f"Task {r.task} seed {r.seed} appears twice in the results; each "
+                             f"task and seed is counted once.")
+        seen.add((r.task, r.seed))
+        by_task.setdefault(r.task, {})[r.seed] = r.metrics
+    metrics = ("score", "macro_f1", "accuracy")
+    tasks = {}
+    for task, per_seed in by_task.items():
+        tasks[task] = {"seeds": {str(s): m for s, m in sorted(per_seed.items())}}
+        for m in metrics:
+            values = [v[m] for v in per_seed.values()]
+            tasks[task][m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    seeds = sorted({s for per_seed in by_task.values() for s in per_seed})
+    average = {}
+    for m in metrics:
+        per_seed_avg = [np.mean([by_task[t][s][m] for t in by_task if s in by_task[t]])
+                        for s in seeds]
+        average[m] = {"mean": float(np.mean([tasks[t][m]["mean"] for t in tasks])),
+                      "std": float(np.std(per_seed_avg))}
+    return {"tasks": tasks, "average": average, "num_tasks": len(tasks), "seeds": seeds}
+
+
+def sum_counts(results: Sequence[TaskResult]) -> dict[str, int]:
+    total = Counters()
+    for r in results:
+        for k, v in r.counts.items():
+            total.add(k, v)
+    return dict(sorted(total.counts.items()))
 
 
 def mean_score(results: Sequence[TaskResult]) -> float:
-    """The average of each task's ranking metric, each task counted once (mean over seeds)."""
-    by_task: dict[str, list[float]] = {}
-    for r in results:
-        by_task.setdefault(r.task, []).append(r.metrics["score"])
-    return float(np.mean([np.mean(v) for v in by_task.values()])) if by_task else float("nan")
+    """The partition average of the ranking metric (each task once, averaged over seeds)."""
+    return aggregate(results)["average"]["score"]["mean"] if results else float("nan")

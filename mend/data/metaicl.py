@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mend.data import Counters, Example
 from mend.errors import ConfigError, InputError
-from mend.text import DemoFormat, encode
+from mend.text import Demo, DemoFormat, encode
 
 SEEDS = (100, 13, 21, 42, 87)
 
@@ -174,13 +174,14 @@ class ContextBuilder:
     def option(self, text: str) -> list[int]:
         return encode(self.tok, [self.fmt.option(text)])[0]
 
-    def context(self, demos: Sequence[tuple[str, str]], reserve: int
-                ) -> tuple[list[tuple[str, str]], list[int]]:
+    def context(self, demos: Sequence[Demo], reserve: int) -> tuple[list[Demo], list[int]]:
         """Rule 2, after rule 1: the kept demonstrations (text) and their LLM ids.
 
-        ``reserve`` is the number of input tokens that follow the context.
+        ``reserve`` is the number of input tokens that follow the context. A demonstration
+        given as a plain string (a perturbed one) is cut like an input.
         """
-        demos = [(self.cut_input(x, "demo"), y) for x, y in demos]
+        demos = [self.cut_input(d, "demo") if isinstance(d, str)
+                 else (self.cut_input(d[0], "demo"), d[1]) for d in demos]
         budget = self.max_context
         if self.max_positions is not None:
             budget = min(budget, self.max_positions - len(self.bos) - reserve)

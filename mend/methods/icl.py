@@ -1,0 +1,25 @@
+"""Vanilla in-context learning: the demonstrations' LLM tokens, then the query.
+
+The context's tokens become the prefix; scoring runs them once and reuses their KV cache for
+every query and option that shares them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mend.methods.base import Prefix
+from mend.prefix_lm import PrefixLM
+from mend.text import DemoFormat
+
+
+class ICL:
+    name = "icl"
+    reads_context = True
+
+    def __init__(self, llm: PrefixLM, fmt: DemoFormat):
+        self.llm, self.format = llm, fmt
+
+    def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
+               contexts: Sequence[Sequence[int]]) -> Prefix:
+        return self.llm.embed_context(contexts)

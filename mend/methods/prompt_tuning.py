@@ -1,0 +1,131 @@
+"""Prompt tuning (Lester et al., 2021): ``l`` soft-prompt vectors for the frozen LLM.
+
+The vectors are trained by gradient descent on the meta-train tasks (``L_pred``: the
+cross-entropy of the output tokens given the vectors and the input; no distiller, no
+demonstrations), then read in front of every query, whatever its demonstrations.
+
+    mend finetune --config configs/finetune/class_to_class/smollm2-prompt-tuning.yaml
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mend import checkpoint
+from mend.backbones import load_model, load_tokenizer
+from mend.config import Dtype, from_dict, replace, to_dict
+from mend.data import Counters, Example
+from mend.errors import CheckpointError, ConfigError
+from mend.losses import ce_loss
+from mend.methods.base import Prefix
+from mend.prefix_lm import PrefixLM
+from mend.text import DemoFormat, pad
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    llm: str
+    """The frozen LLM: a hub id, a local directory, a ``.gguf`` file or a zoo name."""
+    num_vectors: int = 100
+    init: Literal["vocab", "random"] = "vocab"
+    """``vocab``: embeddings of random vocabulary tokens (Lester et al.); ``random``:
+    N(0, 0.02)."""
+    io_sep: str = " "
+    demo_sep: str = " "
+    llm_dtype: Dtype = "float32"
+    llm_8bit: bool = False
+    allow_8bit_fallback: bool = False
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.num_vectors < 1:
+            raise ConfigError(f"num_vectors must be >= 1, got {self.num_vectors}.")
+
+
+class PromptTuning(nn.Module):
+    """The soft prompt, ``(l, d_llm)``; the frozen LLM is held beside it, not inside it."""
+
+    name = "prompt_tuning"
+    reads_context = True
+
+    def __init__(self, config: PromptTuningConfig, llm: PrefixLM):
+        super().__init__()
+        self.config, self.llm = config, llm
+        self.format = DemoFormat(config.io_sep, config.demo_sep)
+        n, emb = config.num_vectors, llm.model.get_input_embeddings()
+        if config.init == "vocab":
+            vocab = min(len(llm.tokenizer), emb.num_embeddings)
+            ids = torch.randperm(vocab)[:n] if n <= vocab else torch.randint(vocab, (n,))
+            with torch.no_grad():
+                init = llm.embed(ids.unsqueeze(0))[0].float().clone()
+        else:
+            init = torch.randn(n, llm.hidden_size, device=llm.device) * 0.02
+        self.prompt = nn.Parameter(init)
+
+    @classmethod
+    def from_config(cls, config: PromptTuningConfig, device=None) -> PromptTuning:
+        model = load_model(config.llm, dtype=config.llm_dtype, device=device,
+                           load_in_8bit=config.llm_8bit,
+                           allow_8bit_fallback=config.allow_8bit_fallback,
+                           attn_implementation=config.attn_implementation)
+        return cls(config, PrefixLM(model, load_tokenizer(config.llm)))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, **overrides) -> PromptTuning:
+        config = from_dict(PromptTuningConfig, checkpoint.read_config(path, "prompt_tuning"))
+        if overrides:
+            config = replace(config, **overrides)
+        model = cls.from_config(config, device=device)
+        prompt = checkpoint.load_weights(path, "prompt_tuning")["prompt"]
+        if prompt.shape != model.prompt.shape:
+            raise CheckpointError(f"The checkpoint's prompt is {tuple(prompt.shape)}, but "
+                                  f"{config.llm} needs {tuple(model.prompt.shape)}.")
+        with torch.no_grad():
+            model.prompt.copy_(prompt)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        checkpoint.save(path, "prompt_tuning", to_dict(self.config), {"prompt": self.prompt})
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.llm.gradient_checkpointing_enable()
+
+    def forward(self, batch: int) -> torch.Tensor:
+        """The prompt for ``batch`` rows: ``(batch, l, d_llm)`` in the LLM's dtype."""
+        return self.prompt.to(self.llm.dtype).unsqueeze(0).expand(batch, -1, -1)
+
+    def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
+               contexts: Sequence[Sequence[int]]) -> Prefix:
+        return self(len(demo_sets)).detach(), None
+
+
+class PromptTuningObjective:
+    """``L_pred`` of the output tokens, read after the soft prompt and the input."""
+
+    def __init__(self, module: PromptTuning, counters: Counters | None = None):
+        self.module = module
+        self.counters = counters if counters is not None else Counters()
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
+        llm = self.module.llm
+        ids, mask = pad([e.input for e in examples], llm.tokenizer.pad_token_id)
+        starts = torch.tensor([e.targets_from for e in examples]).unsqueeze(1)
+        targets = (torch.arange(ids.shape[1]).unsqueeze(0) >= starts) & mask.bool()
+        return {"input_ids": ids.to(llm.device), "input_mask": mask.to(llm.device),
+                "target_mask": targets.to(llm.device), "tokens": int(mask.sum())}
+
+    def loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["input_mask"]
+        logits = self.module.llm.logits(ids, mask, prefix=model(ids.shape[0]),
+                                        with_prefix_last=True)[:, :-1]
+        pred = ce_loss(logits, ids, batch["target_mask"])
+        return {"loss": pred, "pred": pred.detach()}
+
+    def save_pretrained(self, path) -> None:
+        self.module.save_pretrained(path)

@@ -1,0 +1,111 @@
+"""Results files that say how they were made, and markdown tables of them.
+
+Every ``results.json`` carries a ``provenance`` block: the resolved config, the package
+versions, the git commit (and whether the tree had uncommitted changes), the machine, the
+command line and the time. :func:`compare` puts several results files side by side
+(``mend compare results/*.json``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("mend", "torch", "transformers", "accelerate", "peft", "datasets", "safetensors",
+            "numpy", "scikit-learn", "bitsandbytes")
+
+
+def provenance(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"config": config, "versions": versions, "git": git_state(),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "device": device, "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()},
+            "command": " ".join(sys.argv),
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit of the repository mend was installed from, and whether it was dirty."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)
+
+
+def fmt(stat: dict[str, float] | None, scale: float = 100.0) -> str:
+    """``{"mean", "std"}`` as ``"54.3 ± 1.2"`` (percent)."""
+    if not stat:
+        return "–"
+    return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
+
+
+def results_table(result: dict[str, Any]) -> str:
+    """One evaluation as markdown: per task both metrics (mean ± std over seeds, in %) and the
+    ranking score per seed; the partition average last."""
+    agg = result["results"]
+    seeds = agg["seeds"]
+    head = ["task", "macro-F1", "accuracy", *[f"seed {s}" for s in seeds]]
+    lines = [f"**{result['label']}** — {agg['num_tasks']} tasks, k={result['k']}, "
+             f"seeds {', '.join(map(str, seeds))}; score = macro-F1 (classification) or "
+             f"accuracy (other tasks), in %", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, t in sorted(agg["tasks"].items()):
+        per_seed = [f"{t['seeds'][str(s)]['score'] * 100:.1f}" if str(s) in t["seeds"] else "–"
+                    for s in seeds]
+        lines.append(f"| {task} | {fmt(t['macro_f1'])} | {fmt(t['accuracy'])} | "
+                     + " | ".join(per_seed) + " |")
+    avg = agg["average"]
+    lines.append(f"| **average (score: {fmt(avg['score'])})** | {fmt(avg['macro_f1'])} | "
+                 f"{fmt(avg['accuracy'])} |" + " |" * len(seeds))
+    return "\n".join(lines) + "\n"
+
+
+def compare(paths: Sequence[str | Path]) -> str:
+    """Markdown: tasks as rows, one column per results file (score mean ± std, %)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [r for run in runs for r in (run.get("runs") or [run])]  # sweeps: every point
+    tasks = sorted({t for r in runs for t in r["results"]["tasks"]})
+    labels = [r["label"] for r in runs]
+    lines = ["| task | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for task in tasks:
+        cells = [fmt(r["results"]["tasks"].get(task, {}).get("score")) for r in runs]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | " + " | ".join(
+        f"**{fmt(r['results']['average']['score'])}**" for r in runs) + " |")
+    common = [set(r["results"]["tasks"]) for r in runs]
+    if any(c != common[0] for c in common):
+        lines.append("\nThe runs cover different tasks, so their averages are not comparable.")
+    return "\n".join(lines) + "\n"
