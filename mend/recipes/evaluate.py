@@ -1,0 +1,203 @@
+"""Evaluate one method on MetaICL tasks over seeds; optionally sweep one config key.
+
+    python eval/run.py --config configs/eval/class_to_class/mend.yaml checkpoint=out/finetune/...
+    mend eval --config configs/eval/class_to_class/icl.yaml data.limit=100
+
+Writes ``results.json`` (per-task, per-seed scores, the partition average, the truncation
+counts, and the provenance) and ``results.md`` to ``output_dir``. With ``sweep``, one run per
+value of one dotted key (e.g. ``demos.k`` over 1, 2, 4, 8, 16, or ``checkpoint`` over
+distillers trained with different ``l``), gathered in one results file with ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mend.config import Dtype, replace, to_dict
+from mend.data import Counters
+from mend.data.metaicl import ContextBuilder, load_partition, load_task
+from mend.errors import ConfigError
+from mend.evaluate import DemoConfig, EvalDataConfig, aggregate, evaluate_task, sum_counts
+from mend.methods import MethodConfig, build_method
+from mend.recipes import run
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    key: str
+    """A dotted config key, e.g. ``demos.k`` or ``checkpoint``."""
+    values: tuple[Any, ...]
+    labels: tuple[str, ...] = ()
+    """Names of the values on the plot's axis (default: the values)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    method: Literal["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"] = "mend"
+    checkpoint: str | None = None
+    """A trained method's output directory (mend, hypertuning, prompt_tuning)."""
+    llm: str | None = None
+    """The frozen LLM of zero_shot and icl."""
+    llm_dtype: Dtype = "float32"
+    llm_8bit: bool = False
+    allow_8bit_fallback: bool = False
+    io_sep: str | None = None
+    demo_sep: str | None = None
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    sweep: SweepConfig | None = None
+    batch_size: int = 32
+    device: str | None = None
+    """None: CUDA when available, else the CPU."""
+    label: str | None = None
+    """How tables name this run (default: the method, and the checkpoint's folder name)."""
+    output_dir: str = "out/eval"
+
+    def __post_init__(self) -> None:
+        _ = self.method_config  # building it checks the method's fields
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(self.method, self.checkpoint, self.llm, self.llm_dtype,
+                            self.llm_8bit, self.allow_8bit_fallback, self.io_sep, self.demo_sep)
+
+
+def main(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate a method on MetaICL tasks (results.json and results.md)."""
+    from mend.report import provenance, results_table, write_json
+
+    out = Path(cfg.output_dir)
+    if cfg.sweep is None:
+        result = evaluate(cfg)
+        result["provenance"] = provenance(to_dict(cfg))
+        write_json(out / "results.json", result)
+        (out / "results.md").write_text(results_table(result))
+        print(results_table(result))
+        return result
+    runs, methods = [], {}
+    for value in cfg.sweep.values:
+        point = replace(cfg, sweep=None, **_nested(cfg.sweep.key, value))
+        runs.append(evaluate(point, methods))
+    labels = list(cfg.sweep.labels) or [str(v) for v in cfg.sweep.values]
+    result = {"label": _label(cfg), "sweep": {"key": cfg.sweep.key, "labels": labels},
+              "runs": runs, "provenance": provenance(to_dict(cfg))}
+    write_json(out / "results.json", result)
+    tables = "\n".join(f"### {cfg.sweep.key} = {lab}\n\n{results_table(r)}"
+                       for lab, r in zip(labels, runs))
+    (out / "results.md").write_text(tables)
+    plot_sweep([result], out / "sweep.png")
+    print(tables)
+    return result
+
+
+def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
+    """One evaluation; ``methods`` caches loaded methods across the points of a sweep."""
+    import torch
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = repr(cfg.method_config)
+    methods = {} if methods is None else methods
+    if key not in methods:
+        methods.clear()  # one method in memory at a time
+        methods[key] = build_method(cfg.method_config, device=device)
+    method = methods[key]
+    tasks = _tasks(cfg.data)
+    llm = method.llm
+    builder = ContextBuilder(llm.tokenizer, method.format, llm.bos, cfg.data.max_input_tokens,
+                             cfg.data.max_context_tokens, llm.max_length, Counters())
+    retrievers: dict[tuple[str, int], Any] = {}
+    results = []
+    pairs = [(t, s) for t in tasks for s in cfg.data.seeds]
+    for task, seed in tqdm(pairs, desc=f"eval {method.name}", dynamic_ncols=True):
+        retriever = None
+        if cfg.demos.selection != "random" and method.reads_context:
+            from mend.evaluate import demo_pool
+            from mend.retrieval import Retriever
+            pool_key = (task.name, seed if cfg.demos.pool == "seed" else 0)
+            if pool_key not in retrievers:
+                pool = demo_pool(task, seed, cfg.demos.pool)
+                retrievers[pool_key] = Retriever([r["input"] for r in pool], cfg.demos.selection,
+                                                 cfg.demos.retriever_model)
+            retriever = retrievers[pool_key]
+        r = evaluate_task(method, task, seed, cfg.data.split, builder, cfg.demos,
+                          limit=cfg.data.limit, batch_size=cfg.batch_size, retriever=retriever)
+        if r is not None:
+            results.append(r)
+    if not results:
+        raise ConfigError("No task could be scored: check data.root, data.partition and "
+                          "data.tasks.")
+    return {"label": _label(cfg), "method": cfg.method, "models": _models(method, cfg),
+            "k": cfg.demos.k, "demos": to_dict(cfg.demos), "data": to_dict(cfg.data),
+            "results": aggregate(results), "counts": sum_counts(results),
+            "predictions": {f"{r.task}/{r.seed}": r.predictions for r in results},
+            "wall_time_s": time.perf_counter() - started}
+
+
+def _tasks(data: EvalDataConfig):
+    if data.tasks:
+        tasks = []
+        for name in dict.fromkeys(data.tasks):
+            task = load_task(data.root, name)
+            if task is None:
+                warnings.warn(f"Task `{name}` is not under {data.root}; skipping it.",
+                              stacklevel=3)
+            else:
+                tasks.append(task)
+        return tasks
+    return load_partition(data.root, data.partition)[1]
+
+
+def _label(cfg: EvalConfig) -> str:
+    if cfg.label:
+        return cfg.label
+    return cfg.method + (f" ({Path(cfg.checkpoint).name})" if cfg.checkpoint else "")
+
+
+def _models(method, cfg: EvalConfig) -> dict[str, Any]:
+    models: dict[str, Any] = {"llm": cfg.llm, "checkpoint": cfg.checkpoint}
+    config = getattr(getattr(method, "distiller", method), "config", None)
+    if config is not None:
+        models["checkpoint_config"] = to_dict(config)
+        models["llm"] = config.llm
+        models["distiller"] = getattr(config, "distiller", None)
+    return models
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """``("demos.k", 4)`` -> ``{"demos": {"k": 4}}``."""
+    head, *rest = key.split(".")
+    for part in reversed(rest):
+        value = {part: value}
+    return {head: value}
+
+
+def plot_sweep(results: list[dict[str, Any]], path: str | Path) -> None:
+    """The partition average against the swept value, one line per results file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for result in results:
+        labels = result["sweep"]["labels"]
+        means = [r["results"]["average"]["score"]["mean"] * 100 for r in result["runs"]]
+        stds = [r["results"]["average"]["score"]["std"] * 100 for r in result["runs"]]
+        ax.errorbar(range(len(labels)), means, yerr=stds, marker="o", capsize=3,
+                    label=result["label"])
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(result["sweep"]["key"])
+    ax.set_ylabel("average score (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cli(argv=None) -> int:
+    return run(EvalConfig, main, argv, prog="mend eval")
