@@ -192,15 +192,24 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_distiller
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/**/*.yaml")),
                          ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_shipped_config_parses_and_opens_with_its_command(path):
+    from mend.config import read_yaml
+    from mend.recipes.efficiency import EfficiencyConfig
+    from mend.recipes.evaluate import EvalConfig
+    from mend.recipes.finetune import RECIPES
     stage = path.relative_to(ROOT / "configs").parts[0]
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), "every config opens with a comment"
-    if stage in ("pretrain", "finetune"):
-        cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
-        cfg = load_config(cls, path)
-        assert f"{stage}/run.py" in first or f"mend {stage}" in first
-        assert str(path.relative_to(ROOT)) in first
-        assert cfg.output_dir.startswith(f"out/{stage}")
+    if stage in ("base", "accelerate"):
+        return
+    if stage == "finetune":
+        cls = RECIPES[read_yaml(path).get("method", "mend")][0]
+    else:
+        cls = {"pretrain": PretrainConfig, "eval": EvalConfig,
+               "efficiency": EfficiencyConfig}[stage]
+    cfg = load_config(cls, path)
+    assert f"{stage}/run.py" in first or f"mend {stage}" in first
+    assert str(path.relative_to(ROOT)) in first
+    assert cfg.output_dir.startswith(f"out/{stage}")
 
 
 def test_two_process_cpu_run_through_accelerate_launch(setup):
@@ -217,3 +226,24 @@ def test_two_process_cpu_run_through_accelerate_launch(setup):
     assert (out / WEIGHTS_FILE).is_file()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
+
+
+def test_prompt_tuning_trains_through_the_finetune_entry_point(setup, tmp_path, tiny_model):
+    from mend.methods.prompt_tuning import PromptTuning
+    from mend.recipes.finetune import cli
+    data = write_metaicl(tmp_path / "metaicl", train=["t1"], test=["t3"])
+    out = tmp_path / "pt"
+    code = cli(["method=prompt_tuning", f"model.llm={tiny_model('gpt2', 48)}",
+                "model.num_vectors=3", f"data.root={data}", "data.partition=part",
+                "train.max_steps=3", "train.batch_size=2", "train.eval_every=3",
+                "train.lr=1e-2", f"output_dir={out}"])
+    assert code == 0
+    from accelerate.utils import set_seed
+    trained = PromptTuning.from_pretrained(out)
+    set_seed(42)  # the run's seed, set before it built its prompt: the same initial prompt
+    fresh = PromptTuning.from_config(trained.config)
+    assert trained.prompt.shape == (3, 48) and not torch.equal(trained.prompt, fresh.prompt)
+    assert all(not p.requires_grad for p in trained.llm.model.parameters())
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "eval_score" in line]
+    assert len(evals) == 1 and evals[0]["eval_tasks"] == 1

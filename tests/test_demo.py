@@ -1,0 +1,42 @@
+"""``mend demo --tiny``: the main job end to end on random tiny models, through the CLI."""
+
+import json
+
+from mend.cli import main
+from mend.demo import materialize
+from mend.data.metaicl import load_partition
+
+
+def test_builtin_tasks_materialize_as_a_metaicl_partition(tmp_path):
+    root = materialize(tmp_path)
+    train, test = load_partition(root, "demo")
+    assert {t.name for t in test} == {"country_capital", "country_language", "animal_fruit",
+                                      "sentence_agent"}
+    assert len(train) == 4 and not {t.name for t in train} & {t.name for t in test}
+    capital = next(t for t in test if t.name == "country_capital")
+    demos, queries = capital.rows("train", 100), capital.rows("test")
+    assert len(demos) == 16 and len(queries) == 32
+    assert not {r["input"] for r in demos} & {r["input"] for r in queries}
+    # The same inputs and options in two tasks: only the demonstrations tell them apart.
+    language = next(t for t in test if t.name == "country_language")
+    assert {r["input"] for r in language.rows("test")} | {r["input"] for r in language.rows(
+        "train", 100)} == {r["input"] for r in queries + demos}
+
+
+def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--tiny", "--output-dir", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert "training one briefly first" in printed and "| mend |" in printed
+    result = json.loads((tmp_path / "demo" / "results.json").read_text())
+    methods = {r["method"]: r for r in result["methods"]}
+    assert set(methods) == {"zero_shot", "icl", "mend"}
+    assert methods["mend"]["llm_flops"] < methods["icl"]["llm_flops"]
+    assert methods["mend"]["context_flops"] > 0 == methods["icl"]["context_flops"]
+    assert all(0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in methods.values())
+    assert (tmp_path / "demo" / "demo.png").is_file()
+    assert "versions" in result["provenance"]
+    # A second run finds the checkpoint the first one trained.
+    assert main(["demo", "--tiny", "queries=4", "--output-dir", str(tmp_path / "again")]) == 0
+    assert "earlier `mend demo` run" in json.loads(
+        (tmp_path / "again" / "results.json").read_text())["models"]["checkpoint_origin"]
