@@ -167,9 +167,20 @@ def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig
 def evaluate_task(method: Method, task: Task, seed: int, split: str, builder: ContextBuilder,
                   demos: DemoConfig | None = None, *, limit: int | None = None,
                   batch_size: int = 32, chunk: int = 16, retriever=None) -> TaskResult | None:
-    """Score ``task``'s ``split`` rows with the demonstrations of ``seed``; None (with a
-    warning) for a task without options to score."""
+    """Score ``task``'s ``split`` rows with the demonstrations of ``seed``; None, with a warning
+    naming the reason, for a task that cannot be scored (no options, or no demonstration fits
+    the context budget)."""
     demos = demos or DemoConfig()
+    try:
+        return _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
+                              retriever)
+    except InputError as e:
+        warnings.warn(f"Task {task.name} (seed {seed}) is skipped: {e}", stacklevel=2)
+        return None
+
+
+def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
+                   retriever) -> TaskResult | None:
     rows = task.rows(split, seed)[:limit]
     if not rows or not all(row.get("options") for row in rows):
         warnings.warn(f"Task {task.name} has rows without options; only option scoring is "
@@ -222,9 +233,10 @@ def _prefixes(method: Method, builder: ContextBuilder, sets: list[list[Demo]],
         k, ids = builder.context(demo_set, reserve)
         kept.append(k)
         contexts.append(ids)
-    if not any(contexts):
-        raise ConfigError("No demonstration fits the context budget: raise "
-                          "data.max_context_tokens or lower data.max_input_tokens.")
+    if not all(contexts):
+        raise InputError(f"No demonstration fits the context budget beside a query of "
+                         f"{max(reserves)} tokens (the LLM takes {builder.max_positions}): "
+                         f"lower data.max_input_tokens or raise data.max_context_tokens.")
     return method.prefix(kept, contexts)
 
 

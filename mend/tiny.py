@@ -62,7 +62,7 @@ def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
 
 
 def model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0,
-          max_positions: int = 512, tok=None):
+          max_positions: int = 2048, tok=None):
     """A randomly initialised causal LM of architecture ``arch`` (one of :data:`ARCHS`)."""
     import transformers as tf
 

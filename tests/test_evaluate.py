@@ -163,6 +163,23 @@ def test_sweep_and_compare(eval_setup):
     assert len(table.splitlines()[0].split("|")) == 2 + 1 + 3 + 1  # task, zero-shot, 3 k's
 
 
+def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
+    from mend.data import Counters
+    from mend.data.metaicl import ContextBuilder
+    from mend.evaluate import evaluate_task
+    from mend.methods import MethodConfig, build_method
+    tmp_path, root, llm = eval_setup
+    method = build_method(MethodConfig("icl", llm=llm))
+    task = load_task(root, "t2")
+    cramped = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
+                             max_positions=12, counters=Counters())  # queries fill it
+    with pytest.warns(UserWarning, match="t2 \\(seed 100\\) is skipped: No demonstration fits"):
+        assert evaluate_task(method, task, 100, "dev", cramped, limit=3) is None
+    roomy = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
+                           max_positions=2048, counters=Counters())
+    assert evaluate_task(method, task, 100, "dev", roomy, limit=3) is not None
+
+
 def test_bad_eval_configs_are_explained():
     from mend.errors import ConfigError
     with pytest.raises(ConfigError, match="needs method.checkpoint"):

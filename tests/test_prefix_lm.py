@@ -114,8 +114,8 @@ def test_bad_shapes_and_lengths_are_explained(tiny_model):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(InputError, match="prefix must be"):
         lm.logits(ids, prefix=torch.zeros(1, 2, lm.hidden_size + 1))
-    with pytest.raises(InputError, match="at most 512"):
-        lm.logits(torch.ones(1, 600, dtype=torch.long))
+    with pytest.raises(InputError, match="at most 2048"):
+        lm.logits(torch.ones(1, 2100, dtype=torch.long))
     with pytest.raises(InputError, match="needs 1 \\(shared\\) or one per query"):
         lm.score_options([[1], [2]], [[[3]], [[4]]], prefix=torch.zeros(3, 1, lm.hidden_size))
     with pytest.raises(InputError, match="nothing before them"):

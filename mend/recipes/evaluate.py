@@ -114,6 +114,7 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     retrievers: dict[tuple[str, int], Any] = {}
     results = []
     pairs = [(t, s) for t in tasks for s in cfg.data.seeds]
+    skipped = []
     for task, seed in tqdm(pairs, desc=f"eval {method.name}", dynamic_ncols=True):
         retriever = None
         if cfg.demos.selection != "random" and method.reads_context:
@@ -129,12 +130,15 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
                           limit=cfg.data.limit, batch_size=cfg.batch_size, retriever=retriever)
         if r is not None:
             results.append(r)
+        else:
+            skipped.append(f"{task.name}/{seed}")
     if not results:
         raise ConfigError("No task could be scored: check data.root, data.partition and "
                           "data.tasks.")
     return {"label": _label(cfg), "method": cfg.method, "models": _models(method, cfg),
             "k": cfg.demos.k, "demos": to_dict(cfg.demos), "data": to_dict(cfg.data),
             "results": aggregate(results), "counts": sum_counts(results),
+            "skipped_tasks": skipped,
             "predictions": {f"{r.task}/{r.seed}": r.predictions for r in results},
             "wall_time_s": time.perf_counter() - started}
 
