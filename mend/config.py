@@ -227,6 +227,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"`{where}` = {value!r} fits none of its types: {'; '.join(errors)}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no/off/yes/on as a bool
+            words = ("no", "off", "false") if not value else ("yes", "on", "true")
+            value = next((w for w in words if w in args), value)
         if value in args:
             return value
         raise ConfigError(f"`{where}` must be one of {', '.join(map(repr, args))}; got {value!r}.")

@@ -67,11 +67,12 @@ class Distiller(nn.Module):
             raise InputError(f"The distiller's hidden size ({d_enc}) differs from the LLM's "
                              f"({d_llm}), and projection='none' forbids mapping between them. "
                              f"Set projection='auto'.")
-        dtype = encoder.get_input_embeddings().weight.dtype
-        self.placeholders = nn.Parameter(self._init_placeholders(encoder, dtype))
+        weight = encoder.get_input_embeddings().weight
+        self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
         self.projection: nn.Module = nn.Identity()
         if config.projection == "always" or (config.projection == "auto" and d_enc != d_llm):
-            self.projection = nn.Sequential(nn.Linear(d_enc, d_llm, dtype=dtype), nn.Tanh())
+            self.projection = nn.Sequential(
+                nn.Linear(d_enc, d_llm, dtype=weight.dtype, device=weight.device), nn.Tanh())
         if config.train_mode == "lora":
             from peft import LoraConfig, get_peft_model
             from transformers.pytorch_utils import Conv1D

@@ -168,3 +168,20 @@ def test_8bit_without_cuda_fails_clearly_or_falls_back_when_asked(tiny_model):
 def _saved(d: Distiller, tmp_path):
     d.save_pretrained(tmp_path / "saved")
     return tmp_path / "saved"
+
+
+def test_every_trainable_weight_lives_on_the_models_device(tiny_model):
+    """Placeholders and projection follow the distiller onto its device (caught on a GPU,
+    where a projection built on the default CPU device broke evaluation)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from mend.backbones import load_tokenizer
+    from mend.prefix_lm import PrefixLM
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_model("llama")))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model("gpt2", 48)))
+    cfg = MendConfig(distiller=tiny_model("llama"), llm=tiny_model("gpt2", 48),
+                     num_placeholders=3, max_distiller_length=64, train_mode="lora")
+    d = Distiller(cfg, encoder, load_tokenizer(cfg.distiller),
+                  PrefixLM(llm, load_tokenizer(cfg.llm)))
+    assert {p.device.type for p in d.parameters()} == {"meta"}
