@@ -177,11 +177,11 @@ def test_every_trainable_weight_lives_on_the_models_device(tiny_model):
 
     from mend.backbones import load_tokenizer
     from mend.prefix_lm import PrefixLM
-    with torch.device("meta"):
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(tiny_model("llama")))
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model("gpt2", 48)))
     cfg = MendConfig(distiller=tiny_model("llama"), llm=tiny_model("gpt2", 48),
                      num_placeholders=3, max_distiller_length=64, train_mode="lora")
+    with torch.device("meta"):  # every tensor built in here is on "meta", unless forced off it
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(cfg.distiller))
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm))
     d = Distiller(cfg, encoder, load_tokenizer(cfg.distiller),
                   PrefixLM(llm, load_tokenizer(cfg.llm)))
     assert {p.device.type for p in d.parameters()} == {"meta"}
