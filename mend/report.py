@@ -43,7 +43,11 @@ def provenance(config: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def git_state() -> dict[str, Any] | None:
-    """The commit of the repository mend was installed from, and whether it was dirty."""
+    """The commit of the repository mend was installed from, and whether it was dirty.
+
+    A copy of the tree without ``.git`` (a remote GPU machine, say) reports the commit that
+    ``MEND_GIT_COMMIT`` names, marked as such.
+    """
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -52,7 +56,8 @@ def git_state() -> dict[str, Any] | None:
                                cwd=here, capture_output=True, text=True, timeout=10,
                                check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        commit = os.environ.get("MEND_GIT_COMMIT")
+        return {"commit": commit, "dirty": None, "source": "MEND_GIT_COMMIT"} if commit else None
     return {"commit": commit, "dirty": bool(dirty)}
 
 

@@ -188,3 +188,18 @@ def test_bad_eval_configs_are_explained():
         load_config(EvalConfig, None, ["method=icl"])
     with pytest.raises(ConfigError, match="perturbation` must be one of"):
         load_config(EvalConfig, None, ["method=icl", "llm=x", "demos.perturbation=shuffled"])
+
+
+def test_provenance_names_the_commit_outside_a_checkout(monkeypatch, tmp_path):
+    import subprocess
+
+    from mend import report
+    assert report.git_state() is None or len(report.git_state()["commit"]) == 40
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, "git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    monkeypatch.delenv("MEND_GIT_COMMIT", raising=False)
+    assert report.git_state() is None
+    monkeypatch.setenv("MEND_GIT_COMMIT", "abc123")
+    assert report.git_state() == {"commit": "abc123", "dirty": None, "source": "MEND_GIT_COMMIT"}
