@@ -64,7 +64,7 @@ def test_efficiency_job_writes_the_side_by_side_table(setup):
     tmp_path, root, llm = setup
     cfg = load_config(EfficiencyConfig, None, [
         f"root={root}", "task=t1", "k=4", "queries=3", f"output_dir={tmp_path / 'eff'}",
-        f"methods=[{{name: icl, llm: {llm}}}, {{name: mend, checkpoint: {tmp_path / 'm'}}}]"])
+        f"methods=[{{method: icl, llm: {llm}}}, {{method: mend, checkpoint: {tmp_path / 'm'}}}]"])
     result = efficiency(cfg)
     assert [r["method"] for r in result["methods"]] == ["icl", "mend"]
     saved = json.loads((tmp_path / "eff" / "efficiency.json").read_text())

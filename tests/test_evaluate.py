@@ -182,9 +182,9 @@ def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
 
 def test_bad_eval_configs_are_explained():
     from mend.errors import ConfigError
-    with pytest.raises(ConfigError, match="needs method.checkpoint"):
+    with pytest.raises(ConfigError, match="needs a checkpoint"):
         load_config(EvalConfig, None, ["method=mend"])
-    with pytest.raises(ConfigError, match="needs method.llm"):
+    with pytest.raises(ConfigError, match="needs llm"):
         load_config(EvalConfig, None, ["method=icl"])
     with pytest.raises(ConfigError, match="perturbation` must be one of"):
         load_config(EvalConfig, None, ["method=icl", "llm=x", "demos.perturbation=shuffled"])

@@ -1,7 +1,6 @@
 """Every method behind one protocol (see :mod:`mend.methods.base`), chosen by config.
 
-    method:
-      name: mend            # zero_shot | icl | prompt_tuning | hypertuning | mend
+    method: mend            # zero_shot | icl | prompt_tuning | hypertuning | mend
       checkpoint: out/finetune/class_to_class/smollm2
 
 Zero-shot and ICL name their ``llm``; the trained methods name a ``checkpoint``, which names
@@ -24,7 +23,7 @@ METHODS = ("zero_shot", "icl", "prompt_tuning", "hypertuning", "mend")
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: Literal["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"] = "mend"
+    method: Literal["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"] = "mend"
     checkpoint: str | None = None
     """A trained method's output directory (mend, hypertuning, prompt_tuning)."""
     llm: str | None = None
@@ -38,15 +37,15 @@ class MethodConfig:
     """Between demonstrations and before the query; None: the checkpoint's, or " "."""
 
     def __post_init__(self) -> None:
-        needs_llm = self.name in ("zero_shot", "icl")
+        needs_llm = self.method in ("zero_shot", "icl")
         if needs_llm and not self.llm:
-            raise ConfigError(f"method.name={self.name} needs method.llm (a model id, directory, "
+            raise ConfigError(f"method={self.method} needs llm (a model id, directory, "
                               f".gguf file or zoo name).")
         if not needs_llm and not self.checkpoint:
-            raise ConfigError(f"method.name={self.name} needs method.checkpoint (a trained "
+            raise ConfigError(f"method={self.method} needs a checkpoint (a trained "
                               f"output directory).")
         if not needs_llm and self.llm:
-            raise ConfigError(f"method.llm is read from the {self.name} checkpoint; remove it.")
+            raise ConfigError(f"llm is read from the {self.method} checkpoint; remove it.")
 
 
 def build_method(cfg: MethodConfig, device=None) -> Method:
@@ -55,7 +54,7 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
                  "allow_8bit_fallback": cfg.allow_8bit_fallback}
     load_time.update({k: v for k, v in (("io_sep", cfg.io_sep), ("demo_sep", cfg.demo_sep))
                       if v is not None})
-    if cfg.name in ("zero_shot", "icl"):
+    if cfg.method in ("zero_shot", "icl"):
         from mend.backbones import load_model, load_tokenizer
         from mend.methods.icl import ICL
         from mend.methods.zero_shot import ZeroShot
@@ -66,12 +65,12 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
                            load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
         llm = PrefixLM(model, load_tokenizer(cfg.llm))
         fmt = DemoFormat(load_time.get("io_sep", " "), load_time.get("demo_sep", " "))
-        return (ZeroShot if cfg.name == "zero_shot" else ICL)(llm, fmt)
-    if cfg.name == "prompt_tuning":
+        return (ZeroShot if cfg.method == "zero_shot" else ICL)(llm, fmt)
+    if cfg.method == "prompt_tuning":
         from mend.methods.prompt_tuning import PromptTuning
         return PromptTuning.from_pretrained(cfg.checkpoint, device=device, **load_time).eval()
     from mend.distiller import Distiller
     from mend.methods.hypertuning import HyperTuning
     from mend.methods.mend import Mend
     distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **load_time).eval()
-    return HyperTuning(distiller) if cfg.name == "hypertuning" else Mend(distiller)
+    return HyperTuning(distiller) if cfg.method == "hypertuning" else Mend(distiller)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from mend.config import Dtype, replace, to_dict
+from mend.config import replace, to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
@@ -36,17 +36,10 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    method: Literal["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"] = "mend"
-    checkpoint: str | None = None
-    """A trained method's output directory (mend, hypertuning, prompt_tuning)."""
-    llm: str | None = None
-    """The frozen LLM of zero_shot and icl."""
-    llm_dtype: Dtype = "float32"
-    llm_8bit: bool = False
-    allow_8bit_fallback: bool = False
-    io_sep: str | None = None
-    demo_sep: str | None = None
+class EvalConfig(MethodConfig):
+    """The method to evaluate (``method``, ``checkpoint`` or ``llm``, load-time settings; see
+    :class:`~mend.methods.MethodConfig`), and what to evaluate it on."""
+
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sweep: SweepConfig | None = None
@@ -57,13 +50,10 @@ class EvalConfig:
     """How tables name this run (default: the method, and the checkpoint's folder name)."""
     output_dir: str = "out/eval"
 
-    def __post_init__(self) -> None:
-        _ = self.method_config  # building it checks the method's fields
-
     @property
     def method_config(self) -> MethodConfig:
-        return MethodConfig(self.method, self.checkpoint, self.llm, self.llm_dtype,
-                            self.llm_8bit, self.allow_8bit_fallback, self.io_sep, self.demo_sep)
+        """Only the method's fields (a key that does not change across a ``demos.k`` sweep)."""
+        return MethodConfig(**{f.name: getattr(self, f.name) for f in fields(MethodConfig)})
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
