@@ -24,6 +24,7 @@ What it does:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -136,6 +137,9 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install "
+                          "tensorboard (or 'mend[tensorboard]'), or set train.tensorboard=false.")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               log_with="tensorboard" if cfg.tensorboard else None,
                               project_dir=str(output_dir))

@@ -22,6 +22,7 @@ from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
 from mend.recipes.pretrain import main as pretrain
+from mend.errors import ConfigError
 from mend.train import TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,6 +144,20 @@ def test_early_stopping_after_patience_evaluations(setup, tmp_path):
     assert result.status == "early_stopped" and result.step == 3 and result.best_step == 1
     rerun = finetune(cfg)  # started again, a stopped run stays stopped
     assert rerun.step == 3
+
+
+def test_tensorboard_logging_or_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+    method = _Diverging()
+    method.calls = -100  # never diverges within this run
+    forever = iter(lambda: {"tokens": 1}, None)
+    cfg = TrainConfig(max_steps=2, progress=False, save_every=100, log_every=1, tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is not None:
+        train(cfg, method, lambda start, rank, world: forever, tmp_path / "tb")
+        assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(cfg, method, lambda start, rank, world: forever, tmp_path / "no-tb")
 
 
 class _Diverging:
