@@ -74,3 +74,28 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor,
 def mend_loss(pred: torch.Tensor, distill: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """``L_pred + lambda * L_distill`` (finetuning), or ``CLM + gamma * L_distill`` (ablation)."""
     return pred + lam * distill
+
+
+def label_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                       alpha: float = 0.5, temperature: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Context distillation on the label tokens: ``alpha * KL + (1 - alpha) * CE``.
+
+    - **Distributions:** softmax over the label tokens only (the verbalizer's columns), each
+      model's own label tokens, so teacher and student may tokenize differently.
+    - **KL:** KL(teacher || student), tempered by ``temperature`` and rescaled by its square,
+      averaged over the examples (:func:`kl_distill`).
+    - **CE:** cross-entropy of the gold label under the student's label distribution
+      (temperature 1), averaged over the examples.
+
+    Args:
+        student: ``(B, L)`` student logits at the label tokens (carries the gradient).
+        teacher: ``(B, L)`` teacher logits at its label tokens (a constant).
+        labels: ``(B,)`` gold label indices.
+
+    Returns:
+        ``(loss, kl, ce)``.
+    """
+    kl = kl_distill(student.unsqueeze(1), teacher.unsqueeze(1), temperature=temperature)
+    ce = ce_loss(student.unsqueeze(1), labels.unsqueeze(1))
+    return alpha * kl + (1 - alpha) * ce, kl, ce

@@ -6,6 +6,7 @@
 - **Accuracy** is the fraction of exact matches.
 
 Classification tasks are ranked by macro-F1 and the others by accuracy; both are reported.
+Pattern-based methods score labels as single next tokens (:func:`label_scores`).
 """
 
 from __future__ import annotations
@@ -40,3 +41,29 @@ def _check(preds: Sequence[str], golds: Sequence[str]) -> None:
     if len(preds) != len(golds) or not golds:
         raise ValueError(f"Need equally many predictions and golds, at least one; got "
                          f"{len(preds)} and {len(golds)}.")
+
+
+def label_scores(logits, label_ids: Sequence[int], golds: Sequence[int]) -> dict[str, float]:
+    """Metrics of next-token label scoring (pattern-based methods).
+
+    Args:
+        logits: ``(Q, V)`` logits of the token after each prompt.
+        label_ids: the token id of each label (verbalizer), in label order.
+        golds: each query's gold label index into ``label_ids``.
+
+    Returns:
+        ``accuracy``: the argmax over the label tokens only is the gold label;
+        ``full_vocab_accuracy``: the argmax over the whole vocabulary is the gold label's
+        token; ``non_label_fraction``: the share of whole-vocabulary argmaxes that are no
+        label token at all; ``predictions``: the label-restricted choices.
+    """
+    import torch
+
+    ids = torch.as_tensor(list(label_ids))
+    gold = torch.as_tensor(list(golds))
+    restricted = logits[:, ids].argmax(-1)
+    full = logits.argmax(-1)
+    return {"accuracy": float((restricted == gold).float().mean()),
+            "full_vocab_accuracy": float((full == ids[gold]).float().mean()),
+            "non_label_fraction": float((~torch.isin(full, ids)).float().mean()),
+            "predictions": restricted.tolist()}

@@ -214,6 +214,52 @@ class PrefixLM:
         return out
 
     @torch.no_grad()
+    def next_token_logits(self, prompt_ids: Sequence[Sequence[int]],
+                          prefix: torch.Tensor | None = None,
+                          prefix_mask: torch.Tensor | None = None, batch_size: int = 32
+                          ) -> torch.Tensor:
+        """Float32 logits of the token after each prompt, ``(Q, V)`` on the CPU.
+
+        The prefix is shared (``(1, P, d)``) or one per prompt (``(Q, P, d)``); a shared one is
+        run once and continued from its KV cache. Prompts are batched by length, and only the
+        positions a batch needs are turned into logits.
+        """
+        n = len(prompt_ids)
+        if any(len(p) == 0 for p in prompt_ids):
+            raise InputError("next_token_logits needs non-empty prompts.")
+        shared = prefix is None or prefix.shape[0] == 1
+        if not shared and prefix.shape[0] != n:
+            raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
+        has_head = bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
+        shared_head = self._run_head(prefix, prefix_mask) if has_head and shared else None
+        out = None
+        order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = pad([prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
+            last = mask.sum(-1) - 1  # each row's last prompt position
+            keep = torch.unique(last)
+            index = torch.tensor([0 if shared else i for i in rows])
+            if has_head:
+                head = shared_head
+                if head is None:
+                    needed, index = torch.unique(index, return_inverse=True)
+                    head = self._run_head(*_rows(prefix, prefix_mask, needed))
+                logits = self._continue(head, index, ids, mask, keep=keep)
+            else:
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                self._check_length(int(mask.sum(-1).max()))
+                logits = self.model(input_ids=ids, attention_mask=mask,
+                                    position_ids=positions(mask),
+                                    logits_to_keep=keep.to(self.device)).logits.float()
+            picked = logits[torch.arange(len(rows)), torch.searchsorted(keep, last).to(
+                logits.device)].cpu()
+            if out is None:
+                out = torch.empty(n, picked.shape[-1])
+            out[torch.tensor(rows)] = picked
+        return out
+
+    @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], prefix: torch.Tensor | None = None,
                  prefix_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
                  do_sample: bool = False, **generate_kwargs) -> list[list[int]]:
@@ -288,9 +334,10 @@ class PrefixLM:
 
     @torch.no_grad()
     def _continue(self, head: _Head, index: torch.Tensor, input_ids: torch.Tensor,
-                  input_mask: torch.Tensor) -> torch.Tensor:
+                  input_mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Input logits after cached heads, row ``i`` after head ``index[i]``: ``(n, T + 1, V)``,
-        index ``t`` predicting input token ``t``."""
+        index ``t`` predicting input token ``t``; or, with ``keep``, only the logits at those
+        input positions (HF convention), ``(n, len(keep), V)``."""
         index = index.to(self.device)
         cache = copy.deepcopy(head.cache)  # the forward pass appends to it
         cache.batch_select_indices(index)
@@ -299,8 +346,11 @@ class PrefixLM:
         mask = torch.cat([head_mask, input_mask], dim=1)
         self._check_length(int(mask.sum(-1).max()))
         pos = head_mask.sum(-1, keepdim=True) + positions(input_mask)
+        to_keep = input_ids.shape[1] if keep is None else keep.to(self.device)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, logits_to_keep=input_ids.shape[1], use_cache=True)
+                         past_key_values=cache, logits_to_keep=to_keep, use_cache=True)
+        if keep is not None:
+            return out.logits.float()
         return torch.cat([head.last.index_select(0, index).unsqueeze(1), out.logits.float()], 1)
 
     def _check_input(self, input_ids, attention_mask):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 ARCHS = ("gpt2", "opt", "llama", "qwen2", "gemma3")
+"""The causal architectures; ``t5`` (seq2seq) is built too, for the step-by-step student."""
 
 CORPUS = """\
 The film was great and the actors were wonderful. The plot was dull and the movie was too long.
@@ -85,8 +86,14 @@ def model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, seed: i
             **decoder, **common, head_dim=hidden // 2, sliding_window=8,
             layer_types=["sliding_attention", "full_attention"][:layers]),
     }
+    if arch == "t5":
+        torch.manual_seed(seed)
+        return tf.AutoModelForSeq2SeqLM.from_config(tf.T5Config(
+            vocab_size=vocab_size, d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden,
+            num_layers=layers, num_heads=2, decoder_start_token_id=special.get("pad_token_id", 0),
+            **special))
     if arch not in configs:
-        raise ValueError(f"Unknown tiny architecture {arch!r}; choose from {ARCHS}.")
+        raise ValueError(f"Unknown tiny architecture {arch!r}; choose from {ARCHS} or t5.")
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(configs[arch]())
 

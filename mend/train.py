@@ -101,6 +101,8 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    best_by: dict[str, float] = field(default_factory=dict)
+    """Best value of each ``keep_best`` metric so far."""
     stopped: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     """The data pipeline's counts over all processes, at this step."""
@@ -128,7 +130,15 @@ BatchFactory = Callable[[int, int, int], Iterator[dict[str, Any]]]
 def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
           output_dir: str | Path, *, counters: Counters | None = None,
           evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+          keep_best: dict[str, str] | None = None,
           tracker_config: dict[str, Any] | None = None) -> TrainResult:
+    """Train ``method`` for ``cfg.max_steps`` steps, resuming from the output directory.
+
+    ``evaluate`` returns metrics with ``score`` (higher is better), which drives early
+    stopping. Without ``keep_best``, the best-scoring model is the output directory's
+    checkpoint. With ``keep_best={"best_ood": "ood", ...}``, each named metric's best model is
+    saved to ``output_dir/<name>`` and the output directory holds the last model.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -165,7 +175,11 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         accelerator.load_state(str(last))
         if main:
             print(f"mend: resuming from {last} (step {state.step})", flush=True)
-    counters.counts = dict(state.counts) if main else {}  # summed over ranks when logged
+    # Counts are summed over processes when logged, so only the main process carries the
+    # totals so far: the checkpoint's on a resume (they include what was counted before
+    # training), else what data loading has counted already.
+    if last is not None or not main:
+        counters.counts = dict(state.counts) if main else {}
     if main:
         _truncate_metrics(output_dir / "metrics.jsonl", state.step)
     if cfg.tensorboard:
@@ -192,7 +206,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                 _write(accelerator, output_dir, record, cfg)
             if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
                 began = time.perf_counter()
-                _select(accelerator, model, method, evaluate, state, cfg, output_dir)
+                _select(accelerator, model, method, evaluate, state, cfg, output_dir,
+                        keep_best or {})
                 window.start += time.perf_counter() - began  # throughput excludes evaluation
             if stop_signal.raised:
                 accelerator.set_trigger()
@@ -205,7 +220,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
             status = "early_stopped"
         if not (checkpoints / f"step-{state.step:08d}").is_dir():
             _checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
-        if status != "interrupted" and (state.best_step is None or evaluate is None):
+        if status != "interrupted" and (keep_best or state.best_step is None
+                                        or evaluate is None):
             accelerator.wait_for_everyone()
             if main:  # nothing selected: the final model is the run's checkpoint
                 method.save_pretrained(output_dir)
@@ -418,24 +434,31 @@ def _checkpoint(accelerator, checkpoints: Path, state: TrainState, counters: Cou
 
 
 def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainConfig,
-            output_dir: Path) -> None:
-    """Evaluate on the main process, keep the best model, and decide on early stopping."""
+            output_dir: Path, keep_best: dict[str, str]) -> None:
+    """Evaluate on the main process, keep the best model(s), and decide on early stopping."""
     from accelerate.utils import broadcast
 
-    result = torch.zeros(1, device=accelerator.device, dtype=torch.float64)
+    keys = ["score", *keep_best.values()]
+    values = torch.zeros(len(keys), device=accelerator.device, dtype=torch.float64)
     if accelerator.is_main_process:
         model.eval()
         metrics = evaluate(accelerator.unwrap_model(model))
         model.train()
-        result[0] = metrics["score"]
+        values[:] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
         with open(output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": state.step, **{f"eval_{k}": v for k, v in
                                                        metrics.items()}}) + "\n")
-    score = float(broadcast(result)[0])
+    values = broadcast(values).tolist()
+    score = values[0]
+    for name, value in zip(keep_best, values[1:]):
+        if name not in state.best_by or value > state.best_by[name]:
+            state.best_by[name] = value
+            if accelerator.is_main_process:
+                method.save_pretrained(output_dir / name)
     if state.best_score is None or score > state.best_score:
         state.best_score, state.best_step, state.evals_without_improvement = (
             score, state.step, 0)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not keep_best:
             method.save_pretrained(output_dir)
     else:
         state.evals_without_improvement += 1

@@ -82,6 +82,31 @@ def test_cached_head_scores_match_the_plain_path(tiny_model, arch):
             assert torch.allclose(f, s, atol=1e-5), (arch, f, s)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_next_token_logits_match_the_plain_forward(tiny_model, arch):
+    lm = prefix_lm(tiny_model, arch)
+    ctx = encode(lm.tokenizer, CONTEXTS)
+    prompts = encode(lm.tokenizer, INPUTS + [" short", " a somewhat longer prompt than that"])
+    prefix, prefix_mask = lm.embed_context(ctx)
+    for rows in ([0, 0, 0, 0], [0, 1, 0, 1], None):  # shared, one per prompt, no context
+        if rows is None:
+            got = lm.next_token_logits(prompts, batch_size=3)
+            heads = [lm.bos] * len(prompts)
+        else:
+            index = torch.tensor(rows)
+            shared = len(set(rows)) == 1
+            p, m = (prefix[:1], prefix_mask[:1]) if shared else (prefix[index],
+                                                                 prefix_mask[index])
+            got = lm.next_token_logits(prompts, p, m, batch_size=3)
+            heads = [lm.bos + ctx[r] for r in rows]
+        assert got.shape == (4, lm.model.config.vocab_size)
+        for i, prompt in enumerate(prompts):
+            if not heads[i] and not prompt:
+                continue
+            expected = plain_logits(lm, heads[i] + prompt)[-1]
+            assert torch.allclose(got[i], expected, atol=1e-4), (arch, rows, i)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma3"])
 def test_generate_after_prefix_matches_plain_generation(tiny_model, arch):
     lm = prefix_lm(tiny_model, arch)
