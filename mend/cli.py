@@ -6,6 +6,7 @@
     mend finetune --config FILE [key=value ...]   stage 2 (same as finetune/run.py)
     mend eval --config FILE [key=value ...]       evaluate a method (same as eval/run.py)
     mend efficiency --config FILE                 FLOPs, memory and time per query, side by side
+    mend nli-cost --config FILE                   ICL/PBFT/CD memory and time against k
     mend compare RESULTS.json ...                 one table of several results files
     mend zoo list              the offline models and whether their packages are installed
     mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
@@ -33,7 +34,7 @@ def _zoo(args: argparse.Namespace) -> int:
 # Jobs whose own parser takes the rest of the command line: name -> "module:function".
 JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli",
         "eval": "mend.recipes.evaluate:cli", "efficiency": "mend.recipes.efficiency:cli",
-        "demo": "mend.recipes.demo:cli"}
+        "demo": "mend.recipes.demo:cli", "nli-cost": "mend.recipes.nli_cost:cli"}
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -209,22 +209,26 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_distiller
 def test_every_shipped_config_parses_and_opens_with_its_command(path):
     from mend.config import read_yaml
     from mend.recipes.efficiency import EfficiencyConfig
-    from mend.recipes.evaluate import EvalConfig
-    from mend.recipes.finetune import RECIPES
+    from mend.recipes.evaluate import recipes as eval_recipes
+    from mend.recipes.finetune import recipes as finetune_recipes
+    from mend.recipes.nli_cost import NLICostConfig
     stage = path.relative_to(ROOT / "configs").parts[0]
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), "every config opens with a comment"
     if stage in ("base", "accelerate"):
         return
-    if stage == "finetune":
-        cls = RECIPES[read_yaml(path).get("method", "mend")][0]
+    method = read_yaml(path).get("method", "mend")
+    if "mend finetune" in first or "finetune/run.py" in first:
+        cls = finetune_recipes()[method][0]
+    elif "mend eval" in first or "eval/run.py" in first:
+        cls = eval_recipes()[method][0]
     else:
-        cls = {"pretrain": PretrainConfig, "eval": EvalConfig,
-               "efficiency": EfficiencyConfig}[stage]
+        cls = {"pretrain": PretrainConfig, "efficiency": EfficiencyConfig,
+               "nli": NLICostConfig}[stage]
     cfg = load_config(cls, path)
-    assert f"{stage}/run.py" in first or f"mend {stage}" in first
     assert str(path.relative_to(ROOT)) in first
-    assert cfg.output_dir.startswith(f"out/{stage}")
+    assert any(word in first for word in ("run.py", "mend "))
+    assert cfg.output_dir.startswith("out/")
 
 
 def test_two_process_cpu_run_through_accelerate_launch(setup):

@@ -44,6 +44,35 @@ def run(config_cls: type[C], main: Callable[[C], Any], argv: Sequence[str] | Non
     return 143 if getattr(result, "status", None) == "interrupted" else 0
 
 
+def run_by_method(recipes: dict[str, tuple[type, Callable[[Any], Any]]], argv, prog: str,
+                  default: str) -> int:
+    """Dispatch on the config's ``method`` key (or a ``method=`` override) to its recipe."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = method_name(args, default)
+    if name not in recipes:
+        print(f"{prog}: error: unknown method `{name}`; choose from {', '.join(recipes)}.",
+              file=sys.stderr)
+        return 2
+    config_cls, entry = recipes[name]
+    return run(config_cls, entry, args, prog=f"{prog} ({name})")
+
+
+def method_name(args: list[str], default: str) -> str:
+    """The method an invocation asks for: a ``method=`` override, else its config's key."""
+    from mend.config import read_yaml
+
+    for arg in args:
+        if arg.startswith("method="):
+            return arg.split("=", 1)[1]
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if path is None and "--config" in args[:-1]:
+        path = args[args.index("--config") + 1]
+    try:
+        return read_yaml(path).get("method", default) if path else default
+    except ConfigError:
+        return default  # run() reports the missing or malformed file
+
+
 def load_distiller(model: MendConfig, init_from: str | None, device):
     """A fresh distiller, or one whose trainable weights come from a checkpoint."""
     from mend.distiller import Distiller, read_config

@@ -23,7 +23,7 @@ from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
 from mend.evaluate import DemoConfig, EvalDataConfig, aggregate, evaluate_task, sum_counts
 from mend.methods import MethodConfig, build_method
-from mend.recipes import run
+from mend.recipes import run_by_method
 
 
 @dataclass(frozen=True)
@@ -193,5 +193,18 @@ def plot_sweep(results: list[dict[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
+def recipes() -> dict:
+    """Every evaluation recipe by ``method``: the MetaICL methods here, and the pattern-based
+    and step-by-step evaluations (imported when asked for)."""
+    from mend.methods import METHODS
+    from mend.recipes.nli import (PatternEvalConfig, PatternICLConfig, main_icl,
+                                  main_pattern_eval)
+    from mend.recipes.step_by_step import StepByStepEvalConfig, main_eval
+    return {**{m: (EvalConfig, main) for m in METHODS},
+            "pattern_icl": (PatternICLConfig, main_icl),
+            "pattern_lm": (PatternEvalConfig, main_pattern_eval),
+            "step_by_step": (StepByStepEvalConfig, main_eval)}
+
+
 def cli(argv=None) -> int:
-    return run(EvalConfig, main, argv, prog="mend eval")
+    return run_by_method(recipes(), argv, "mend eval", "mend")

@@ -12,18 +12,17 @@ evaluations without improvement stop the run.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mend.config import MendConfig, read_yaml, to_dict
+from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
 from mend.errors import ConfigError
 from mend.evaluate import evaluate_task, mean_score
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
-from mend.recipes import load_distiller, run, write_config
+from mend.recipes import load_distiller, run_by_method, write_config
 from mend.train import TrainConfig, TrainResult, train
 
 
@@ -123,31 +122,18 @@ def _builder(cfg, module, counters: Counters) -> ContextBuilder:
                           cfg.data.max_context_tokens, llm.max_length, counters)
 
 
-RECIPES = {"mend": (FinetuneConfig, main),
-           "prompt_tuning": (PromptTuningFinetuneConfig, main_prompt_tuning)}
+def recipes() -> dict:
+    """Every finetuning recipe by ``method``: MEND, prompt tuning, and the pattern-based and
+    step-by-step methods (imported when asked for)."""
+    from mend.recipes.nli import CDConfig, PBFTConfig, main_cd, main_pbft
+    from mend.recipes.step_by_step import StepByStepConfig
+    from mend.recipes.step_by_step import main as main_sbs
+    return {"mend": (FinetuneConfig, main),
+            "prompt_tuning": (PromptTuningFinetuneConfig, main_prompt_tuning),
+            "pbft": (PBFTConfig, main_pbft), "context_distillation": (CDConfig, main_cd),
+            "step_by_step": (StepByStepConfig, main_sbs)}
 
 
 def cli(argv=None) -> int:
     """``method:`` in the config (or ``method=...``) picks the recipe; mend by default."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    name = _method_name(args)
-    if name not in RECIPES:
-        print(f"mend finetune: error: unknown method `{name}`; choose from "
-              f"{', '.join(RECIPES)}.", file=sys.stderr)
-        return 2
-    config_cls, entry = RECIPES[name]
-    return run(config_cls, entry, args, prog=f"mend finetune ({name})")
-
-
-def _method_name(args: list[str]) -> str:
-    """The method an invocation asks for: a ``method=`` override, else its config's key."""
-    for arg in args:
-        if arg.startswith("method="):
-            return arg.split("=", 1)[1]
-    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if path is None and "--config" in args[:-1]:
-        path = args[args.index("--config") + 1]
-    try:
-        return read_yaml(path).get("method", "mend") if path else "mend"
-    except ConfigError:
-        return "mend"  # run() reports the missing or malformed file
+    return run_by_method(recipes(), argv, "mend finetune", "mend")
