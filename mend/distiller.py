@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from mend.backbones import enable_checkpointing, hidden_size, load_model, load_t
 from mend.config import MendConfig, from_dict, replace, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
-from mend.prefix_lm import PrefixLM
+from mend.prefix_lm import Prefill, PrefixLM
 from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
 
 CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
@@ -45,6 +45,9 @@ class DistilledContext:
     """
 
     vectors: torch.Tensor
+    prefill: Prefill | None = field(default=None, repr=False, compare=False)
+    """The LLM's KV cache of a one-row context, made by the first :meth:`Distiller.score` and
+    reused by every later one."""
 
     def __len__(self) -> int:
         return self.vectors.shape[0]
@@ -278,7 +281,15 @@ class Distiller(nn.Module):
         q_ids = encode(tok, [self.format.query(q) for q in queries])
         o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
                  for opts in options]
-        scores = self.llm.score_options(q_ids, o_ids, prefix=ctx.vectors, batch_size=batch_size)
+        if len(ctx) == 1 and (self.llm.bos or ctx.vectors.shape[1]):
+            # Read the vectors once, however many calls score queries after them.
+            if ctx.prefill is None:
+                ctx.prefill = self.llm.prefill(ctx.vectors)
+            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
+                                            prefill=ctx.prefill)
+        else:
+            scores = self.llm.score_options(q_ids, o_ids, prefix=ctx.vectors,
+                                            batch_size=batch_size)
         return [s.tolist() for s in scores]
 
     def generate(self, ctx: DistilledContext, prompts: Sequence[str], max_new_tokens: int = 32,

@@ -11,12 +11,20 @@ ever formed for positions that do not count.
 - ``L_pred``    = :func:`ce_loss` with the mask on output tokens.
 - CLM           = :func:`ce_loss` with the mask on every input token (HyperTuning).
 - ``L_pred + lambda * L_distill`` (and ``CLM + gamma * L_distill``) = :func:`mend_loss`.
+
+:func:`chunked_kl_distill` and :func:`chunked_ce` take final hidden states and the LLM's
+projection instead of logits. They give the same values and gradients while forming float32
+logits for at most ``chunk`` positions at a time, recomputed in backward (activation
+checkpointing), so training memory does not grow with ``positions x vocabulary``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -44,12 +52,18 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         teacher_logits: ``(B, T, V)``; treated as a constant (detached).
         mask: ``(B, T)``, 1 where the loss counts; None counts every position.
     """
-    s = _select(student_logits, mask).float() / temperature
-    t = _select(teacher_logits.detach(), mask).float() / temperature
+    s = _select(student_logits, mask)
+    t = _select(teacher_logits.detach(), mask)
     if s.shape[0] == 0:
         return student_logits.sum() * 0.0
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
-    return kl / s.shape[0] * temperature ** 2
+    return _kl_sum(s, t, temperature) / s.shape[0] * temperature ** 2
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``sum_n KL(softmax(t_n / tau) || softmax(s_n / tau))`` over ``(N, V)`` logits."""
+    s = student.float() / temperature
+    t = teacher.float() / temperature
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
 
 
 def ce_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -69,6 +83,51 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor,
     if x.shape[0] == 0:
         return logits.sum() * 0.0
     return F.cross_entropy(x, y, reduction="mean")
+
+
+Project = Callable[[torch.Tensor], torch.Tensor]
+"""Final hidden states ``(N, d)`` -> float32 logits ``(N, V)`` (``PrefixLM.project``)."""
+
+
+def chunked_kl_distill(project: Project, student_hidden: torch.Tensor,
+                       teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                       temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+    """:func:`kl_distill` of ``project(student_hidden)`` and ``project(teacher_hidden)``.
+
+    Args:
+        student_hidden: ``(B, T, d)``; carries the gradient.
+        teacher_hidden: ``(B, T, d)``; a constant.
+        mask: ``(B, T)``, 1 where the loss counts.
+        chunk: positions projected at once.
+    """
+    s = _select(student_hidden, mask)
+    t = _select(teacher_hidden.detach(), mask)
+    if s.shape[0] == 0:
+        return student_hidden.sum() * 0.0
+
+    def piece(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+        return _kl_sum(project(s_chunk), project(t_chunk), temperature)
+
+    total = sum(checkpoint(piece, s[i:i + chunk], t[i:i + chunk], use_reentrant=False)
+                for i in range(0, s.shape[0], chunk))
+    return total / s.shape[0] * temperature ** 2
+
+
+def chunked_ce(project: Project, hidden: torch.Tensor, targets: torch.Tensor,
+               mask: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """:func:`ce_loss` of ``project(hidden)``: ``hidden`` is ``(B, T, d)``, ``hidden[:, t]``
+    predicting ``targets[:, t]``."""
+    x = _select(hidden, mask)
+    y = _select(targets.to(hidden.device), mask)
+    if x.shape[0] == 0:
+        return hidden.sum() * 0.0
+
+    def piece(x_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(project(x_chunk), y_chunk, reduction="sum")
+
+    total = sum(checkpoint(piece, x[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                for i in range(0, x.shape[0], chunk))
+    return total / x.shape[0]
 
 
 def mend_loss(pred: torch.Tensor, distill: torch.Tensor, lam: float = 1.0) -> torch.Tensor:

@@ -39,12 +39,14 @@ from mend.text import bos_ids, pad, positions
 
 
 @dataclass
-class _Head:
-    """A run of ``[bos | prefix]`` for ``R`` rows, to continue from."""
+class Prefill:
+    """``[bos | prefix]`` already read by the LLM, for ``R`` rows: continue from it with
+    ``score_pairs(..., prefill=)`` or ``next_token_logits(..., prefill=)`` to serve any number
+    of queries without reading the prefix again (see :meth:`PrefixLM.prefill`)."""
 
     cache: object           # the model's KV cache, batch R
     mask: torch.Tensor      # (R, H), left-padded
-    last: torch.Tensor      # (R, V) float32 logits at the last head position
+    last: torch.Tensor      # (R, d) final hidden state at the last head position
 
 
 class PrefixLM:
@@ -54,6 +56,12 @@ class PrefixLM:
         self.bos = bos_ids(tokenizer)
         self.max_length = max_positions(model)
         self._checkpointed: list[torch.nn.Module] = []
+        # The transformer body without its LM head: scoring and the chunked losses run it and
+        # project only the positions they need onto the vocabulary (see :meth:`project`).
+        self.body = model.base_model
+        if self.body is model or model.get_output_embeddings() is None:
+            raise InputError(f"{type(model).__name__} has no separate body and LM head; mend "
+                             f"needs a causal LM (AutoModelForCausalLM).")
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute the LLM's layer activations during backward instead of storing them.
@@ -119,29 +127,67 @@ class PrefixLM:
         Returns:
             ``(B, T, V)``, or ``(B, T + 1, V)`` with ``with_prefix_last``.
         """
-        input_ids, attention_mask = self._check_input(input_ids, attention_mask)
-        head, head_mask = self._head(input_ids.shape[0], prefix, prefix_mask)
-        keep = input_ids.shape[1] + int(with_prefix_last)
-        if with_prefix_last and head.shape[1] == 0:
-            raise InputError("with_prefix_last needs a prefix or a bos token before the input.")
-        mask = torch.cat([head_mask, attention_mask], dim=1)
-        self._check_length(int(mask.sum(-1).max()))
-        embeds = torch.cat([head, self.embed(input_ids)], dim=1)
+        embeds, mask, keep = self._inputs(input_ids, attention_mask, prefix, prefix_mask,
+                                          with_prefix_last)
         with self._checkpointing():
             out = self.model(inputs_embeds=embeds, attention_mask=mask,
                              position_ids=positions(mask), logits_to_keep=keep, use_cache=False)
         return out.logits.float()
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
+               with_prefix_last: bool = False) -> torch.Tensor:
+        """The final hidden states that :meth:`logits` would project: ``(B, T[+1], d)``.
+
+        ``project(hidden(...))`` equals ``logits(...)``; the split lets a loss or a scorer
+        project only the positions it uses, a chunk at a time, instead of forming ``(B, T, V)``
+        float32 logits (Gemma's V is 262k).
+        """
+        embeds, mask, keep = self._inputs(input_ids, attention_mask, prefix, prefix_mask,
+                                          with_prefix_last)
+        with self._checkpointing():
+            out = self.body(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=positions(mask), use_cache=False)
+        return out.last_hidden_state[:, -keep:]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(..., d)`` to float32 logits ``(..., V)``, as the model's own head
+        does it, final-logit soft-capping (Gemma 2/3) and logit scales (Cohere, Granite)
+        included."""
+        logits = self.model.get_output_embeddings()(hidden)
+        config = self.model.config
+        if getattr(config, "final_logit_softcapping", None):
+            cap = config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        if getattr(config, "logit_scale", None):
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None):
+            logits = logits / config.logits_scaling
+        return logits.float()
+
+    def _inputs(self, input_ids, attention_mask, prefix, prefix_mask, with_prefix_last
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(B, H + T, d)`` embeddings, their mask, and how many trailing positions to keep."""
+        input_ids, attention_mask = self._check_input(input_ids, attention_mask)
+        head, head_mask = self._head(input_ids.shape[0], prefix, prefix_mask)
+        if with_prefix_last and head.shape[1] == 0:
+            raise InputError("with_prefix_last needs a prefix or a bos token before the input.")
+        mask = torch.cat([head_mask, attention_mask], dim=1)
+        self._check_length(int(mask.sum(-1).max()))
+        embeds = torch.cat([head, self.embed(input_ids)], dim=1)
+        return embeds, mask, input_ids.shape[1] + int(with_prefix_last)
+
     def score_options(self, query_ids: Sequence[Sequence[int]],
                       option_ids: Sequence[Sequence[Sequence[int]]],
                       prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
-                      batch_size: int = 32, reuse_head: bool = True) -> list[torch.Tensor]:
+                      batch_size: int = 32, reuse_head: bool = True,
+                      prefill: Prefill | None = None) -> list[torch.Tensor]:
         """Mean per-token NLL of each option after its query (MetaICL "direct" scoring).
 
         Args:
             query_ids: ``Q`` id lists.
             option_ids: for each query, its options' id lists.
-            prefix, prefix_mask, batch_size, reuse_head: as in :meth:`score_pairs`.
+            prefix, prefix_mask, batch_size, reuse_head, prefill: as in :meth:`score_pairs`.
 
         Returns:
             ``Q`` float32 tensors on the CPU, one NLL per option; lower is more likely.
@@ -150,11 +196,12 @@ class PrefixLM:
             raise InputError(f"Got {len(query_ids)} queries but {len(option_ids)} option lists.")
         return self.score_pairs([[(q, o) for o in opts] for q, opts in zip(query_ids,
                                                                            option_ids)],
-                                prefix, prefix_mask, batch_size, reuse_head)
+                                prefix, prefix_mask, batch_size, reuse_head, prefill)
 
     def score_pairs(self, groups: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]],
                     prefix: torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None,
-                    batch_size: int = 32, reuse_head: bool = True) -> list[torch.Tensor]:
+                    batch_size: int = 32, reuse_head: bool = True,
+                    prefill: Prefill | None = None) -> list[torch.Tensor]:
         """Mean per-token NLL of each ``target`` read after its ``prompt``, after the prefix.
 
         Direct scoring pairs (query, option); channel scoring pairs (option, query).
@@ -166,15 +213,19 @@ class PrefixLM:
             batch_size: (prompt, target) rows per forward pass.
             reuse_head: run ``[bos | prefix]`` once and continue every row from its KV cache
                 (the default); False recomputes it per row, the plain path.
+            prefill: a shared context already read (:meth:`prefill`, one row), used instead
+                of ``prefix``, which must then be None.
 
         Returns:
             ``Q`` float32 tensors on the CPU, one NLL per pair.
         """
+        _check_prefill(prefill, prefix)
         shared = prefix is None or prefix.shape[0] == 1
         if not shared and prefix.shape[0] != len(groups):
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 (shared) or "
                              f"one per query ({len(groups)}).")
-        has_context = bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
+        has_context = (bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
+                       or prefill is not None)
         shift = 0 if has_context else 1  # logits index of the predictor of input token t
         rows = []  # (query index, prompt + target ids, number of target tokens)
         for q, pairs in enumerate(groups):
@@ -187,8 +238,9 @@ class PrefixLM:
                     raise InputError(f"Query {q}'s options have nothing before them to predict "
                                      f"them from: give a non-empty query or a context.")
                 rows.append((q, list(prompt) + list(target), len(target)))
-        reuse = reuse_head and has_context
-        shared_head = self._run_head(prefix, prefix_mask) if reuse and shared else None
+        reuse = reuse_head and has_context or prefill is not None
+        shared_head = prefill or (self._run_head(prefix, prefix_mask) if reuse and shared
+                                  else None)
         nll = torch.empty(len(rows))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -199,14 +251,20 @@ class PrefixLM:
                 if head is None:  # a context per query: run the ones this chunk needs
                     needed, index = torch.unique(index, return_inverse=True)
                     head = self._run_head(*_rows(prefix, prefix_mask, needed))
-                logits = self._continue(head, index, ids, mask)
+                hidden = self._continue(head, index, ids, mask)
             else:
-                logits = self.logits(ids, mask, *_rows(prefix, prefix_mask, index),
+                hidden = self.hidden(ids, mask, *_rows(prefix, prefix_mask, index),
                                      with_prefix_last=has_context)
-            for j, (_, seq, n) in enumerate(chunk):
-                pred = logits[j, len(seq) - n - shift:len(seq) - shift]  # (n, V)
-                target = ids[j, len(seq) - n:len(seq)].to(pred.device)
-                nll[start + j] = F.cross_entropy(pred, target).item()
+            # Only the target tokens' predictors are projected onto the vocabulary, and the
+            # batch's NLLs come back in one transfer.
+            row, col = _target_positions([(len(seq), n) for _, seq, n in chunk])
+            target = ids[row, col].to(hidden.device)
+            token_nll = F.cross_entropy(self.project(hidden[row, col - shift]), target,
+                                        reduction="none")
+            lengths = torch.tensor([n for _, _, n in chunk], device=token_nll.device)
+            per_row = torch.zeros(len(chunk), device=token_nll.device).index_add_(
+                0, row.to(token_nll.device), token_nll)
+            nll[start:start + len(chunk)] = (per_row / lengths).cpu()
         out, k = [], 0
         for pairs in groups:
             out.append(nll[k:k + len(pairs)])
@@ -216,44 +274,46 @@ class PrefixLM:
     @torch.no_grad()
     def next_token_logits(self, prompt_ids: Sequence[Sequence[int]],
                           prefix: torch.Tensor | None = None,
-                          prefix_mask: torch.Tensor | None = None, batch_size: int = 32
-                          ) -> torch.Tensor:
+                          prefix_mask: torch.Tensor | None = None, batch_size: int = 32,
+                          prefill: Prefill | None = None) -> torch.Tensor:
         """Float32 logits of the token after each prompt, ``(Q, V)`` on the CPU.
 
         The prefix is shared (``(1, P, d)``) or one per prompt (``(Q, P, d)``); a shared one is
         run once and continued from its KV cache. Prompts are batched by length, and only the
-        positions a batch needs are turned into logits.
+        positions a batch needs are turned into logits. ``prefill`` is a shared prefix already
+        read (:meth:`prefill`), used instead of ``prefix``.
         """
+        _check_prefill(prefill, prefix)
         n = len(prompt_ids)
         if any(len(p) == 0 for p in prompt_ids):
             raise InputError("next_token_logits needs non-empty prompts.")
         shared = prefix is None or prefix.shape[0] == 1
         if not shared and prefix.shape[0] != n:
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
-        has_head = bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
-        shared_head = self._run_head(prefix, prefix_mask) if has_head and shared else None
+        has_head = (bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
+                    or prefill is not None)
+        shared_head = prefill or (self._run_head(prefix, prefix_mask) if has_head and shared
+                                  else None)
         out = None
         order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         for start in range(0, n, batch_size):
             rows = order[start:start + batch_size]
             ids, mask = pad([prompt_ids[i] for i in rows], self.tokenizer.pad_token_id)
-            last = mask.sum(-1) - 1  # each row's last prompt position
-            keep = torch.unique(last)
+            last = mask.sum(-1)  # index of each row's last prompt position, after the head's
             index = torch.tensor([0 if shared else i for i in rows])
             if has_head:
                 head = shared_head
                 if head is None:
                     needed, index = torch.unique(index, return_inverse=True)
                     head = self._run_head(*_rows(prefix, prefix_mask, needed))
-                logits = self._continue(head, index, ids, mask, keep=keep)
+                hidden = self._continue(head, index, ids, mask)
             else:
                 ids, mask = ids.to(self.device), mask.to(self.device)
                 self._check_length(int(mask.sum(-1).max()))
-                logits = self.model(input_ids=ids, attention_mask=mask,
-                                    position_ids=positions(mask),
-                                    logits_to_keep=keep.to(self.device)).logits.float()
-            picked = logits[torch.arange(len(rows)), torch.searchsorted(keep, last).to(
-                logits.device)].cpu()
+                hidden = self.body(input_ids=ids, attention_mask=mask,
+                                   position_ids=positions(mask)).last_hidden_state
+                last = last - 1
+            picked = self.project(hidden[torch.arange(len(rows)), last.to(hidden.device)]).cpu()
             if out is None:
                 out = torch.empty(n, picked.shape[-1])
             out[torch.tensor(rows)] = picked
@@ -325,19 +385,31 @@ class PrefixLM:
             mask = mask.gather(1, order)
         return embeds, mask
 
-    @torch.no_grad()
-    def _run_head(self, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> _Head:
-        embeds, mask = self._head(1 if prefix is None else prefix.shape[0], prefix, prefix_mask)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                         logits_to_keep=1, use_cache=True)
-        return _Head(out.past_key_values, mask, out.logits[:, -1].float())
+    def prefill(self, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None = None
+                ) -> Prefill:
+        """Read ``[bos | prefix]`` once (``(R, P, d)``, mask ``(R, P)``) and keep its KV cache.
+
+        Pass the result as ``prefill=`` to score or read queries after it as often as needed:
+        a distilled context, or a demonstration prefix, then costs one pass in total.
+        """
+        if not self.bos and (prefix is None or prefix.shape[1] == 0):
+            raise InputError("Nothing to prefill: this LLM has no bos token and the prefix is "
+                             "empty.")
+        return self._run_head(prefix, prefix_mask)
 
     @torch.no_grad()
-    def _continue(self, head: _Head, index: torch.Tensor, input_ids: torch.Tensor,
-                  input_mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Input logits after cached heads, row ``i`` after head ``index[i]``: ``(n, T + 1, V)``,
-        index ``t`` predicting input token ``t``; or, with ``keep``, only the logits at those
-        input positions (HF convention), ``(n, len(keep), V)``."""
+    def _run_head(self, prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None) -> Prefill:
+        embeds, mask = self._head(1 if prefix is None else prefix.shape[0], prefix, prefix_mask)
+        out = self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                        use_cache=True)
+        return Prefill(out.past_key_values, mask, out.last_hidden_state[:, -1])
+
+    @torch.no_grad()
+    def _continue(self, head: Prefill, index: torch.Tensor, input_ids: torch.Tensor,
+                  input_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the inputs read after cached heads, row ``i`` after head
+        ``index[i]``: ``(n, T + 1, d)``, where index ``t`` predicts input token ``t`` (index 0
+        is the head's last position)."""
         index = index.to(self.device)
         cache = copy.deepcopy(head.cache)  # the forward pass appends to it
         cache.batch_select_indices(index)
@@ -346,12 +418,10 @@ class PrefixLM:
         mask = torch.cat([head_mask, input_mask], dim=1)
         self._check_length(int(mask.sum(-1).max()))
         pos = head_mask.sum(-1, keepdim=True) + positions(input_mask)
-        to_keep = input_ids.shape[1] if keep is None else keep.to(self.device)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, logits_to_keep=to_keep, use_cache=True)
-        if keep is not None:
-            return out.logits.float()
-        return torch.cat([head.last.index_select(0, index).unsqueeze(1), out.logits.float()], 1)
+        out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, use_cache=True)
+        return torch.cat([head.last.index_select(0, index).unsqueeze(1),
+                          out.last_hidden_state], 1)
 
     def _check_input(self, input_ids, attention_mask):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -378,3 +448,22 @@ def _rows(prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None, index: 
     return (prefix.index_select(0, index.to(prefix.device)),
             None if prefix_mask is None else prefix_mask.index_select(0, index.to(
                 prefix_mask.device)))
+
+
+def _check_prefill(prefill: Prefill | None, prefix: torch.Tensor | None) -> None:
+    if prefill is None:
+        return
+    if prefix is not None:
+        raise InputError("Give a prefix or a prefill, not both: the prefill already holds its "
+                         "prefix.")
+    if prefill.mask.shape[0] != 1:
+        raise InputError(f"A prefill serves every query when it has one row; this one has "
+                         f"{prefill.mask.shape[0]}.")
+
+
+def _target_positions(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows ``(length, n targets)``, the (row, column) of every target token, flattened:
+    the last ``n`` real tokens of each row."""
+    row = torch.cat([torch.full((n,), j) for j, (_, n) in enumerate(rows)])
+    col = torch.cat([torch.arange(length - n, length) for length, n in rows])
+    return row, col

@@ -35,9 +35,11 @@ def make_distiller(tiny_model):
              llm_hidden: int = 48, **kwargs) -> Distiller:
         kwargs.setdefault("num_placeholders", 4)
         kwargs.setdefault("max_distiller_length", 256)
+        # Build (or find) the models first: building seeds the RNG, so seeding before it would
+        # give a different distiller on a test's first call than on its later ones.
+        paths = tiny_model(distiller, distiller_hidden), tiny_model(llm, llm_hidden)
         torch.manual_seed(0)
-        cfg = MendConfig(distiller=tiny_model(distiller, distiller_hidden),
-                         llm=tiny_model(llm, llm_hidden), **kwargs)
+        cfg = MendConfig(distiller=paths[0], llm=paths[1], **kwargs)
         return Distiller.from_config(cfg)
     return make
 

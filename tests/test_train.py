@@ -12,12 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEMOS, write_metaicl
+from conftest import write_metaicl
 from mend import Distiller, tiny
 from mend.config import load_config
-from mend.data import Example
 from mend.distiller import WEIGHTS_FILE
-from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
@@ -182,26 +180,6 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     cfg = TrainConfig(max_steps=5, progress=False, save_every=100)
     with pytest.raises(TrainingError, match=r"became nan at step 3.*train.lr"):
         train(cfg, method, lambda start, rank, world: forever, tmp_path)
-
-
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(make_distiller):
-    def run(checkpointing: bool):
-        d = make_distiller("llama", "gpt2")
-        if checkpointing:
-            d.gradient_checkpointing_enable()
-        d.train()
-        objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0, clm=0.5))
-        tok = d.llm.tokenizer
-        ctx = tok(" great movie! positive", add_special_tokens=False)["input_ids"]
-        inp = tok(" a joyless film negative", add_special_tokens=False)["input_ids"]
-        batch = objective.collate([Example(DEMOS, ctx, inp, 4), Example(DEMOS[:1], ctx, inp, 2)])
-        out = objective.loss(d, batch)
-        out["loss"].backward()
-        return out, {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
-    (plain, g1), (ckpt, g2) = run(False), run(True)
-    assert set(plain) == {"loss", "distill", "pred", "clm"}
-    assert torch.allclose(plain["loss"], ckpt["loss"], atol=1e-6)
-    assert g1.keys() == g2.keys() and all(torch.allclose(g1[k], g2[k], atol=1e-5) for k in g1)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/**/*.yaml")),

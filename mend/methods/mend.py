@@ -26,7 +26,7 @@ import torch
 from mend.data import Counters, Example
 from mend.distiller import Distiller
 from mend.errors import ConfigError
-from mend.losses import ce_loss, kl_distill
+from mend.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
 from mend.text import pad
 
@@ -41,6 +41,10 @@ class ObjectiveConfig:
     """Weight of the CLM objective (cross-entropy on every input token)."""
     temperature: float = 1.0
     """Softmax temperature of ``L_distill`` (see :func:`mend.losses.kl_distill`)."""
+    logits_chunk: int | None = 1024
+    """Positions projected onto the vocabulary at a time, recomputed in backward, so no
+    ``(B, T, V)`` logits are ever held (:func:`mend.losses.chunked_kl_distill`). null: the plain
+    path through full logits (same loss, more memory)."""
 
     def __post_init__(self) -> None:
         weights = (self.distill, self.pred, self.clm)
@@ -49,6 +53,9 @@ class ObjectiveConfig:
                               f"distill={self.distill}, pred={self.pred}, clm={self.clm}.")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}.")
+        if self.logits_chunk is not None and self.logits_chunk < 1:
+            raise ConfigError(f"objective.logits_chunk must be >= 1 or null, got "
+                              f"{self.logits_chunk}.")
 
 
 class Mend:
@@ -95,19 +102,25 @@ class MendObjective:
         llm, cfg = self.module.llm, self.cfg
         ids, mask = batch["input_ids"], batch["input_mask"]
         vectors = model(batch["demo_ids"], batch["demo_mask"])
-        # Index t of these logits predicts input token t (the first from the last vector).
-        student = llm.logits(ids, mask, prefix=vectors, with_prefix_last=True)[:, :-1]
+        chunk = cfg.logits_chunk
+        # Index t of the student's outputs predicts input token t (the first from the last
+        # vector). The fast path keeps hidden states and projects them chunk by chunk.
+        forward = llm.logits if chunk is None else llm.hidden
+        student = forward(ids, mask, prefix=vectors, with_prefix_last=True)[:, :-1]
         terms: dict[str, torch.Tensor] = {}
         if cfg.distill:
+            # no_grad, not inference_mode: the chunked loss saves these for its backward.
             with torch.no_grad():
-                teacher = llm.logits(ids, mask, prefix=llm.embed(batch["context_ids"]),
-                                     prefix_mask=batch["context_mask"],
-                                     with_prefix_last=True)[:, :-1]
-            terms["distill"] = kl_distill(student, teacher, mask, cfg.temperature)
-        if cfg.pred:
-            terms["pred"] = ce_loss(student, ids, batch["target_mask"])
-        if cfg.clm:
-            terms["clm"] = ce_loss(student, ids, mask)
+                teacher = forward(ids, mask, prefix=llm.embed(batch["context_ids"]),
+                                  prefix_mask=batch["context_mask"],
+                                  with_prefix_last=True)[:, :-1]
+            terms["distill"] = (kl_distill(student, teacher, mask, cfg.temperature)
+                                if chunk is None else chunked_kl_distill(
+                                    llm.project, student, teacher, mask, cfg.temperature, chunk))
+        for name, target_mask in (("pred", batch["target_mask"]), ("clm", mask)):
+            if getattr(cfg, name):
+                terms[name] = (ce_loss(student, ids, target_mask) if chunk is None else
+                               chunked_ce(llm.project, student, ids, target_mask, chunk))
         loss = sum(getattr(cfg, name) * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
