@@ -166,21 +166,23 @@ def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig
 @torch.no_grad()
 def evaluate_task(method: Method, task: Task, seed: int, split: str, builder: ContextBuilder,
                   demos: DemoConfig | None = None, *, limit: int | None = None,
-                  batch_size: int = 32, chunk: int = 16, retriever=None) -> TaskResult | None:
+                  batch_size: int = 32, chunk: int = 16, retriever=None,
+                  reuse_head: bool = True) -> TaskResult | None:
     """Score ``task``'s ``split`` rows with the demonstrations of ``seed``; None, with a warning
     naming the reason, for a task that cannot be scored (no options, or no demonstration fits
-    the context budget)."""
+    the context budget). ``reuse_head=False`` is the naive path that reads the context again
+    for every option (for benchmarks and checks; the scores are the same)."""
     demos = demos or DemoConfig()
     try:
         return _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
-                              retriever)
+                              retriever, reuse_head)
     except InputError as e:
         warnings.warn(f"Task {task.name} (seed {seed}) is skipped: {e}", stacklevel=2)
         return None
 
 
 def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
-                   retriever) -> TaskResult | None:
+                   retriever, reuse_head) -> TaskResult | None:
     rows = task.rows(split, seed)[:limit]
     if not rows or not all(row.get("options") for row in rows):
         warnings.warn(f"Task {task.name} has rows without options; only option scoring is "
@@ -198,13 +200,15 @@ def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size,
     if len(sets) == 1:  # one context serves every query
         reserve = max(len(p) + len(t) for g in groups for p, t in g)
         prefix = _prefixes(method, builder, sets, [reserve])
-        nll = method.llm.score_pairs(groups, *prefix, batch_size=batch_size)
+        nll = method.llm.score_pairs(groups, *prefix, batch_size=batch_size,
+                                     reuse_head=reuse_head)
     else:  # a context per query, scored a chunk of queries at a time
         for start in range(0, len(rows), chunk):
             part = groups[start:start + chunk]
             reserves = [max(len(p) + len(t) for p, t in g) for g in part]
             prefix = _prefixes(method, builder, sets[start:start + chunk], reserves)
-            nll += method.llm.score_pairs(part, *prefix, batch_size=batch_size)
+            nll += method.llm.score_pairs(part, *prefix, batch_size=batch_size,
+                                          reuse_head=reuse_head)
     preds = [r["options"][int(s.argmin())] for r, s in zip(rows, nll)]
     golds = [r["output"] for r in rows]
     counts = {k: v - counts_before.get(k, 0) for k, v in builder.counters.counts.items()

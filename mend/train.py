@@ -64,6 +64,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """``torch.compile`` the trained module and the frozen LLM's body, in place (checkpoint keys
+    are unchanged); ``bench/train.py`` measures when it pays."""
     seed: int = 42
     deterministic: bool = False
     """Also ask torch for deterministic kernels (slower on GPU)."""
@@ -127,6 +130,17 @@ BatchFactory = Callable[[int, int, int], Iterator[dict[str, Any]]]
 """``(global batches to skip, rank, world size) -> this rank's batches``."""
 
 
+def compile_modules(module: torch.nn.Module) -> None:
+    """``torch.compile`` a trained module and, where it reads through a frozen LLM (MEND,
+    prompt tuning), that LLM's transformer body. In place, so parameter names, ``state_dict``
+    and checkpoints are those of the eager module. Shapes vary from batch to batch, hence
+    ``dynamic=True`` rather than a recompilation per shape."""
+    module.compile(dynamic=True)
+    llm = getattr(module, "llm", None)
+    if llm is not None and hasattr(llm, "body"):
+        llm.body.compile(dynamic=True)
+
+
 def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
           output_dir: str | Path, *, counters: Counters | None = None,
           evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -160,6 +174,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         if not hasattr(module, "gradient_checkpointing_enable"):
             raise ConfigError(f"{type(module).__name__} does not support gradient checkpointing.")
         module.gradient_checkpointing_enable()
+    if cfg.compile:
+        compile_modules(module)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("The method has no trainable parameters.")

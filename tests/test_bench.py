@@ -1,0 +1,56 @@
+"""The benchmarks run end to end on tiny models and write what they promise (nothing here is
+timed: speed is judged from the committed results, never in a test)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "metaicl"
+needs_data = pytest.mark.skipif(not (DATA / "glue-sst2").exists(),
+                                reason=f"the MetaICL tasks are not at {DATA}")
+
+
+def bench(tmp_path, script: str, *args: str) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", "--out",
+                    str(tmp_path), "--name", "r", *args], check=True, cwd=ROOT,
+                   capture_output=True, text=True)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (tmp_path / "r.md").read_text().startswith("# ")
+    assert result["provenance"]["versions"]["torch"] and result["rows"]
+    return result
+
+
+@needs_data
+def test_inference_bench_reports_every_method_and_the_targets(tmp_path):
+    result = bench(tmp_path, "inference.py", "--ks", "1,16", "--queries", "3",
+                   "--latency-queries", "1", "--batch-sizes", "2", "--placeholders", "4")
+    rows = {(r["k"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(k, m) for k in (1, 16) for m in
+                         ("zero_shot", "icl", "icl_kv", "prompt_tuning", "mend")}
+    assert rows[16, "icl"]["flops_vs_icl"] == 1.0
+    # Reading 16 demonstrations costs the LLM more than reading 4 vectors, per query.
+    assert rows[16, "mend"]["llm_flops"] < rows[16, "icl"]["llm_flops"]
+    assert rows[16, "mend"]["distiller_flops"] > 0 == rows[16, "icl_kv"]["distiller_flops"]
+    assert {t["target"].split(" ")[0] for t in result["targets"]} == {"K=16"}
+
+
+@needs_data
+def test_eval_bench_fast_and_naive_paths_agree(tmp_path):
+    result = bench(tmp_path, "eval.py", "--limit", "2", "--k", "2", "--placeholders", "4",
+                   "--max-tasks", "3")
+    assert [r["method"] for r in result["rows"]] == ["icl", "mend"]
+    assert all(r["agreement"] == 1.0 and r["rows"] > 0 for r in result["rows"])
+
+
+def test_train_bench_counts_model_flops_and_skips_8bit_without_cuda(tmp_path):
+    result = bench(tmp_path, "train.py", "--steps", "1", "--batch", "1", "--demo-tokens", "32",
+                   "--input-tokens", "16", "--placeholders", "2",
+                   "--variants", "eager-fp32,checkpointing,8bit")
+    rows = {(r["stage"], r["variant"]): r for r in result["rows"]}
+    assert rows["pretrain", "eager-fp32"]["model_flops"] > 0
+    assert rows["finetune", "checkpointing"]["mfu"] > 0
+    assert rows["pretrain", "8bit"]["status"].startswith("skipped: bitsandbytes")
