@@ -47,10 +47,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: str, repeats: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    sync(device)
+def timed(fn: Callable[[], Any], device: str, repeats: int = 1, warmup: bool = True) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs, after one warm-up run (skip it
+    with ``warmup=False`` where the same kernels have just run)."""
+    if warmup:
+        fn()
+        sync(device)
     times = []
     for _ in range(repeats):
         began = time.perf_counter()

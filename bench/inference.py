@@ -149,7 +149,7 @@ def measure(args, llm, d, name, setup, demos, prefix, groups) -> dict:
             state = setup()  # one-off work counts against throughput
             for i in range(0, n, b):
                 serve(groups[i:i + b], prefill=state)
-        rate = n / common.timed(everything, args.device)
+        rate = n / common.timed(everything, args.device, warmup=False)  # warmed by latency
         if rate > qps:
             qps, best = rate, b
     return {"llm_flops": query_flops + llm_once / n, "distiller_flops": distiller_once / n,
