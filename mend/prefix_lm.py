@@ -239,8 +239,8 @@ class PrefixLM:
                                      f"them from: give a non-empty query or a context.")
                 rows.append((q, list(prompt) + list(target), len(target)))
         reuse = reuse_head and has_context or prefill is not None
-        shared_head = prefill or (self._run_head(prefix, prefix_mask) if reuse and shared
-                                  else None)
+        shared_head = prefill if prefill is not None else (
+            self._run_head(prefix, prefix_mask) if reuse and shared else None)
         nll = torch.empty(len(rows))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -292,8 +292,8 @@ class PrefixLM:
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
         has_head = (bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
                     or prefill is not None)
-        shared_head = prefill or (self._run_head(prefix, prefix_mask) if has_head and shared
-                                  else None)
+        shared_head = prefill if prefill is not None else (
+            self._run_head(prefix, prefix_mask) if has_head and shared else None)
         out = None
         order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         for start in range(0, n, batch_size):

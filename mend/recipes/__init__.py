@@ -90,6 +90,19 @@ def load_distiller(model: MendConfig, init_from: str | None, device):
     return Distiller.from_pretrained(init_from, device=device, **load_time)
 
 
+def write_results(cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Add provenance to ``result`` and write it to ``cfg.output_dir/results.json`` (on the
+    main process only); returns ``result``."""
+    from accelerate import PartialState
+
+    from mend.report import provenance, write_json
+
+    result["provenance"] = provenance(to_dict(cfg))
+    if PartialState().is_main_process:
+        write_json(Path(cfg.output_dir) / "results.json", result)
+    return result
+
+
 def write_config(cfg: Any, output_dir: str | Path) -> None:
     """Write the resolved config to ``output_dir/config.yaml``; warn when resuming a run
     whose saved config differs."""

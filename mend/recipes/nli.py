@@ -29,7 +29,7 @@ from mend.data import batches
 from mend.errors import ConfigError
 from mend.methods.pattern import PatternLM, PatternModelConfig, PatternObjective
 from mend.nli import NLIExample, balanced_sample, load_hans, load_task, split
-from mend.recipes import write_config
+from mend.recipes import write_config, write_results
 from mend.train import TrainConfig, TrainResult, train
 
 
@@ -293,10 +293,8 @@ def _device() -> str:
 def _write(cfg, result: dict[str, Any]) -> dict[str, Any]:
     from accelerate import PartialState
 
-    from mend.report import provenance, write_json
-    result["provenance"] = provenance(to_dict(cfg))
+    write_results(cfg, result)
     if PartialState().is_main_process:
-        write_json(Path(cfg.output_dir) / "results.json", result)
         print(json.dumps({k: v for k, v in result.items()
                           if k in ("table", "selections", "in_domain", "ood", "teacher")},
                          indent=1))

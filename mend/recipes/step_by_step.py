@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from mend.config import replace, to_dict
@@ -26,7 +25,7 @@ from mend.data import Counters, batches
 from mend.errors import ConfigError
 from mend.methods.step_by_step import Student, StepByStepObjective, StudentConfig
 from mend.rationales import PHRASES, RationaleExample, is_correct, load, parse_cot
-from mend.recipes import write_config
+from mend.recipes import write_config, write_results
 from mend.train import TrainConfig, TrainResult, train
 
 
@@ -184,8 +183,6 @@ def main_eval(cfg: StepByStepEvalConfig) -> dict[str, Any]:
 
 
 def _write(cfg, result: dict[str, Any]) -> dict[str, Any]:
-    from mend.report import provenance, write_json
-    result["provenance"] = provenance(to_dict(cfg))
-    write_json(Path(cfg.output_dir) / "results.json", result)
+    write_results(cfg, result)
     print({k: v for k, v in result.items() if k != "provenance"})
     return result
