@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Issue 7's runs at a 2-core-CPU budget: both training stages, the baselines, the ablations,
+# the sweeps and the analyses on the zoo pair, then `mend report`. Run from the repository
+# root:
+#
+#     bash configs/reproduce/cpu/run.sh            # everything, resuming what is done
+#     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main ablations sweeps
+#                                                  #   analysis efficiency report
+#
+# Every training command runs under a wall-clock limit (CALL_LIMIT seconds, as a device call
+# would) and is started again until it finishes: a killed run resumes from its last
+# checkpoint, which is the resume path this exercises. Evaluations already written are kept.
+# Results are copied (results, configs, metrics, plots; no weights) to docs/results/paper-cpu.
+set -euo pipefail
+
+CFG=configs/reproduce/cpu
+OUT=${OUT:-out/reproduce/cpu}
+DOCS=${DOCS:-docs/results/paper-cpu}
+CALL_LIMIT=${CALL_LIMIT:-600}
+PARTITIONS=(class_to_class non_nli_to_nli)
+
+# train JOB OUTDIR MEND-ARGS...: run a training job to its end, one "call" at a time.
+train() {
+  local job=$1 dir=$2; shift 2
+  local calls=0
+  # A finished run has saved its model (<kind>_weights.safetensors) beside its checkpoints.
+  until compgen -G "$dir/*_weights.safetensors" > /dev/null; do
+    calls=$((calls + 1))
+    echo "== $dir: call $calls (limit ${CALL_LIMIT}s)"
+    timeout -s TERM "$CALL_LIMIT" mend "$job" "$@" output_dir="$dir" || [ $? -eq 124 ]
+  done
+  publish "$dir" metrics.jsonl config.yaml loss.png mend_config.json prompt_tuning_config.json
+}
+
+# evaluate OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist.
+evaluate() {
+  local dir=$1; shift
+  [ -f "$dir/results.json" ] || mend eval --config "$CFG/eval.yaml" "$@" output_dir="$dir"
+  publish "$dir" results.json results.md sweep.png
+}
+
+# publish DIR FILE...: copy the files that exist to the same place under $DOCS.
+publish() {
+  local dir=$1; shift
+  local dest="$DOCS/${dir#"$OUT"/}"
+  mkdir -p "$dest"
+  for f in "$@"; do [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/"; done
+  return 0
+}
+
+stage1() {
+  # CALL_LIMIT=150 here so that stage 1 is killed and resumed at least once.
+  CALL_LIMIT=${STAGE1_CALL_LIMIT:-150} train pretrain "$OUT/pretrain" --config "$CFG/pretrain.yaml"
+  train pretrain "$OUT/pretrain-clm" --config "$CFG/pretrain-clm.yaml"
+}
+
+main_table() {
+  for p in "${PARTITIONS[@]}"; do
+    train finetune "$OUT/$p/mend" --config "$CFG/finetune.yaml" data.partition="$p" \
+      init_from="$OUT/pretrain"
+    train finetune "$OUT/$p/hypertuning" --config "$CFG/finetune-no-distill.yaml" \
+      data.partition="$p" init_from="$OUT/pretrain-clm"
+    train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition="$p"
+    evaluate "$OUT/$p/eval/zero_shot" method=zero_shot data.partition="$p"
+    evaluate "$OUT/$p/eval/icl" method=icl data.partition="$p"
+    evaluate "$OUT/$p/eval/prompt_tuning" method=prompt_tuning data.partition="$p" \
+      checkpoint="$OUT/$p/prompt-tuning"
+    evaluate "$OUT/$p/eval/hypertuning" method=hypertuning data.partition="$p" \
+      checkpoint="$OUT/$p/hypertuning"
+    evaluate "$OUT/$p/eval/mend" method=mend data.partition="$p" checkpoint="$OUT/$p/mend"
+  done
+}
+
+ablations() {
+  local p=class_to_class
+  train finetune "$OUT/$p/no-pretraining" --config "$CFG/finetune.yaml" data.partition=$p
+  train finetune "$OUT/$p/clm-pretraining" --config "$CFG/finetune.yaml" data.partition=$p \
+    init_from="$OUT/pretrain-clm"
+  train finetune "$OUT/$p/no-pred" --config "$CFG/finetune-no-pred.yaml" data.partition=$p \
+    init_from="$OUT/pretrain"
+  train finetune "$OUT/$p/no-distill" --config "$CFG/finetune-no-distill.yaml" \
+    data.partition=$p init_from="$OUT/pretrain"
+  for run in no-pretraining clm-pretraining no-pred no-distill; do
+    evaluate "$OUT/$p/eval/mend-$run" method=mend data.partition=$p checkpoint="$OUT/$p/$run"
+  done
+}
+
+sweeps() {
+  local p=class_to_class
+  evaluate "$OUT/$p/eval/sweep-k-icl" method=icl data.partition=$p \
+    sweep.key=demos.k "sweep.values=[1,2,4,8]"
+  evaluate "$OUT/$p/eval/sweep-k-mend" method=mend data.partition=$p \
+    checkpoint="$OUT/$p/mend" sweep.key=demos.k "sweep.values=[1,2,4,8]"
+  # l changes the placeholders stage 1 learns, so the l sweep trains stage 2 from scratch
+  # (l = 16 is the no-pretraining ablation's distiller).
+  for l in 4 32; do
+    train finetune "$OUT/$p/no-pretraining-l$l" --config "$CFG/finetune.yaml" \
+      data.partition=$p model.num_placeholders=$l
+  done
+  evaluate "$OUT/$p/eval/sweep-l-mend" method=mend data.partition=$p sweep.key=checkpoint \
+    "sweep.values=[$OUT/$p/no-pretraining-l4,$OUT/$p/no-pretraining,$OUT/$p/no-pretraining-l32]" \
+    "sweep.labels=[4,16,32]"
+}
+
+analysis() {
+  local p=class_to_class
+  for kind in no_label no_input random_label wrong_label; do
+    evaluate "$OUT/$p/eval/perturb-$kind-icl" method=icl data.partition=$p demos.perturbation=$kind
+    evaluate "$OUT/$p/eval/perturb-$kind-mend" method=mend data.partition=$p \
+      checkpoint="$OUT/$p/mend" demos.perturbation=$kind
+  done
+  evaluate "$OUT/$p/eval/retrieval-bm25-icl" method=icl data.partition=$p demos.selection=bm25
+  evaluate "$OUT/$p/eval/retrieval-bm25-mend" method=mend data.partition=$p \
+    checkpoint="$OUT/$p/mend" demos.selection=bm25
+}
+
+efficiency() {
+  local dir="$OUT/efficiency"
+  # Cost does not depend on the weights, so the benchmark builds MEND with this run's l.
+  [ -f "$dir/inference-cpu.json" ] || python bench/inference.py --device cpu --placeholders 16 \
+    --ks 1,4,16,64 --queries 20 --batch-sizes 1,8 --out "$dir" --name inference-cpu
+  publish "$dir" inference-cpu.json inference-cpu.md
+}
+
+report() {
+  mend report "$(dirname "$DOCS")"
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(stage1 main ablations sweeps analysis efficiency report)
+for part in "${parts[@]}"; do
+  case $part in
+    stage1) stage1 ;;
+    main) main_table ;;
+    ablations) ablations ;;
+    sweeps) sweeps ;;
+    analysis) analysis ;;
+    efficiency) efficiency ;;
+    report) report ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
