@@ -15,7 +15,9 @@ What it does:
   weights as a run never interrupted.
 - **Logs:** a tqdm bar (loss, LR, tokens/s) on the main process; every logged step as one JSON
   line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
-  TensorBoard; ``loss.png`` at the end.
+  TensorBoard; ``loss.png`` at the end; one line per start or resume in ``provenance.jsonl``
+  (the step it began at, git commit, machine, versions, command), so a run chained over many
+  calls says how and where each part of it was made.
 - **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
   better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
   without improvement stop the run.
@@ -198,6 +200,7 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         counters.counts = dict(state.counts) if main else {}
     if main:
         _truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        _record_call(output_dir, state.step)
     if cfg.tensorboard:
         accelerator.init_trackers("mend", config=_flat(tracker_config or {}))
 
@@ -362,6 +365,14 @@ def _write(accelerator, output_dir: Path, record: dict[str, Any], cfg: TrainConf
     if cfg.tensorboard:
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                         step=record["step"])
+
+
+def _record_call(output_dir: Path, step: int) -> None:
+    """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml."""
+    from mend.report import provenance
+
+    with open(output_dir / "provenance.jsonl", "a") as f:
+        f.write(json.dumps({"start_step": step, **provenance()}) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

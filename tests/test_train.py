@@ -85,6 +85,10 @@ def test_pretrain_resumes_after_a_kill_to_identical_weights(setup):
     steps = [json.loads(line)["step"] for line in (root / "killed" / "metrics.jsonl")
              .read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step-5 line was replaced
+    calls = [json.loads(line) for line in (root / "killed" / "provenance.jsonl")
+             .read_text().splitlines()]
+    assert [c["start_step"] for c in calls] == [0, 4]  # one line per start, then the resume
+    assert all(c["machine"]["device"] and "torch" in c["versions"] for c in calls)
     assert (root / "killed" / "loss.png").is_file()
     assert (root / "killed" / "config.yaml").is_file()
 
