@@ -8,6 +8,7 @@
     mend efficiency --config FILE                 FLOPs, memory and time per query, side by side
     mend nli-cost --config FILE                   ICL/PBFT/CD memory and time against k
     mend compare RESULTS.json ...                 one table of several results files
+    mend report docs/results                      the paper's tables -> docs/results.md
     mend zoo list              the offline models and whether their packages are installed
     mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
 """
@@ -49,6 +50,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mend.paper import write
+
+    print(f"wrote {write(args.results, args.output)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in JOBS:
@@ -69,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+")
     p.add_argument("--output", help="also write the table to this file")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("report", help="the MEND paper's tables from a reproduction's results")
+    p.add_argument("results", help="the results root, e.g. docs/results")
+    p.add_argument("--output", help="default: the root with .md (docs/results.md)")
+    p.set_defaults(func=_report)
     args = parser.parse_args(argv)
     from mend.errors import MendError
     try:

@@ -29,7 +29,8 @@ train() {
     echo "== $dir: call $calls (limit ${CALL_LIMIT}s)"
     timeout -s TERM "$CALL_LIMIT" mend "$job" "$@" output_dir="$dir" || [ $? -eq 124 ]
   done
-  publish "$dir" metrics.jsonl config.yaml loss.png mend_config.json prompt_tuning_config.json
+  publish "$dir" metrics.jsonl config.yaml loss.png provenance.jsonl mend_config.json \
+    prompt_tuning_config.json
 }
 
 # evaluate OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist.
