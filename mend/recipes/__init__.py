@@ -90,16 +90,17 @@ def load_distiller(model: MendConfig, init_from: str | None, device):
     return Distiller.from_pretrained(init_from, device=device, **load_time)
 
 
-def write_results(cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
-    """Add provenance to ``result`` and write it to ``cfg.output_dir/results.json`` (on the
-    main process only); returns ``result``."""
+def write_results(cfg: Any, result: dict[str, Any],
+                  name: str = "results.json") -> dict[str, Any]:
+    """Add provenance to ``result`` and write it to ``cfg.output_dir/name`` (on the main
+    process only); returns ``result``."""
     from accelerate import PartialState
 
     from mend.report import provenance, write_json
 
     result["provenance"] = provenance(to_dict(cfg))
     if PartialState().is_main_process:
-        write_json(Path(cfg.output_dir) / "results.json", result)
+        write_json(Path(cfg.output_dir) / name, result)
     return result
 
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mend.config import to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition
 from mend.errors import ConfigError
@@ -52,7 +51,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
 
     from mend.demo import PARTITION, SEED, materialize
     from mend.efficiency import query_costs
-    from mend.report import provenance, write_json
+    from mend.recipes import write_results
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -88,12 +87,11 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
                       "tasks": scores, **costs})
         del method
     bar.close()
-    result = {"models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
-                         "checkpoint_origin": origin},
-              "methods": table, "queries_per_task": cfg.queries, "k": 16,
-              "wall_time_s": time.perf_counter() - started,
-              "provenance": provenance(to_dict(cfg))}
-    write_json(out / "results.json", result)
+    result = write_results(cfg, {
+        "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
+                   "checkpoint_origin": origin},
+        "methods": table, "queries_per_task": cfg.queries, "k": 16,
+        "wall_time_s": time.perf_counter() - started})
     _plot(table, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")
     print(markdown(table))

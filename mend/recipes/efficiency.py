@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mend.config import to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_task
 from mend.errors import ConfigError
 from mend.evaluate import demo_pool
 from mend.methods import MethodConfig, build_method
-from mend.recipes import run
+from mend.recipes import run, write_results
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ def main(cfg: EfficiencyConfig) -> dict[str, Any]:
     import torch
 
     from mend.efficiency import query_costs
-    from mend.report import provenance, write_json
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = load_task(cfg.root, cfg.task)
@@ -66,10 +64,9 @@ def main(cfg: EfficiencyConfig) -> dict[str, Any]:
         costs = query_costs(method, builder, demo_sets, rows, device)
         table.append({"method": method.name, "checkpoint": method_cfg.checkpoint, **costs})
         del method
-    result = {"task": cfg.task, "k": cfg.k, "queries": len(rows) - 1, "device": device,
-              "methods": table, "provenance": provenance(to_dict(cfg))}
+    result = write_results(cfg, {"task": cfg.task, "k": cfg.k, "queries": len(rows) - 1,
+                                 "device": device, "methods": table}, "efficiency.json")
     out = Path(cfg.output_dir)
-    write_json(out / "efficiency.json", result)
     (out / "efficiency.md").write_text(markdown(result))
     plot(result, out / "efficiency.png")
     print(markdown(result))

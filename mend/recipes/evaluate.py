@@ -23,7 +23,7 @@ from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
 from mend.evaluate import DemoConfig, EvalDataConfig, aggregate, evaluate_task, sum_counts
 from mend.methods import MethodConfig, build_method
-from mend.recipes import run_by_method
+from mend.recipes import run_by_method, write_results
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,11 @@ class EvalConfig(MethodConfig):
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a method on MetaICL tasks (results.json and results.md)."""
-    from mend.report import provenance, results_table, write_json
+    from mend.report import results_table
 
     out = Path(cfg.output_dir)
     if cfg.sweep is None:
-        result = evaluate(cfg)
-        result["provenance"] = provenance(to_dict(cfg))
-        write_json(out / "results.json", result)
+        result = write_results(cfg, evaluate(cfg))
         (out / "results.md").write_text(results_table(result))
         print(results_table(result))
         return result
@@ -73,9 +71,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         point = replace(cfg, sweep=None, **_nested(cfg.sweep.key, value))
         runs.append(evaluate(point, methods))
     labels = list(cfg.sweep.labels) or [str(v) for v in cfg.sweep.values]
-    result = {"label": _label(cfg), "sweep": {"key": cfg.sweep.key, "labels": labels},
-              "runs": runs, "provenance": provenance(to_dict(cfg))}
-    write_json(out / "results.json", result)
+    result = write_results(cfg, {"label": _label(cfg), "sweep": {"key": cfg.sweep.key,
+                                                                 "labels": labels},
+                                 "runs": runs})
     tables = "\n".join(f"### {cfg.sweep.key} = {lab}\n\n{results_table(r)}"
                        for lab, r in zip(labels, runs))
     (out / "results.md").write_text(tables)

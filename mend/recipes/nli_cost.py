@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.config import Dtype, to_dict
-from mend.recipes import run
+from mend.config import Dtype
+from mend.recipes import run, write_results
 from mend.recipes.nli import NLIDataConfig, nli_data
 
 
@@ -55,7 +55,6 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
     import torch
 
     from mend.patterns import get_pattern
-    from mend.report import provenance, write_json
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pool, sets = nli_data(cfg.data)
@@ -69,10 +68,9 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
                              ("cd_student", cfg.cd_mode, cfg.student_dtype)):
         _training_costs(cfg, key, mode, dtype, pool, rows, device)
         gc.collect()
-    result = {"device": device, "llm": cfg.llm, "teacher": cfg.teacher,
-              "rows": [rows[k] for k in cfg.ks], "provenance": provenance(to_dict(cfg))}
+    result = write_results(cfg, {"device": device, "llm": cfg.llm, "teacher": cfg.teacher,
+                                 "rows": [rows[k] for k in cfg.ks]}, "cost.json")
     out = Path(cfg.output_dir)
-    write_json(out / "cost.json", result)
     (out / "cost.md").write_text(markdown(result))
     print(markdown(result))
     return result

@@ -4,8 +4,8 @@
 # root:
 #
 #     bash configs/reproduce/cpu/run.sh            # everything, resuming what is done
-#     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main ablations sweeps
-#                                                  #   analysis efficiency report
+#     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main ablations demo
+#                                                  #   sweeps analysis efficiency report
 #
 # Every training command runs under a wall-clock limit (CALL_LIMIT seconds, as a device call
 # would) and is started again until it finishes: a killed run resumes from its last
@@ -115,6 +115,20 @@ analysis() {
     checkpoint="$OUT/$p/mend" demos.selection=bm25
 }
 
+demo_distiller() {
+  # Stage 2 on the demo's own meta-training tasks (K = 16, as `mend demo` evaluates), from
+  # the same stage 1; `mend demo` then scores it against the class_to_class distiller.
+  local tasks="$OUT/demo-tasks"
+  python -c "from mend.demo import materialize; materialize('$tasks')"
+  train finetune "$OUT/demo/mend" --config "$CFG/finetune.yaml" data.root="$tasks" \
+    data.partition=demo data.k=16 data.max_context_tokens=512 init_from="$OUT/pretrain"
+  for run in demo/mend class_to_class/mend; do
+    [ -f "$OUT/demo/eval-${run%%/*}/results.json" ] || mend demo --checkpoint "$OUT/$run" \
+      --output-dir "$OUT/demo/eval-${run%%/*}"
+    publish "$OUT/demo/eval-${run%%/*}" results.json demo.png
+  done
+}
+
 efficiency() {
   local dir="$OUT/efficiency"
   # Cost does not depend on the weights, so the benchmark builds MEND with this run's l.
@@ -128,7 +142,7 @@ report() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(stage1 main ablations sweeps analysis efficiency report)
+[ ${#parts[@]} -gt 0 ] || parts=(stage1 main ablations demo sweeps analysis efficiency report)
 for part in "${parts[@]}"; do
   case $part in
     stage1) stage1 ;;
@@ -136,6 +150,7 @@ for part in "${parts[@]}"; do
     ablations) ablations ;;
     sweeps) sweeps ;;
     analysis) analysis ;;
+    demo) demo_distiller ;;
     efficiency) efficiency ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
