@@ -73,8 +73,20 @@ class Setting:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def score(self, partition: str, name: str) -> dict[str, float] | None:
-        r = self.result(partition, name)
-        return r["results"]["average"]["score"] if r else None
+        return _score(self.result(partition, name))
+
+    def alike(self, partition: str, method: str, like: dict[str, Any] | None
+              ) -> dict[str, Any] | None:
+        """The run of ``method`` scored on the same rows with the same K as ``like``: the
+        main table's, or a point of its K sweep (analyses may score fewer rows)."""
+        main = self.result(partition, method)
+        sweep = self.result(partition, f"sweep-k-{method}")
+        if like is None:
+            return main
+        for run in [main, *(sweep["runs"] if sweep else [])]:
+            if run and run["data"]["limit"] == like["data"]["limit"] and run["k"] == like["k"]:
+                return run
+        return None
 
     def run_dir(self, path: str | None) -> Path | None:
         """The published copy of a training run named by its original path (a checkpoint or
@@ -92,7 +104,7 @@ class Setting:
         """The training behind one evaluation: each stage's steps, tokens and time."""
         if result is None:
             return "–"
-        run = self.run_dir(result["provenance"]["config"].get("checkpoint"))
+        run = self.run_dir(result["models"].get("checkpoint"))
         if run is None:
             return "no training"
         stages = []
@@ -122,13 +134,15 @@ class Setting:
 
     def ablation_table(self) -> str:
         p = ANALYSIS_PARTITION
-        lines = _header(["variant", p, "training"])
+        variants = {name: self.result(p, name) for _, name in ABLATION_ROWS[1:]}
+        like = next((r for r in variants.values() if r), None)
+        runs = {"mend": self.alike(p, "mend", like), **variants}
+        lines = _header(["variant", f"{p} ({_rows(like)})", "training"])
         for label, name in ABLATION_ROWS:
-            lines.append(f"| {label} | {fmt(self.score(p, name))} | "
-                         f"{self.budget(self.result(p, name))} |")
-        full = self.score(p, "mend")
+            lines.append(f"| {label} | {fmt(_score(runs[name]))} | {self.budget(runs[name])} |")
         for label, name in ABLATION_ROWS[1:]:
-            self._compare(f"MEND beats its ablation '{label}' on {p}", full, self.score(p, name))
+            self._compare(f"MEND beats its ablation '{label}' on {p}", _score(runs["mend"]),
+                          _score(runs[name]))
         return "\n".join(lines)
 
     def sweep_tables(self) -> str:
@@ -159,20 +173,20 @@ class Setting:
 
     def analysis_table(self) -> str:
         p = ANALYSIS_PARTITION
-        rows = [("gold (random demonstrations)", "icl", "mend")]
-        rows += [(kind.replace("_", " "), f"perturb-{kind}-icl", f"perturb-{kind}-mend")
-                 for kind in PERTURBATIONS]
+        rows = [(kind.replace("_", " "), f"perturb-{kind}-icl", f"perturb-{kind}-mend")
+                for kind in PERTURBATIONS]
         rows += [("BM25-retrieved demonstrations", "retrieval-bm25-icl", "retrieval-bm25-mend")]
+        found = [self.result(p, name) for _, *names in rows for name in names]
+        like = next((r for r in found if r), None)
+        base = _score(self.alike(p, "icl", like)), _score(self.alike(p, "mend", like))
         lines = _header(["demonstrations", "vanilla ICL", "MEND", "ICL change", "MEND change"])
-        base = self.score(p, "icl"), self.score(p, "mend")
+        lines.append(f"| gold (random, {_rows(like)}) | {fmt(base[0])} | {fmt(base[1])} | | |")
         for label, icl, mend in rows:
             scores = self.score(p, icl), self.score(p, mend)
             deltas = [_delta(s, b) for s, b in zip(scores, base)]
             lines.append(f"| {label} | {fmt(scores[0])} | {fmt(scores[1])} | "
                          + " | ".join(f"{d:+.1f}" if d is not None else "–" for d in deltas)
                          + " |")
-            if label.startswith("gold"):
-                continue
             if None in deltas:
                 self.claims.append(Claim(f"MEND moves like ICL with {label}", None, "–"))
             else:
@@ -336,6 +350,15 @@ def _short(partition: str) -> str:
 
 def _method_of(name: str) -> str:
     return "MEND" if name.endswith("mend") else "vanilla ICL"
+
+
+def _score(result: dict[str, Any] | None) -> dict[str, float] | None:
+    return result["results"]["average"]["score"] if result else None
+
+
+def _rows(result: dict[str, Any] | None) -> str:
+    limit = result["data"]["limit"] if result else None
+    return f"first {limit} rows per task" if limit else "all rows"
 
 
 def _delta(score: dict | None, base: dict | None) -> float | None:

@@ -11,14 +11,17 @@ from mend.evaluate import TaskResult, aggregate
 from mend.paper import Setting, build
 
 
-def _result(root, partition, name, scores, checkpoint=None, sweep=None):
-    """A results.json as `mend eval` writes it: ``scores`` maps seed -> task score."""
-    def one(per_seed):
+def _result(root, partition, name, scores, checkpoint=None, sweep=None, limit=8):
+    """A results.json as `mend eval` writes it: ``scores`` maps seed -> task score (a sweep:
+    one such map per K in ``sweep``)."""
+    def one(per_seed, k=4):
         rows = [TaskResult("task-a", seed, [], [], {"score": s, "macro_f1": s, "accuracy": s})
                 for seed, s in per_seed.items()]
-        return {"label": name, "k": 4, "results": aggregate(rows)}
+        return {"label": name, "k": k, "data": {"limit": limit},
+                "models": {"checkpoint": checkpoint}, "results": aggregate(rows)}
     result = ({"sweep": {"key": "demos.k", "labels": [str(v) for v in sweep]},
-               "runs": [one(s) for s in scores], "label": name} if sweep else one(scores))
+               "runs": [one(s, k) for s, k in zip(scores, sweep)], "label": name}
+              if sweep else one(scores))
     result["provenance"] = {"config": {"checkpoint": checkpoint},
                             "git": {"commit": "abc1234567890", "dirty": False},
                             "machine": {"device": "cpu", "torch_threads": 2}}
@@ -51,13 +54,21 @@ def setting(tmp_path):
     for name, seeds in {"zero_shot": {100: 0.30, 13: 0.40}, "icl": {100: 0.50, 13: 0.50},
                         "prompt_tuning": {100: 0.32, 13: 0.34},
                         "hypertuning": {100: 0.36, 13: 0.36},
-                        "mend-no-pretraining": {100: 0.50, 13: 0.60},
-                        "perturb-no_label-icl": {100: 0.40, 13: 0.40},
-                        "perturb-no_label-mend": {100: 0.44, 13: 0.44}}.items():
+                        }.items():
         _result(root, "class_to_class", name, seeds)
     _result(root, "class_to_class", "mend", {100: 0.45, 13: 0.47},
             checkpoint="out/reproduce/cpu/class_to_class/mend")
-    _result(root, "class_to_class", "sweep-k-mend", [{100: 0.40}, {100: 0.46}], sweep=[1, 4])
+    # The analyses score 4 rows per task: their baselines are the K sweep's K = 4 points.
+    for name, seeds in {"mend-no-pretraining": {100: 0.50, 13: 0.60},
+                        "perturb-no_label-icl": {100: 0.40, 13: 0.40},
+                        "perturb-no_label-mend": {100: 0.44, 13: 0.44}}.items():
+        _result(root, "class_to_class", name, seeds, limit=4)
+    _result(root, "class_to_class", "sweep-k-mend", [{100: 0.40, 13: 0.40},
+                                                     {100: 0.46, 13: 0.46}],
+            checkpoint="out/reproduce/cpu/class_to_class/mend", sweep=[1, 4], limit=4)
+    _result(root, "class_to_class", "sweep-k-icl", [{100: 0.30, 13: 0.30},
+                                                    {100: 0.50, 13: 0.50}], sweep=[1, 4],
+            limit=4)
     bench = {"rows": [{"k": 16, "method": m, "llm_flops": f, "distiller_flops": d,
                        "flops_vs_icl": f / 8e9, "total_flops_vs_icl": (f + d) / 8e9,
                        "peak_mb": p, "peak_vs_icl": p / 40.0, "latency_s": 0.1, "qps": 10.0}
@@ -84,7 +95,10 @@ def test_claims_are_checked_against_the_numbers(setting):
     assert verdicts["MEND beats zero-shot on class_to_class"] == (True, "+11.0 points")
     # 46 vs ICL's 50 is 4 points below, beyond one std (1.0): ICL is not matched.
     assert verdicts["MEND beats vanilla ICL on class_to_class"] == (False, "-4.0 points")
-    assert verdicts["MEND beats its ablation 'no pretraining' on class_to_class"][0] is False
+    # The ablation (4 rows per task) is compared with MEND's K = 4 sweep point (46), not with
+    # the main table's 8-row run.
+    assert verdicts["MEND beats its ablation 'no pretraining' on class_to_class"] == (
+        False, "-9.0 points")
     assert verdicts["MEND beats its ablation 'CLM pretraining' on class_to_class"] == (None, "–")
     # no label: ICL 50 -> 40 (-10), MEND 46 -> 44 (-2): the same direction.
     assert verdicts["MEND moves like ICL with no label"] == (True, "ICL -10.0, MEND -2.0 points")
@@ -98,6 +112,8 @@ def test_report_command_writes_markdown_and_plots(setting, capsys):
                     "Efficiency", "claims at this scale", "Too few steps."):
         assert heading in text
     assert "| MEND | 40.0 ± 0.0 | 46.0 ± 0.0 |" in text  # the K sweep's row
+    assert "| gold (random, first 4 rows per task) | 50.0 ± 0.0 | 46.0 ± 0.0 | | |" in text
+    assert "| MEND | 46.0 ± 0.0 | S1 4 steps" in text  # the ablation table's reference
     assert (setting / "sweep-k.png").is_file()
     assert "The l sweep was not run." in text
     assert "git abc1234567" in text

@@ -4,8 +4,8 @@
 # root:
 #
 #     bash configs/reproduce/cpu/run.sh            # everything, resuming what is done
-#     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main ablations demo
-#                                                  #   sweeps analysis efficiency report
+#     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main demo efficiency
+#                                                  #   sweeps analysis ablations sweep_l report
 #
 # Every training command runs under a wall-clock limit (CALL_LIMIT seconds, as a device call
 # would) and is started again until it finishes: a killed run resumes from its last
@@ -72,6 +72,47 @@ main_table() {
   done
 }
 
+# The analyses score the first $ALIMIT rows of each task (the main table: eval.yaml's 8); the
+# report compares each with the run of the same method, rows and K (the K sweep's K = 4).
+ALIMIT=${ALIMIT:-4}
+
+demo_checkpoint() {
+  # `mend demo` with the class_to_class distiller, the one run.sh ships as the demo's default.
+  local dir="$OUT/demo"
+  [ -f "$dir/results.json" ] || mend demo --checkpoint "$OUT/class_to_class/mend" --output-dir "$dir"
+  publish "$dir" results.json demo.png
+}
+
+efficiency() {
+  # Cost does not depend on the weights, so the benchmark builds MEND with this run's l.
+  local dir="$OUT/efficiency"
+  [ -f "$dir/inference-cpu.json" ] || python bench/inference.py --device cpu --placeholders 16 \
+    --ks 4,16,64 --queries 20 --batch-sizes 1,8 --out "$dir" --name inference-cpu
+  publish "$dir" inference-cpu.json inference-cpu.md
+}
+
+sweeps() {
+  local p=class_to_class
+  evaluate "$OUT/$p/eval/sweep-k-icl" method=icl data.partition=$p data.limit="$ALIMIT" \
+    sweep.key=demos.k "sweep.values=[1,2,4,8]"
+  evaluate "$OUT/$p/eval/sweep-k-mend" method=mend data.partition=$p data.limit="$ALIMIT" \
+    checkpoint="$OUT/$p/mend" sweep.key=demos.k "sweep.values=[1,2,4,8]"
+}
+
+analysis() {
+  local p=class_to_class
+  for kind in no_label no_input random_label wrong_label; do
+    evaluate "$OUT/$p/eval/perturb-$kind-icl" method=icl data.partition=$p \
+      data.limit="$ALIMIT" demos.perturbation=$kind
+    evaluate "$OUT/$p/eval/perturb-$kind-mend" method=mend data.partition=$p \
+      data.limit="$ALIMIT" checkpoint="$OUT/$p/mend" demos.perturbation=$kind
+  done
+  evaluate "$OUT/$p/eval/retrieval-bm25-icl" method=icl data.partition=$p \
+    data.limit="$ALIMIT" demos.selection=bm25
+  evaluate "$OUT/$p/eval/retrieval-bm25-mend" method=mend data.partition=$p \
+    data.limit="$ALIMIT" checkpoint="$OUT/$p/mend" demos.selection=bm25
+}
+
 ablations() {
   local p=class_to_class
   train finetune "$OUT/$p/no-pretraining" --config "$CFG/finetune.yaml" data.partition=$p
@@ -82,59 +123,22 @@ ablations() {
   train finetune "$OUT/$p/no-distill" --config "$CFG/finetune-no-distill.yaml" \
     data.partition=$p init_from="$OUT/pretrain"
   for run in no-pretraining clm-pretraining no-pred no-distill; do
-    evaluate "$OUT/$p/eval/mend-$run" method=mend data.partition=$p checkpoint="$OUT/$p/$run"
+    evaluate "$OUT/$p/eval/mend-$run" method=mend data.partition=$p data.limit="$ALIMIT" \
+      checkpoint="$OUT/$p/$run"
   done
 }
 
-sweeps() {
-  local p=class_to_class
-  evaluate "$OUT/$p/eval/sweep-k-icl" method=icl data.partition=$p \
-    sweep.key=demos.k "sweep.values=[1,2,4,8]"
-  evaluate "$OUT/$p/eval/sweep-k-mend" method=mend data.partition=$p \
-    checkpoint="$OUT/$p/mend" sweep.key=demos.k "sweep.values=[1,2,4,8]"
+sweep_l() {
   # l changes the placeholders stage 1 learns, so the l sweep trains stage 2 from scratch
   # (l = 16 is the no-pretraining ablation's distiller).
+  local p=class_to_class
   for l in 4 32; do
     train finetune "$OUT/$p/no-pretraining-l$l" --config "$CFG/finetune.yaml" \
       data.partition=$p model.num_placeholders=$l
   done
-  evaluate "$OUT/$p/eval/sweep-l-mend" method=mend data.partition=$p sweep.key=checkpoint \
-    "sweep.values=[$OUT/$p/no-pretraining-l4,$OUT/$p/no-pretraining,$OUT/$p/no-pretraining-l32]" \
-    "sweep.labels=[4,16,32]"
-}
-
-analysis() {
-  local p=class_to_class
-  for kind in no_label no_input random_label wrong_label; do
-    evaluate "$OUT/$p/eval/perturb-$kind-icl" method=icl data.partition=$p demos.perturbation=$kind
-    evaluate "$OUT/$p/eval/perturb-$kind-mend" method=mend data.partition=$p \
-      checkpoint="$OUT/$p/mend" demos.perturbation=$kind
-  done
-  evaluate "$OUT/$p/eval/retrieval-bm25-icl" method=icl data.partition=$p demos.selection=bm25
-  evaluate "$OUT/$p/eval/retrieval-bm25-mend" method=mend data.partition=$p \
-    checkpoint="$OUT/$p/mend" demos.selection=bm25
-}
-
-demo_distiller() {
-  # Stage 2 on the demo's own meta-training tasks (K = 16, as `mend demo` evaluates), from
-  # the same stage 1; `mend demo` then scores it against the class_to_class distiller.
-  local tasks="$OUT/demo-tasks"
-  python -c "from mend.demo import materialize; materialize('$tasks')"
-  train finetune "$OUT/demo/mend" --config "$CFG/finetune.yaml" data.root="$tasks" \
-    data.partition=demo data.k=16 data.max_context_tokens=512 init_from="$OUT/pretrain"
-  for run in demo/mend class_to_class/mend; do
-    [ -f "$OUT/demo/eval-${run%%/*}/results.json" ] || mend demo --checkpoint "$OUT/$run" \
-      --output-dir "$OUT/demo/eval-${run%%/*}"
-    publish "$OUT/demo/eval-${run%%/*}" results.json demo.png
-  done
-}
-
-efficiency() {
-  local dir="$OUT/efficiency"
-  # Cost does not depend on the weights, so the benchmark builds MEND with this run's l.
-  [ -f "$dir/inference-cpu.json" ] || python bench/inference.py --device cpu --placeholders 16 \
-    --ks 1,4,16,64 --queries 20 --batch-sizes 1,8 --out "$dir" --name inference-cpu
-  publish "$dir" inference-cpu.json inference-cpu.md
+  evaluate "$OUT/$p/eval/sweep-l-mend" method=mend data.partition=$p data.limit="$ALIMIT" \
+    sweep.key=checkpoint "sweep.labels=[4,16,32]" \
+    "sweep.values=[$OUT/$p/no-pretraining-l4,$OUT/$p/no-pretraining,$OUT/$p/no-pretraining-l32]"
 }
 
 report() {
@@ -142,16 +146,17 @@ report() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(stage1 main ablations demo sweeps analysis efficiency report)
+[ ${#parts[@]} -gt 0 ] || parts=(stage1 main demo efficiency sweeps analysis ablations sweep_l report)
 for part in "${parts[@]}"; do
   case $part in
     stage1) stage1 ;;
     main) main_table ;;
-    ablations) ablations ;;
+    demo) demo_checkpoint ;;
+    efficiency) efficiency ;;
     sweeps) sweeps ;;
     analysis) analysis ;;
-    demo) demo_distiller ;;
-    efficiency) efficiency ;;
+    ablations) ablations ;;
+    sweep_l) sweep_l ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
