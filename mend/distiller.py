@@ -124,9 +124,15 @@ class Distiller(nn.Module):
         model.load_trainable_state_dict(checkpoint.load_weights(path, "mend"))
         return model
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the trainable weights (safetensors) and the config (JSON) to ``path``."""
-        checkpoint.save(path, "mend", to_dict(self.config), self.trainable_state_dict())
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write the trainable weights (safetensors) and the config (JSON) to ``path``.
+
+        ``dtype`` stores the weights in another floating dtype (``torch.bfloat16`` halves a
+        checkpoint that is shipped; loading casts them back to the model's dtype)."""
+        state = self.trainable_state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        checkpoint.save(path, "mend", to_dict(self.config), state)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Placeholders, projection, and the distiller's weights (or only its LoRA adapters)."""

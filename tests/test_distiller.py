@@ -107,6 +107,20 @@ def test_save_then_load_gives_identical_scores(make_distiller, tmp_path, setting
         assert saved_numel < full / 2
 
 
+def test_save_in_bfloat16_halves_the_file_and_loads_the_rounded_weights(make_distiller,
+                                                                        tmp_path):
+    d = make_distiller("llama", "gpt2", train_mode="lora", projection="always")
+    d.save_pretrained(tmp_path / "fp32")
+    d.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    sizes = [(tmp_path / name / WEIGHTS_FILE).stat().st_size for name in ("fp32", "bf16")]
+    assert sizes[1] < 0.6 * sizes[0]
+    loaded = Distiller.from_pretrained(tmp_path / "bf16")
+    assert loaded.placeholders.dtype == torch.float32  # cast back to the model's dtype
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in d.trainable_state_dict().items()}
+    got = loaded.trainable_state_dict()
+    assert got.keys() == rounded.keys() and all(torch.equal(got[k], rounded[k]) for k in got)
+
+
 def test_different_tokenizers_and_hidden_sizes_work_together(make_distiller):
     d = make_distiller("qwen2", "gemma3", distiller_hidden=32, llm_hidden=64)
     assert d.tokenizer.get_vocab() != d.llm.tokenizer.get_vocab()
