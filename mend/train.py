@@ -17,7 +17,7 @@ What it does:
   line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
   TensorBoard; ``loss.png`` at the end; one line per start or resume in ``provenance.jsonl``
   (the step it began at, git commit, machine, versions, command), so a run chained over many
-  calls says how and where each part of it was made.
+  calls says how and where each part of it was made (all written by ``mend.run_log``).
 - **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
   better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
   without improvement stop the run.
@@ -44,6 +44,8 @@ import torch
 from mend.data import Counters
 from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
+from mend.run_log import (Window, flat, log_record, plot_metrics, record_call, sum_counts,
+                           truncate_metrics, write_record)
 
 
 @dataclass(frozen=True)
@@ -199,17 +201,17 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     if last is not None or not main:
         counters.counts = dict(state.counts) if main else {}
     if main:
-        _truncate_metrics(output_dir / "metrics.jsonl", state.step)
-        _record_call(output_dir, state.step)
+        truncate_metrics(output_dir / "metrics.jsonl", state.step)
+        record_call(output_dir, state.step)
     if cfg.tensorboard:
-        accelerator.init_trackers("mend", config=_flat(tracker_config or {}))
+        accelerator.init_trackers("mend", config=flat(tracker_config or {}))
 
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = make_batches(state.step * cfg.grad_accum * world, rank, world)
     stop_signal = _SigtermFlag()
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                desc="train", dynamic_ncols=True)
-    window = _Window()
+    window = Window()
     status = "finished"
     model.train()
     try:
@@ -219,10 +221,11 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
             state.step += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                record = _log(accelerator, window, scheduler, state.step, grad_norm, counters)
+                record = log_record(accelerator, window, scheduler, state.step, grad_norm,
+                                    counters)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
-                _write(accelerator, output_dir, record, cfg)
+                write_record(accelerator, output_dir, record, cfg.tensorboard)
             if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
                 began = time.perf_counter()
                 _select(accelerator, model, method, evaluate, state, cfg, output_dir,
@@ -314,122 +317,6 @@ def _scheduler(cfg: TrainConfig, optimizer):
 # Logging
 
 
-class _Window:
-    """Sums of the loss terms and tokens since the last log line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.micro, self.tokens, self.start = 0, 0, time.perf_counter()
-
-    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
-        for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
-        self.micro += 1
-        self.tokens += tokens
-
-
-def _log(accelerator, window: _Window, scheduler, step: int, grad_norm, counters: Counters
-         ) -> dict[str, Any]:
-    from accelerate.utils import gather_object
-
-    keys = sorted(window.sums)
-    local = torch.tensor([window.sums[k] / max(window.micro, 1) for k in keys] + [window.tokens],
-                         device=accelerator.device, dtype=torch.float64)
-    means = accelerator.reduce(local[:-1], "mean") if keys else local[:0]
-    tokens = float(accelerator.reduce(local[-1:], "sum")[0])
-    elapsed = time.perf_counter() - window.start
-    record = {"step": step, **{k: float(v) for k, v in zip(keys, means)},
-              "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-              "tokens_per_s": tokens / elapsed, "steps_per_s": window.micro / elapsed,
-              "time": time.time()}
-    record["counts"] = _sum_counts(gather_object([counters.counts]))
-    window.reset()
-    return record
-
-
-def _sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return dict(sorted(total.items()))
-
-
-def _write(accelerator, output_dir: Path, record: dict[str, Any], cfg: TrainConfig) -> None:
-    if accelerator.is_main_process:
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-    if cfg.tensorboard:
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                        step=record["step"])
-
-
-def _record_call(output_dir: Path, step: int) -> None:
-    """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml."""
-    from mend.report import provenance
-
-    with open(output_dir / "provenance.jsonl", "a") as f:
-        f.write(json.dumps({"start_step": step, **provenance()}) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step: a killed run may have logged beyond its
-    last checkpoint, and those steps will be run (and logged) again."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
-
-
-def plot_metrics(output_dir: str | Path) -> Path | None:
-    """``loss.png``: every loss term of ``metrics.jsonl`` against the step."""
-    output_dir = Path(output_dir)
-    path = output_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    terms = [k for k in ("loss", "distill", "pred", "clm") if any(k in r for r in records)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in terms:
-        pts = [(r["step"], r[k]) for r in records if k in r]
-        ax.plot(*zip(*pts), label=k)
-    evals = [(r["step"], r["eval_score"]) for r in records if "eval_score" in r]
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), "k--o", label="eval score")
-        ax2.set_ylabel("eval score")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if terms:
-        ax.legend(loc="upper right")
-    ax.set_title(output_dir.name)
-    fig.tight_layout()
-    fig.savefig(output_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    return output_dir / "loss.png"
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints and model selection
 
@@ -443,7 +330,7 @@ def _checkpoint(accelerator, checkpoints: Path, state: TrainState, counters: Cou
                 keep: int) -> None:
     from accelerate.utils import gather_object
 
-    state.counts = _sum_counts(gather_object([counters.counts]))
+    state.counts = sum_counts(gather_object([counters.counts]))
     final = checkpoints / f"step-{state.step:08d}"
     tmp = checkpoints / f".tmp-step-{state.step:08d}"
     if accelerator.is_main_process:

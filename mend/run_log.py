@@ -1,0 +1,136 @@
+"""What a training run leaves to read: ``metrics.jsonl`` (one line per logged step),
+``provenance.jsonl`` (one line per start or resume), ``loss.png``, and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mend.data import Counters
+
+
+class Window:
+    """Sums of the loss terms and tokens since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro, self.tokens, self.start = 0, 0, time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.micro += 1
+        self.tokens += tokens
+
+
+def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, counters: Counters
+               ) -> dict[str, Any]:
+    """One log line: the window's mean loss terms over all processes, LR, gradient norm,
+    throughput (``steps_per_s`` counts micro-batches) and the data pipeline's counts."""
+    from accelerate.utils import gather_object
+
+    keys = sorted(window.sums)
+    local = torch.tensor([window.sums[k] / max(window.micro, 1) for k in keys] + [window.tokens],
+                         device=accelerator.device, dtype=torch.float64)
+    means = accelerator.reduce(local[:-1], "mean") if keys else local[:0]
+    tokens = float(accelerator.reduce(local[-1:], "sum")[0])
+    elapsed = time.perf_counter() - window.start
+    record = {"step": step, **{k: float(v) for k, v in zip(keys, means)},
+              "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "tokens_per_s": tokens / elapsed, "steps_per_s": window.micro / elapsed,
+              "time": time.time()}
+    record["counts"] = sum_counts(gather_object([counters.counts]))
+    window.reset()
+    return record
+
+
+def sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
+def write_record(accelerator, output_dir: Path, record: dict[str, Any], tensorboard: bool
+                 ) -> None:
+    """Append one log line to ``metrics.jsonl`` (main process) and to TensorBoard."""
+    if accelerator.is_main_process:
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if tensorboard:
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                        step=record["step"])
+
+
+def record_call(output_dir: Path, step: int) -> None:
+    """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml."""
+    from mend.report import provenance
+
+    with open(output_dir / "provenance.jsonl", "a") as f:
+        f.write(json.dumps({"start_step": step, **provenance()}) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step: a killed run may have logged beyond its
+    last checkpoint, and those steps will be run (and logged) again."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
+
+
+def plot_metrics(output_dir: str | Path) -> Path | None:
+    """``loss.png``: every loss term of ``metrics.jsonl`` against the step."""
+    output_dir = Path(output_dir)
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    terms = [k for k in ("loss", "distill", "pred", "clm") if any(k in r for r in records)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in terms:
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot(*zip(*pts), label=k)
+    evals = [(r["step"], r["eval_score"]) for r in records if "eval_score" in r]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "k--o", label="eval score")
+        ax2.set_ylabel("eval score")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if terms:
+        ax.legend(loc="upper right")
+    ax.set_title(output_dir.name)
+    fig.tight_layout()
+    fig.savefig(output_dir / "loss.png", dpi=120)
+    plt.close(fig)
+    return output_dir / "loss.png"
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as TensorBoard's flat ``{"a.b": value}`` hyperparameters."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
