@@ -90,8 +90,9 @@ demo_checkpoint() {
 efficiency() {
   # Cost does not depend on the weights, so the benchmark builds MEND with this run's l.
   local dir="$OUT/efficiency"
+  # It exits 1 when one of issue 6's speed targets is missed; the table says which.
   [ -f "$dir/inference-cpu.json" ] || python bench/inference.py --device cpu --placeholders 16 \
-    --ks 4,16,64 --queries 20 --batch-sizes 1,8 --out "$dir" --name inference-cpu
+    --ks 4,16,64 --queries 20 --batch-sizes 1,8 --out "$dir" --name inference-cpu || true
   publish "$dir" inference-cpu.json inference-cpu.md
 }
 
