@@ -75,7 +75,7 @@ main_table() {
 # The analyses score the first $ALIMIT rows of each task (the main table: eval.yaml's 8), to
 # fit the CPU budget; the report compares each with the run of the same method, rows and K
 # (the K sweep's K = 4 point).
-ALIMIT=${ALIMIT:-3}
+ALIMIT=${ALIMIT:-2}
 
 demo_checkpoint() {
   # The class_to_class distiller becomes the demo's default (bf16: LoRA, placeholders and
