@@ -33,10 +33,14 @@ train() {
     prompt_tuning_config.json
 }
 
-# evaluate OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist.
+# evaluate OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist. A trained
+# method (an argument checkpoint=...) reads its LLM from the checkpoint, so llm=null.
 evaluate() {
   local dir=$1; shift
-  [ -f "$dir/results.json" ] || mend eval --config "$CFG/eval.yaml" "$@" output_dir="$dir"
+  local llm=()
+  case " $* " in *" checkpoint="* | *" sweep.key=checkpoint "*) llm=(llm=null) ;; esac
+  [ -f "$dir/results.json" ] || mend eval --config "$CFG/eval.yaml" "$@" ${llm[@]+"${llm[@]}"} \
+    output_dir="$dir"
   publish "$dir" results.json results.md sweep.png
 }
 
@@ -140,7 +144,7 @@ sweep_l() {
   train finetune "$OUT/$p/no-pretraining-l4" --config "$CFG/finetune.yaml" data.partition=$p \
     model.num_placeholders=4
   evaluate "$OUT/$p/eval/sweep-l-mend" method=mend data.partition=$p data.limit="$ALIMIT" \
-    sweep.key=checkpoint "sweep.labels=[4,16]" \
+    checkpoint="$OUT/$p/no-pretraining" sweep.key=checkpoint "sweep.labels=['4','16']" \
     "sweep.values=[$OUT/$p/no-pretraining-l4,$OUT/$p/no-pretraining]"
 }
 
