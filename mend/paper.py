@@ -273,9 +273,13 @@ class Setting:
                  str(self.meta.get("description", "")).strip(), "", self.provenance_line(), ""]
         for title, intro, body in sections:
             parts += [f"### {title}", "", *([intro, ""] if intro else []), body, ""]
-        reproduced = sum(c.holds is True for c in self.claims)
+        held = sum(c.holds is True for c in self.claims)
+        checked = sum(c.holds is not None for c in self.claims)
+        unrun = len(self.claims) - checked
         parts += ["### The paper's claims at this scale", "",
-                  f"{reproduced} of {len(self.claims)} checks hold.", "",
+                  f"{held} of the {checked} checks that could be made hold"
+                  + (f"; {unrun} could not be made (their runs are missing)." if unrun else "."),
+                  "",
                   "| claim | verdict | evidence |", "|---|---|---|",
                   *[c.row() for c in self.claims], ""]
         if self.meta.get("notes"):
@@ -357,7 +361,9 @@ def _score(result: dict[str, Any] | None) -> dict[str, float] | None:
 
 
 def _rows(result: dict[str, Any] | None) -> str:
-    limit = result["data"]["limit"] if result else None
+    if result is None:
+        return "not run"
+    limit = result["data"]["limit"]
     return f"first {limit} rows per task" if limit else "all rows"
 
 

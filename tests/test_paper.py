@@ -116,6 +116,7 @@ def test_report_command_writes_markdown_and_plots(setting, capsys):
     assert "| MEND | 46.0 ± 0.0 | S1 4 steps" in text  # the ablation table's reference
     assert (setting / "sweep-k.png").is_file()
     assert "The l sweep was not run." in text
+    assert "could not be made (their runs are missing)." in text  # e.g. CLM pretraining
     assert "git abc1234567" in text
     assert "](results/cpu/sweep-k.png)" in text  # linked from the report's folder
 
