@@ -107,6 +107,20 @@ def test_save_then_load_gives_identical_scores(make_distiller, tmp_path, setting
         assert saved_numel < full / 2
 
 
+def test_merged_adapters_give_the_same_vectors_and_refuse_to_save(make_distiller, tmp_path):
+    d = make_distiller("llama", "gpt2", train_mode="lora", projection="always").eval()
+    with torch.no_grad():  # LoRA's B starts at zero: move it so the adapters change something
+        for name, p in d.encoder.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    before = d.compress_batch([DEMOS, DEMOS[:1]]).vectors
+    d.merge_adapters()
+    assert d.merged and not any("lora" in n for n, _ in d.encoder.named_parameters())
+    assert torch.allclose(d.compress_batch([DEMOS, DEMOS[:1]]).vectors, before, atol=1e-5)
+    with pytest.raises(CheckpointError, match="merged for inference"):
+        d.save_pretrained(tmp_path / "merged")
+
+
 def test_save_in_bfloat16_halves_the_file_and_loads_the_rounded_weights(make_distiller,
                                                                         tmp_path):
     d = make_distiller("llama", "gpt2", train_mode="lora", projection="always")

@@ -72,5 +72,8 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
     from mend.distiller import Distiller
     from mend.methods.hypertuning import HyperTuning
     from mend.methods.mend import Mend
-    distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **load_time).eval()
+    # Evaluation never trains, so LoRA adapters are folded into the weights (the same
+    # vectors, fewer matmuls).
+    distiller = Distiller.from_pretrained(cfg.checkpoint, device=device,
+                                          **load_time).eval().merge_adapters()
     return HyperTuning(distiller) if cfg.method == "hypertuning" else Mend(distiller)
