@@ -128,7 +128,9 @@ class Setting:
         for p in self.partitions:
             mend = self.score(p, "mend")
             for label, name in MAIN_ROWS[:-1]:
-                self._compare(f"MEND beats {label} on {p}", mend, self.score(p, name),
+                # The paper's claim against ICL is parity at a fraction of the cost.
+                verb = "matches or beats" if name == "icl" else "beats"
+                self._compare(f"MEND {verb} {label} on {p}", mend, self.score(p, name),
                               within=name == "icl")
         return "\n".join(lines)
 

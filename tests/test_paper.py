@@ -94,7 +94,8 @@ def test_claims_are_checked_against_the_numbers(setting):
     verdicts = {c.text: (c.holds, c.evidence) for c in s.claims}
     assert verdicts["MEND beats zero-shot on class_to_class"] == (True, "+11.0 points")
     # 46 vs ICL's 50 is 4 points below, beyond one std (1.0): ICL is not matched.
-    assert verdicts["MEND beats vanilla ICL on class_to_class"] == (False, "-4.0 points")
+    assert verdicts["MEND matches or beats vanilla ICL on class_to_class"] == (False,
+                                                                             "-4.0 points")
     # The ablation (4 rows per task) is compared with MEND's K = 4 sweep point (46), not with
     # the main table's 8-row run.
     assert verdicts["MEND beats its ablation 'no pretraining' on class_to_class"] == (
