@@ -69,21 +69,23 @@ def run(args) -> list[dict]:
     tasks = tasks[:args.max_tasks or None]
     rows = []
     chosen = args.methods.split(",")
+
+    def new_builder() -> ContextBuilder:  # fresh counters for each timed pass
+        return ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 256, 900, d.llm.max_length)
+
     for method, mode in ((ICL(d.llm, d.format), "fixed"), (Mend(d), "resample")):
         if method.name not in chosen:
             continue
         demos = DemoConfig(k=args.k, mode=mode)
         timing, preds, counts, context_s = {}, {}, {"rows": 0, "options": 0}, {}
         with torch.inference_mode():  # warm-up: first-call costs belong to neither path
-            warm = ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 256, 900,
-                                  d.llm.max_length)
+            warm = new_builder()
             for reuse in (True, False):
                 evaluate_task(method, tasks[0], args.seed, "test", warm, demos, limit=1,
                               reuse_head=reuse)
         for reuse in (True, False):
             timer = _Timed(method)
-            builder = ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 256, 900,
-                                     d.llm.max_length)
+            builder = new_builder()
             common.sync(args.device)
             began = time.perf_counter()
             out = []

@@ -65,12 +65,17 @@ class Setting:
         self.meta = yaml.safe_load((root / "report.yaml").read_text()) or {}
         self.partitions = sorted(p.parent.name for p in root.glob("*/eval"))
         self.claims: list[Claim] = []
+        self._results: dict[tuple[str, str], dict[str, Any] | None] = {}
 
     # -- reading -----------------------------------------------------------------------------
 
     def result(self, partition: str, name: str) -> dict[str, Any] | None:
-        path = self.root / partition / "eval" / name / "results.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        """An evaluation's results.json, read once (every table and claim asks again)."""
+        key = (partition, name)
+        if key not in self._results:
+            path = self.root / partition / "eval" / name / "results.json"
+            self._results[key] = json.loads(path.read_text()) if path.is_file() else None
+        return self._results[key]
 
     def score(self, partition: str, name: str) -> dict[str, float] | None:
         return _score(self.result(partition, name))
