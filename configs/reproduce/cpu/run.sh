@@ -5,7 +5,8 @@
 #
 #     bash configs/reproduce/cpu/run.sh            # everything, resuming what is done
 #     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main demo efficiency
-#                                                  #   sweeps ablations analysis sweep_l report
+#                                                  #   sweeps ablations analysis sweep_l budget
+#                                                  #   report
 #
 # Every training command runs under a wall-clock limit (CALL_LIMIT seconds, as a device call
 # would) and is started again until it finishes: a killed run resumes from its last
@@ -148,12 +149,26 @@ sweep_l() {
     "sweep.values=[$OUT/$p/no-pretraining-l4,$OUT/$p/no-pretraining]"
 }
 
+budget() {
+  # The same stage 2 trained 10x longer (400 steps), scored on the main table's rows and on
+  # the analysis rows at K = 1, 2, 4 and with wrong labels: does MEND's dependence on its
+  # demonstrations grow with training? (The report's "Training budget" table.)
+  local p=class_to_class run="$OUT/$p/mend-400"
+  train finetune "$run" --config "$CFG/finetune.yaml" data.partition=$p \
+    init_from="$OUT/pretrain" train.max_steps=400 train.warmup_steps=20 train.save_every=50
+  evaluate "$OUT/$p/eval/long-mend" method=mend data.partition=$p checkpoint="$run"
+  evaluate "$OUT/$p/eval/long-sweep-k-mend" method=mend data.partition=$p \
+    data.limit="$ALIMIT" checkpoint="$run" sweep.key=demos.k "sweep.values=[1,2,4]"
+  evaluate "$OUT/$p/eval/long-perturb-wrong_label-mend" method=mend data.partition=$p \
+    data.limit="$ALIMIT" checkpoint="$run" demos.perturbation=wrong_label
+}
+
 report() {
   mend report "$(dirname "$DOCS")"
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(stage1 main demo efficiency sweeps ablations analysis sweep_l report)
+[ ${#parts[@]} -gt 0 ] || parts=(stage1 main demo efficiency sweeps ablations analysis sweep_l budget report)
 for part in "${parts[@]}"; do
   case $part in
     stage1) stage1 ;;
@@ -164,6 +179,7 @@ for part in "${parts[@]}"; do
     ablations) ablations ;;
     analysis) analysis ;;
     sweep_l) sweep_l ;;
+    budget) budget ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
