@@ -39,6 +39,9 @@ ABLATION_ROWS = (("MEND", "mend"), ("no pretraining", "mend-no-pretraining"),
                  ("MEND without L_pred", "mend-no-pred"),
                  ("MEND without L_distill", "mend-no-distill"))
 PERTURBATIONS = ("no_label", "no_input", "random_label", "wrong_label")
+BUDGET_PREFIXES = ("", "long-")
+"""The MEND distillers of the training-budget table: the tables' own (no prefix) and one
+trained longer, whose evaluations are named ``long-mend``, ``long-sweep-k-mend``, ..."""
 ANALYSIS_PARTITION = "class_to_class"
 
 
@@ -192,8 +195,7 @@ class Setting:
             scores = self.score(p, icl), self.score(p, mend)
             deltas = [_delta(s, b) for s, b in zip(scores, base)]
             lines.append(f"| {label} | {fmt(scores[0])} | {fmt(scores[1])} | "
-                         + " | ".join(f"{d:+.1f}" if d is not None else "–" for d in deltas)
-                         + " |")
+                         + " | ".join(map(_points, deltas)) + " |")
             if None in deltas:
                 self.claims.append(Claim(f"MEND moves like ICL with {label}", None, "–"))
             else:
@@ -230,6 +232,25 @@ class Setting:
         machine = bench["provenance"]["machine"]
         return ("\n".join(lines) + f"\n\nFrom `{self.link}/efficiency/{files[0].name}` "
                 f"({machine['device']}, {machine['torch_threads']} threads).")
+
+    def budget_table(self) -> str:
+        """MEND's distillers at each stage-2 budget, on what shows whether the vectors depend
+        on the demonstrations: the seed std, the K sweep and wrong labels."""
+        p = ANALYSIS_PARTITION
+        lines = _header(["training", "main rows", "analysis rows, K = 4", "K = 1 → 4",
+                         "wrong labels"])
+        for prefix in BUDGET_PREFIXES:
+            main, sweep = self.result(p, f"{prefix}mend"), self.result(p, f"{prefix}sweep-k-mend")
+            if main is None:
+                continue
+            runs = {run["k"]: run for run in sweep["runs"]} if sweep else {}
+            k4, k1 = _score(runs.get(4)), _score(runs.get(1))
+            wrong = _delta(self.score(p, f"{prefix}perturb-wrong_label-mend"), k4)
+            lines.append(f"| {self.budget(main)} | {fmt(_score(main))} | {fmt(k4)} | "
+                         f"{_points(_delta(k4, k1))} | {_points(wrong)} |")
+        if len(lines) == 2:
+            return "The budget comparison was not run."
+        return "\n".join(lines)
 
     def per_task_tables(self) -> str:
         out = []
@@ -275,6 +296,11 @@ class Setting:
              "Change: points against the same method with gold, randomly chosen "
              "demonstrations.", self.analysis_table()),
             ("5. Efficiency (the paper's Figure 3)", "", self.efficiency_table()),
+            ("6. Training budget",
+             f"MEND on {ANALYSIS_PARTITION} after each stage-2 budget (the same stage 1). "
+             "A distiller that reads its demonstrations gains from K = 1 to K = 4 and loses "
+             "with wrong labels; K = 1 → 4 and wrong labels are changes in points.",
+             self.budget_table()),
         ]
         parts = [f"## {self.meta.get('title', self.root.name)}", "",
                  str(self.meta.get("description", "")).strip(), "", self.provenance_line(), ""]
@@ -372,6 +398,10 @@ def _rows(result: dict[str, Any] | None) -> str:
         return "not run"
     limit = result["data"]["limit"]
     return f"first {limit} rows per task" if limit else "all rows"
+
+
+def _points(delta: float | None) -> str:
+    return "–" if delta is None else f"{delta:+.1f}"
 
 
 def _delta(score: dict | None, base: dict | None) -> float | None:

@@ -110,7 +110,8 @@ def test_report_command_writes_markdown_and_plots(setting, capsys):
     assert cli(["report", str(setting.parent)]) == 0
     text = (setting.parent.with_suffix(".md")).read_text()
     for heading in ("Main results", "Ablations", "K and l sweeps", "Perturbations",
-                    "Efficiency", "claims at this scale", "Too few steps."):
+                    "Efficiency", "Training budget", "claims at this scale",
+                    "Too few steps."):
         assert heading in text
     assert "| MEND | 40.0 ± 0.0 | 46.0 ± 0.0 |" in text  # the K sweep's row
     assert "| gold (random, first 4 rows per task) | 50.0 ± 0.0 | 46.0 ± 0.0 | | |" in text
@@ -120,6 +121,27 @@ def test_report_command_writes_markdown_and_plots(setting, capsys):
     assert "could not be made (their runs are missing)." in text  # e.g. CLM pretraining
     assert "git abc1234567" in text
     assert "](results/cpu/sweep-k.png)" in text  # linked from the report's folder
+
+
+def test_budget_table_shows_whether_mend_reads_its_demonstrations(setting):
+    assert Setting(setting).budget_table().count("\n") == 2  # header and the tables' MEND
+    _run(setting, "class_to_class/mend-400",
+         [{"step": 400, "steps_per_s": 2.0, "tokens_per_s": 10.0}],
+         init_from="out/reproduce/cpu/pretrain")
+    run = "out/reproduce/cpu/class_to_class/mend-400"
+    _result(setting, "class_to_class", "long-mend", {100: 0.52, 13: 0.54}, checkpoint=run)
+    _result(setting, "class_to_class", "long-sweep-k-mend", [{100: 0.40, 13: 0.40},
+                                                             {100: 0.55, 13: 0.55}],
+            checkpoint=run, sweep=[1, 4], limit=4)
+    _result(setting, "class_to_class", "long-perturb-wrong_label-mend", {100: 0.35, 13: 0.35},
+            checkpoint=run, limit=4)
+    table = Setting(setting).budget_table()
+    # The tables' MEND: its K sweep gives 40 -> 46 (+6.0); it has no wrong-label run.
+    assert "| S1 4 steps, 0.8k tokens, 8 s + S2 3 steps, 0.3k tokens, 6 s | 46.0 ± 1.0 | " \
+           "46.0 ± 0.0 | +6.0 | – |" in table
+    # 400 steps at 2 steps/s is 200 s and 2.0k tokens; K = 1 -> 4 is +15, wrong labels -20.
+    assert "| S1 4 steps, 0.8k tokens, 8 s + S2 400 steps, 2.0k tokens, 3.3 min | " \
+           "53.0 ± 1.0 | 55.0 ± 0.0 | +15.0 | -20.0 |" in table
 
 
 def test_report_on_a_folder_without_settings_is_a_clear_error(tmp_path):
