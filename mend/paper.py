@@ -199,7 +199,9 @@ class Setting:
             if None in deltas:
                 self.claims.append(Claim(f"MEND moves like ICL with {label}", None, "–"))
             else:
-                same = (deltas[0] >= 0) == (deltas[1] >= 0)
+                # No change is no direction: a MEND that ignores its demonstrations does not
+                # move like an ICL that gains or loses (compared as the table rounds them).
+                same = _sign(deltas[0]) == _sign(deltas[1])
                 self.claims.append(Claim(
                     f"MEND moves like ICL with {label}", same,
                     f"ICL {deltas[0]:+.1f}, MEND {deltas[1]:+.1f} points"))
@@ -398,6 +400,11 @@ def _rows(result: dict[str, Any] | None) -> str:
         return "not run"
     limit = result["data"]["limit"]
     return f"first {limit} rows per task" if limit else "all rows"
+
+
+def _sign(delta: float) -> int:
+    shown = round(delta, 1)
+    return (shown > 0) - (shown < 0)
 
 
 def _points(delta: float | None) -> str:

@@ -61,7 +61,9 @@ def setting(tmp_path):
     # The analyses score 4 rows per task: their baselines are the K sweep's K = 4 points.
     for name, seeds in {"mend-no-pretraining": {100: 0.50, 13: 0.60},
                         "perturb-no_label-icl": {100: 0.40, 13: 0.40},
-                        "perturb-no_label-mend": {100: 0.44, 13: 0.44}}.items():
+                        "perturb-no_label-mend": {100: 0.44, 13: 0.44},
+                        "perturb-no_input-icl": {100: 0.60, 13: 0.60},
+                        "perturb-no_input-mend": {100: 0.46, 13: 0.46}}.items():
         _result(root, "class_to_class", name, seeds, limit=4)
     _result(root, "class_to_class", "sweep-k-mend", [{100: 0.40, 13: 0.40},
                                                      {100: 0.46, 13: 0.46}],
@@ -103,6 +105,8 @@ def test_claims_are_checked_against_the_numbers(setting):
     assert verdicts["MEND beats its ablation 'CLM pretraining' on class_to_class"] == (None, "–")
     # no label: ICL 50 -> 40 (-10), MEND 46 -> 44 (-2): the same direction.
     assert verdicts["MEND moves like ICL with no label"] == (True, "ICL -10.0, MEND -2.0 points")
+    # no input: ICL +10, MEND unchanged: not the same direction.
+    assert verdicts["MEND moves like ICL with no input"] == (False, "ICL +10.0, MEND +0.0 points")
     assert verdicts["MEND's FLOPs per query, distiller included, are below ICL's at K = 16"][0]
 
 
