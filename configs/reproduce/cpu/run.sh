@@ -153,7 +153,8 @@ budget() {
   # The same stage 2 trained 10x longer (400 steps), scored on the main table's rows and on
   # the analysis rows at K = 1, 2, 4 and with wrong labels: does MEND's dependence on its
   # demonstrations grow with training? (The report's "Training budget" table.)
-  local p=class_to_class run="$OUT/$p/mend-400"
+  local p=class_to_class
+  local run="$OUT/$p/mend-400"
   train finetune "$run" --config "$CFG/finetune.yaml" data.partition=$p \
     init_from="$OUT/pretrain" train.max_steps=400 train.warmup_steps=20 train.save_every=50
   evaluate "$OUT/$p/eval/long-mend" method=mend data.partition=$p checkpoint="$run"
