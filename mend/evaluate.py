@@ -190,6 +190,8 @@ def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size,
         return None
     counts_before = dict(builder.counters.counts)
     sets = choose_demos(task, seed, rows, demos, retriever) if method.reads_context else [[]]
+    if not method.reads_demos:
+        sets = sets[:1]  # one prefix serves every query, whatever demos.mode says
     labels = sorted({o for r in rows for o in r["options"]})
     sets = [perturb(s, demos.perturbation, labels, random.Random(f"{seed}-{task.name}-{i}-p"))
             for i, s in enumerate(sets)]

@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import write_metaicl
 from mend import Distiller, MendConfig
@@ -178,6 +179,33 @@ def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
     roomy = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
                            max_positions=2048, counters=Counters())
     assert evaluate_task(method, task, 100, "dev", roomy, limit=3) is not None
+
+
+def test_a_prefix_that_ignores_demonstrations_is_made_once(eval_setup):
+    """Prompt tuning under resampled demonstrations: one prompt serves every query, and the
+    scores are those of the per-query path."""
+    from mend.data import Counters
+    from mend.data.metaicl import ContextBuilder
+    from mend.evaluate import evaluate_task
+    tmp_path, root, llm = eval_setup
+    method = PromptTuning.from_pretrained(tmp_path / "pt")
+    calls, nll = [], []
+    make, score = method.prefix, method.llm.score_pairs
+    method.prefix = lambda sets, contexts: calls.append(len(sets)) or make(sets, contexts)
+    method.llm.score_pairs = lambda *a, **kw: nll.append(score(*a, **kw)) or nll[-1]
+    builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 16, 256,
+                             max_positions=1024, counters=Counters())
+    demos = DemoConfig(k=4, mode="resample")
+    shared = evaluate_task(method, load_task(root, "t2"), 100, "dev", builder, demos, limit=6,
+                           chunk=2)
+    assert calls == [1]
+    method.reads_demos = True  # as if the prompt depended on them: a prefix per query
+    per_query = evaluate_task(method, load_task(root, "t2"), 100, "dev", builder, demos,
+                              limit=6, chunk=2)
+    assert calls[1:] == [2, 2, 2]
+    assert shared.predictions == per_query.predictions
+    first, rest = torch.cat(nll[0]), torch.cat([s for part in nll[1:] for s in part])
+    torch.testing.assert_close(first, rest, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_eval_configs_are_explained():

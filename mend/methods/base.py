@@ -38,6 +38,9 @@ class Method(Protocol):
     format: DemoFormat
     reads_context: bool
     """False for zero-shot: the query is then read with no ``demo_sep`` in front."""
+    reads_demos: bool
+    """False when the prefix is the same whatever the demonstrations (zero-shot, prompt
+    tuning): the harness then makes one prefix for every query and reuses its KV cache."""
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:

@@ -16,6 +16,7 @@ from mend.text import DemoFormat
 class ICL:
     name = "icl"
     reads_context = True
+    reads_demos = True
 
     def __init__(self, llm: PrefixLM, fmt: DemoFormat):
         self.llm, self.format = llm, fmt

@@ -62,6 +62,7 @@ class Mend:
     """MEND (or HyperTuning, whose distiller was trained with CLM) as an evaluation method."""
 
     reads_context = True
+    reads_demos = True
 
     def __init__(self, distiller: Distiller, name: str = "mend"):
         self.name, self.distiller = name, distiller

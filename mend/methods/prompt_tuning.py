@@ -52,7 +52,8 @@ class PromptTuning(nn.Module):
     """The soft prompt, ``(l, d_llm)``; the frozen LLM is held beside it, not inside it."""
 
     name = "prompt_tuning"
-    reads_context = True
+    reads_context = True  # the query follows the prompt as it follows demonstrations
+    reads_demos = False
 
     def __init__(self, config: PromptTuningConfig, llm: PrefixLM):
         super().__init__()

@@ -12,6 +12,7 @@ from mend.text import DemoFormat
 class ZeroShot:
     name = "zero_shot"
     reads_context = False
+    reads_demos = False
 
     def __init__(self, llm: PrefixLM, fmt: DemoFormat):
         self.llm, self.format = llm, fmt
