@@ -77,7 +77,9 @@ def record_call(output_dir: Path, step: int) -> None:
     from mend.report import provenance
 
     with open(output_dir / "provenance.jsonl", "a") as f:
-        f.write(json.dumps({"start_step": step, **provenance()}) + "\n")
+        record = {"start_step": step, **provenance()}
+        del record["config"]  # None here: config.yaml beside it holds the run's config
+        f.write(json.dumps(record) + "\n")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

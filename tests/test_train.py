@@ -89,6 +89,7 @@ def test_pretrain_resumes_after_a_kill_to_identical_weights(setup):
              .read_text().splitlines()]
     assert [c["start_step"] for c in calls] == [0, 4]  # one line per start, then the resume
     assert all(c["machine"]["device"] and "torch" in c["versions"] for c in calls)
+    assert all("config" not in c for c in calls)  # it is config.yaml's, not repeated per call
     assert (root / "killed" / "loss.png").is_file()
     assert (root / "killed" / "config.yaml").is_file()
 
