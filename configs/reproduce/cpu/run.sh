@@ -18,7 +18,7 @@ CFG=configs/reproduce/cpu
 OUT=${OUT:-out/reproduce/cpu}
 DOCS=${DOCS:-docs/results/paper-cpu}
 CALL_LIMIT=${CALL_LIMIT:-600}
-PARTITIONS=(class_to_class non_nli_to_nli)
+PARTITIONS=(class_to_class non_nli_to_nli hr_to_lr)
 
 # train JOB OUTDIR MEND-ARGS...: run a training job to its end, one "call" at a time.
 train() {
