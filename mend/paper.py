@@ -31,6 +31,7 @@ import yaml
 
 from mend.errors import ConfigError
 from mend.report import fmt
+from mend.run_log import train_cost
 
 MAIN_ROWS = (("zero-shot", "zero_shot"), ("PromptTuning", "prompt_tuning"),
              ("vanilla ICL", "icl"), ("HyperTuning", "hypertuning"), ("MEND", "mend"))
@@ -119,8 +120,8 @@ class Setting:
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
         first = self.run_dir(config.get("init_from"))
         if first is not None:
-            stages.append(f"S1 {_train_cost(first)}")
-        stages.append(f"S2 {_train_cost(run)}")
+            stages.append(f"S1 {train_cost(first)}")
+        stages.append(f"S2 {train_cost(run)}")
         return " + ".join(stages)
 
     # -- tables ------------------------------------------------------------------------------
@@ -355,27 +356,6 @@ def write(results_root: str | Path, output: str | Path | None = None) -> Path:
     path = Path(output) if output else root.with_suffix(".md")
     path.write_text(build(root, path.parent))
     return path
-
-
-def _train_cost(run: Path) -> str:
-    """``"40 steps, 41.0k tokens, 5.1 min"`` from a run's ``metrics.jsonl``."""
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    accum = (config.get("train") or {}).get("grad_accum", 1)
-    steps = tokens = seconds = 0.0
-    last = 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "steps_per_s" not in record:
-            continue  # a model-selection line
-        n = record["step"] - last
-        last = record["step"]
-        elapsed = n * accum / record["steps_per_s"]  # the rate counts micro-batches
-        steps += n
-        seconds += elapsed
-        tokens += elapsed * record["tokens_per_s"]
-    size = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.1f}k"
-    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-    return f"{int(steps)} steps, {size} tokens, {took}"
 
 
 def _header(names) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mend.data import Counters
 
@@ -125,6 +126,28 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     fig.savefig(output_dir / "loss.png", dpi=120)
     plt.close(fig)
     return output_dir / "loss.png"
+
+
+def train_cost(run: Path) -> str:
+    """``"40 steps, 41.0k tokens, 5.1 min"``: a finished run's budget, summed from its
+    ``metrics.jsonl`` (the rates :func:`log_record` logs) and ``config.yaml``."""
+    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    accum = (config.get("train") or {}).get("grad_accum", 1)
+    steps = tokens = seconds = 0.0
+    last = 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "steps_per_s" not in record:
+            continue  # a model-selection line
+        n = record["step"] - last
+        last = record["step"]
+        elapsed = n * accum / record["steps_per_s"]  # the rate counts micro-batches
+        steps += n
+        seconds += elapsed
+        tokens += elapsed * record["tokens_per_s"]
+    size = f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.1f}k"
+    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return f"{int(steps)} steps, {size} tokens, {took}"
 
 
 def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
