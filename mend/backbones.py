@@ -14,7 +14,6 @@ fallback, which loads in ``dtype`` with a warning.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mend import zoo
+from mend import optional, zoo
 from mend.errors import BackboneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +52,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve(name)
+    _require_gguf(name, gguf_file)
     tok = _from_pretrained(AutoTokenizer, name, source, gguf_file=gguf_file)
     if tok.pad_token_id is None:
         # mend pads by hand and masks every pad position, so which id fills them is immaterial.
@@ -68,6 +68,7 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
     from transformers import AutoModel, AutoModelForCausalLM, GgufConfig
 
     source, gguf_file = resolve(name)
+    _require_gguf(name, gguf_file)
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -128,9 +129,14 @@ def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes 8-bit cannot run here, or None when it can."""
     if not torch.cuda.is_available():
         return "no CUDA device is available (bitsandbytes 8-bit needs a GPU)"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install 'mend[8bit]')"
+    if not optional.available("bitsandbytes"):
+        return f"bitsandbytes is not installed ({optional.OPTIONAL['bitsandbytes'].install})"
     return None
+
+
+def _require_gguf(name: str, gguf_file: str | None) -> None:
+    if gguf_file is not None:
+        optional.require("gguf", f"Reading the GGUF file of `{name}`")
 
 
 def hidden_size(model: nn.Module) -> int:

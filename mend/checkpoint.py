@@ -51,16 +51,25 @@ def read_config(directory: str | os.PathLike, kind: str) -> dict[str, Any]:
         raise CheckpointError(
             f"{directory} is not a {kind} checkpoint: it needs {config_path.name} and "
             f"{weights_path.name}" + (f" (it has {', '.join(found)})." if found else "."))
-    return json.loads(config_path.read_text())["config"]
+    try:
+        meta = json.loads(config_path.read_text())
+        return meta["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        reason = "has no `config` entry" if isinstance(e, (KeyError, TypeError)) else (
+            f"is not valid JSON ({e})")
+        raise CheckpointError(
+            f"{config_path} {reason}, so the checkpoint is damaged (an interrupted copy?). "
+            f"Copy or save the checkpoint again, or point at another one.") from None
 
 
 def load_weights(directory: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(paths(directory, kind)[1])
-
-
-def kind_of(directory: str | os.PathLike) -> str | None:
-    """Which kind of checkpoint a directory holds (``mend``, ``prompt_tuning``, ...)."""
-    found = sorted(Path(directory).glob("*_config.json")) if Path(directory).is_dir() else []
-    return found[0].name[:-len("_config.json")] if found else None
+    weights_path = paths(directory, kind)[1]
+    try:
+        return load_file(weights_path)
+    except Exception as e:  # safetensors raises its own SafetensorError (or OSError)
+        raise CheckpointError(
+            f"{weights_path} cannot be read ({type(e).__name__}: {e}): the file is truncated "
+            f"or damaged. Copy or save the checkpoint again, or point at another one."
+        ) from None

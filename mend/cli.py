@@ -5,6 +5,7 @@
     mend pretrain --config FILE [key=value ...]   stage 1 (same as pretrain/run.py)
     mend finetune --config FILE [key=value ...]   stage 2 (same as finetune/run.py)
     mend eval --config FILE [key=value ...]       evaluate a method (same as eval/run.py)
+    mend diagnose CHECKPOINT                      content controls on held-out text
     mend efficiency --config FILE                 FLOPs, memory and time per query, side by side
     mend nli-cost --config FILE                   ICL/PBFT/CD memory and time against k
     mend compare RESULTS.json ...                 one table of several results files
@@ -35,7 +36,7 @@ def _zoo(args: argparse.Namespace) -> int:
 # Jobs whose own parser takes the rest of the command line: name -> "module:function".
 JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli",
         "eval": "mend.recipes.evaluate:cli", "efficiency": "mend.recipes.efficiency:cli",
-        "demo": "mend.recipes.demo:cli", "nli-cost": "mend.recipes.nli_cost:cli"}
+        "demo": "mend.recipes.demo:cli", "diagnose": "mend.recipes.diagnose:cli", "nli-cost": "mend.recipes.nli_cost:cli"}
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -51,6 +53,18 @@ class MendConfig:
     projection: Literal["auto", "always", "none"] = "auto"
     """Linear+Tanh from distiller to LLM hidden size: ``auto`` adds it only when the sizes
     differ, ``always`` adds it anyway, ``none`` forbids it (sizes must then match)."""
+    output: Literal["embeddings", "kv"] = "embeddings"
+    """What the LLM receives. ``embeddings`` (the paper): the ``l`` vectors are input
+    embeddings the LLM reads in front of the query. ``kv`` (opt-in, Gisting-style prefix):
+    the distiller's own keys and values at bos and at the placeholders, layer by layer, are
+    the LLM's KV cache, so the LLM never reads the prefix at all; it needs a distiller of the
+    LLM's architecture (same layers, key/value heads and head size, e.g. the LLM itself with
+    LoRA) and ``projection: auto`` with ``vector_norm: none``."""
+    vector_norm: Literal["none", "match"] = "none"
+    """``match`` ends the distiller's output in an RMSNorm whose gains start at the RMS of the
+    LLM's token embeddings, so the vectors begin at the scale of the inputs the LLM was
+    trained on (a distiller's last hidden states are several times larger). ``none``: the
+    paper's vectors, unnormalised."""
     train_mode: Literal["full", "lora"] = "full"
     """Train every distiller weight, or only LoRA adapters on it (a checkpoint of a few MB)."""
     lora_r: int = 16
@@ -84,6 +98,11 @@ class MendConfig:
             raise ConfigError(
                 f"max_distiller_length ({self.max_distiller_length}) must exceed num_placeholders "
                 f"({self.num_placeholders}) to leave room for the demonstrations.")
+        if self.output == "kv" and (self.projection == "always" or self.vector_norm != "none"
+                                    or self.num_placeholders == 0):
+            raise ConfigError("output: kv hands the distiller's keys and values to the LLM "
+                              "unchanged, at one or more placeholders: set projection: auto, "
+                              "vector_norm: none and num_placeholders >= 1.")
         if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_r must be > 0 and lora_dropout in [0, 1).")
 
@@ -134,7 +153,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """``["train.lr=5e-5", "init_from=out/x"]`` -> ``{"train": {"lr": 5e-5}, "init_from": ...}``.
 
-    Values are parsed as YAML, so ``true``, ``3``, ``[1, 2]`` and ``null`` get their types.
+    Values are parsed as YAML, exactly as the same text after ``key:`` in a config file:
+    ``true``, ``3``, ``[1, 2]`` and ``null`` get their types, and a double-quoted string reads
+    YAML's escapes, so ``'model.demo_sep="\\n\\n"'`` (single quotes for the shell, double
+    for YAML) is two newlines. Unquoted, ``demo_sep=\\n\\n`` is four characters, as in YAML;
+    a :class:`UserWarning` then says how to quote it.
     """
     nested: dict[str, Any] = {}
     for item in overrides:
@@ -149,8 +172,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"Override `{item}` sets a key below `{part}`, which was "
                                   f"already given a value.")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and _ESCAPE.search(value) and not raw.lstrip()[:1] in "\"'":
+            warnings.warn(f"Override `{item}`: the value is the {len(value)} characters "
+                          f"{value!r}, backslashes included, as YAML reads unquoted text. For "
+                          f"escapes such as newlines write {key}=\"{raw.strip()}\" (in a shell: "
+                          f"'{key}=\"{raw.strip()}\"').", stacklevel=2)
+        node[parts[-1]] = value
     return nested
+
+
+_ESCAPE = re.compile(r"\\[nt]")
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     demonstration text --(distiller tokenizer)--> [pad.. demo tokens | l placeholders]
         --(distiller LM)--> last-layer hidden states at the placeholders
-        --(Linear+Tanh when hidden sizes differ)--> (B, l, d_llm) vectors
+        --(Linear+Tanh when hidden sizes differ)--(RMSNorm with vector_norm: match)-->
+        (B, l, d_llm) vectors
 
 The vectors replace the demonstrations in front of the frozen LLM (:mod:`mend.prefix_lm`).
 Compress once, then score or generate for as many queries as you like::
@@ -25,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mend import checkpoint
+from mend import checkpoint, kv_cache
 from mend.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
 from mend.config import MendConfig, from_dict, replace, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
-from mend.prefix_lm import Prefill, PrefixLM
+from mend.kv_cache import Prefill
+from mend.prefix_lm import PrefixLM
 from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
 
 CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
@@ -38,23 +40,32 @@ CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 
 @dataclass
 class DistilledContext:
-    """Distilled demonstrations: ``vectors`` is ``(B, l, d_llm)``, one row per demonstration set.
+    """Distilled demonstrations, one row per demonstration set.
 
     A context of one row serves any number of queries; a context of ``B`` rows pairs row ``i``
     with query ``i``.
     """
 
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None
+    """``(B, l, d_llm)`` input embeddings for the LLM; None with ``output: kv``."""
     prefill: Prefill | None = field(default=None, repr=False, compare=False)
-    """The LLM's KV cache of a one-row context, made by the first :meth:`Distiller.score` and
-    reused by every later one."""
+    """The LLM's KV cache of the context. With ``output: kv`` it *is* the context (the
+    distiller's keys and values, ``B`` rows); otherwise the first :meth:`Distiller.score` of
+    a one-row context makes it, and every later one reuses it."""
 
     def __len__(self) -> int:
-        return self.vectors.shape[0]
+        return len(self.prefill) if self.vectors is None else self.vectors.shape[0]
+
+    @property
+    def prefix(self) -> torch.Tensor | Prefill:
+        """What the LLM reads the queries after: the vectors, or the key/value prefix."""
+        return self.prefill if self.vectors is None else self.vectors
 
     def __getitem__(self, index: int | slice) -> DistilledContext:
-        rows = self.vectors[index]
-        return DistilledContext(rows.unsqueeze(0) if rows.dim() == 2 else rows)
+        rows = torch.arange(len(self))[index].reshape(-1)
+        if self.vectors is None:
+            return DistilledContext(None, kv_cache.select_rows(self.prefill, rows))
+        return DistilledContext(self.vectors.index_select(0, rows.to(self.vectors.device)))
 
 
 class Distiller(nn.Module):
@@ -66,6 +77,14 @@ class Distiller(nn.Module):
         self.format = DemoFormat(config.io_sep, config.demo_sep)
         self._bos = bos_ids(tokenizer)
         d_enc, d_llm = hidden_size(encoder), llm.hidden_size
+        if config.output == "kv" and kv_cache.shapes(encoder.config) != kv_cache.shapes(
+                llm.model.config):
+            raise InputError(
+                f"output: kv hands the distiller's keys and values to the LLM, so both need the "
+                f"same (layers, key/value heads, head size); the distiller has "
+                f"{kv_cache.shapes(encoder.config)} and the LLM "
+                f"{kv_cache.shapes(llm.model.config)}. Use the LLM itself as the distiller "
+                f"(train_mode: lora keeps it small), or output: embeddings.")
         if config.projection == "none" and d_enc != d_llm:
             raise InputError(f"The distiller's hidden size ({d_enc}) differs from the LLM's "
                              f"({d_llm}), and projection='none' forbids mapping between them. "
@@ -76,6 +95,8 @@ class Distiller(nn.Module):
         if config.projection == "always" or (config.projection == "auto" and d_enc != d_llm):
             self.projection = nn.Sequential(
                 nn.Linear(d_enc, d_llm, dtype=weight.dtype, device=weight.device), nn.Tanh())
+        if config.vector_norm == "match":
+            self.projection = nn.Sequential(*_layers(self.projection), _matched_norm(llm, weight))
         if config.train_mode == "lora":
             from peft import LoraConfig, get_peft_model
             from transformers.pytorch_utils import Conv1D
@@ -235,7 +256,8 @@ class Distiller(nn.Module):
         device = self.placeholders.device
         return ids.to(device), mask.to(device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor | Prefill:
         """Distill tokenized demonstrations (from :meth:`tokenize`) into vectors.
 
         Args:
@@ -244,6 +266,8 @@ class Distiller(nn.Module):
 
         Returns:
             ``(B, l, d_llm)`` in the LLM's dtype; differentiable w.r.t. the trainable weights.
+            With ``output: kv``, a :class:`~mend.kv_cache.Prefill` of ``B`` rows instead: each
+            layer's keys and values at bos and the ``l`` placeholders (differentiable too).
         """
         b, n = input_ids.shape[0], self.config.num_placeholders  # n is the paper's l
         if n == 0:
@@ -253,8 +277,12 @@ class Distiller(nn.Module):
         mask = torch.cat([attention_mask, attention_mask.new_ones(b, n)], dim=1)
         # Left padding keeps the placeholders in the last l columns for every row, and the
         # position ids skip the padding, so a set gives the same vectors alone or in a batch.
+        kv = self.config.output == "kv"
         out = self.encoder(inputs_embeds=embeds, attention_mask=mask,
-                           position_ids=positions(mask))
+                           position_ids=positions(mask), use_cache=kv)
+        if kv:
+            return kv_cache.from_distiller(out.past_key_values, mask,
+                                           out.last_hidden_state[:, -1], n, self.llm.dtype)
         return self.projection(out.last_hidden_state[:, -n:]).to(self.llm.dtype)
 
     @torch.no_grad()
@@ -276,6 +304,8 @@ class Distiller(nn.Module):
                     for i in range(0, len(demo_sets), batch_size)]
         finally:
             self.train(was_training)
+        if isinstance(rows[0], Prefill):
+            return DistilledContext(None, kv_cache.cat_rows(rows))
         return DistilledContext(torch.cat(rows))
 
     # ----------------------------------------------------------------------------------------
@@ -302,7 +332,10 @@ class Distiller(nn.Module):
         q_ids = encode(tok, [self.format.query(q) for q in queries])
         o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
                  for opts in options]
-        if len(ctx) == 1 and (self.llm.bos or ctx.vectors.shape[1]):
+        if ctx.vectors is None:  # a key/value prefix: the LLM continues from it directly
+            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
+                                            prefill=ctx.prefill)
+        elif len(ctx) == 1 and (self.llm.bos or ctx.vectors.shape[1]):
             # Read the vectors once, however many calls score queries after them.
             if ctx.prefill is None:
                 ctx.prefill = self.llm.prefill(ctx.vectors)
@@ -318,7 +351,7 @@ class Distiller(nn.Module):
         """Greedy (default) or sampled text after each prompt, read behind the vectors."""
         prompts = _strings(prompts, "prompts")
         ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
-        out = self.llm.generate(ids, prefix=ctx.vectors, max_new_tokens=max_new_tokens,
+        out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, **generate_kwargs)
         return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
 
@@ -332,6 +365,25 @@ def _strings(items: Sequence[str], name: str) -> list[str]:
     if isinstance(items, str) or len(items) == 0 or not all(isinstance(x, str) for x in items):
         raise InputError(f"`{name}` must be a non-empty list of strings, got {items!r:.80}.")
     return list(items)
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    if isinstance(module, nn.Identity):
+        return []
+    return list(module) if isinstance(module, nn.Sequential) else [module]
+
+
+def _matched_norm(llm: PrefixLM, like: torch.Tensor) -> nn.RMSNorm:
+    """An RMSNorm over the LLM's hidden size (in ``like``'s dtype and device, the distiller's)
+    whose gains start at the RMS of the LLM's token embeddings, taken through its embedding
+    module so that Gemma's scaled embeddings count as the LLM sees them."""
+    vocab = llm.model.get_input_embeddings().weight.shape[0]
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:4096]
+    with torch.no_grad():
+        rms = llm.embed(ids).float().pow(2).mean().sqrt().item()
+    norm = nn.RMSNorm(llm.hidden_size, eps=1e-6, device=like.device, dtype=like.dtype)
+    nn.init.constant_(norm.weight, rms)
+    return norm
 
 
 def _shapes(state: dict[str, torch.Tensor]) -> str:

@@ -14,6 +14,14 @@ scores the query's options:
   returning freed memory to the system (glibc ``malloc_trim``). It is coarser, so compare CPU
   numbers across methods, not with CUDA ones.
 - **Time:** the median wall time per query, after one warm-up query.
+
+:func:`query_costs` gives every query its own demonstrations, so MEND's distiller and ICL's
+context run per query (the paper's Figure 3). :func:`serving_costs` measures the use case
+of a deployment instead: one demonstration set serves many queries. The context is built
+and read by the LLM once (MEND: distiller pass plus the vectors' KV cache; ICL: the
+demonstrations' KV cache), that one-off cost is reported apart, and each query continues from
+the cache. :func:`break_even` says after how many queries one way becomes cheaper than
+another.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import gc
+import math
 import statistics
 import threading
 import time
@@ -29,15 +38,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mend.data.metaicl import ContextBuilder
-from mend.methods.base import Method
+from mend.kv_cache import Prefill
+from mend.methods.base import Method, prefix_kwargs
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's FLOP counter knows the CUDA attention kernels but not the CPU one that
+# scaled_dot_product_attention runs here, which it would count as 0 FLOPs, hiding exactly
+# the cost that grows with the context.
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn`` once under a FLOP counter; returns its result and its forward FLOPs."""
-    counter = FlopCounterMode(display=False)
+    """Run ``fn`` once under a FLOP counter; returns its result and its forward FLOPs
+    (matmuls and attention, the CPU attention kernel included)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
     with counter:
         out = fn()
     return out, counter.get_total_flops()
@@ -111,7 +132,7 @@ def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[lis
             return method.prefix([kept], [ids])
 
         def score(prefix, pairs=pairs):
-            return method.llm.score_pairs(pairs, *prefix)
+            return method.llm.score_pairs(pairs, **prefix_kwargs(prefix))
 
         prefix, context_flops = count_flops(context)
         _, llm_flops = count_flops(functools.partial(score, prefix))
@@ -125,6 +146,84 @@ def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[lis
                         "peak_bytes": memory.peak})
     records = records[1:]  # the first query warms up kernels and caches
     return {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
+
+
+@torch.no_grad()
+def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Sequence[dict],
+                  device: torch.device | str, reuse: bool = True) -> dict[str, Any]:
+    """One demonstration set serving the queries ``rows``.
+
+    With ``reuse`` the context is built and prefilled once: ``once`` holds its FLOPs
+    (``context_flops``: MEND's distiller; ``llm_flops``: the LLM reading it), ``seconds`` and
+    the KV cache's size (``cache_bytes``), and ``per_query`` the medians, after one warm-up,
+    of each query continuing from that cache. Without it (ICL re-read), every query builds
+    and reads the context again, ``once`` is all zeros, and the context's cost is in
+    ``per_query``. A method that reads no context (zero-shot) reads bos alone per query.
+    """
+    if len(rows) < 2:
+        raise ValueError("Need at least two queries (the first warms up).")
+    zero = {"context_flops": 0, "llm_flops": 0, "flops": 0, "seconds": 0.0, "cache_bytes": 0}
+    if not (reuse and method.reads_context):
+        per_query = query_costs(method, builder, [demos] * len(rows), rows, device)
+        return {"once": zero, "per_query": {**per_query, "cache_bytes": 0}}
+    reserve = max(len(builder.query(r["input"], True)) + max(len(builder.option(o))
+                                                             for o in r["options"])
+                  for r in rows)
+    kept, ids = builder.context(demos, reserve)
+    began = time.perf_counter()
+    prefix, context_flops = count_flops(lambda: method.prefix([kept], [ids]))
+    prefill, prefill_flops = (prefix, 0) if isinstance(prefix, Prefill) else count_flops(
+        lambda: method.llm.prefill(*prefix))  # a key/value prefix is read by no LLM pass
+    _sync(device)
+    once = {"context_flops": context_flops, "llm_flops": prefill_flops,
+            "flops": context_flops + prefill_flops, "seconds": time.perf_counter() - began,
+            "cache_bytes": tensor_bytes(prefill.cache)}
+    records = []
+    for row in rows:
+        pairs = [[(builder.query(row["input"], True), builder.option(o))
+                  for o in row["options"]]]
+        score = functools.partial(method.llm.score_pairs, pairs, prefill=prefill)
+        _, flops = count_flops(score)
+        with PeakMemory(device) as memory:
+            began = time.perf_counter()
+            score()
+            _sync(device)
+            seconds = time.perf_counter() - began
+        records.append({"context_flops": 0, "llm_flops": flops, "flops": flops,
+                        "seconds": seconds, "peak_bytes": memory.peak})
+    records = records[1:]
+    per_query = {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
+    return {"once": once, "per_query": {**per_query, "cache_bytes": once["cache_bytes"]}}
+
+
+def break_even(a: dict[str, Any], b: dict[str, Any], key: str = "flops") -> int | None:
+    """The fewest queries after which ``a`` (one-off cost plus per query) costs less in all
+    than ``b``, both :func:`serving_costs` results; None when it never does. 1 when ``a`` is
+    cheaper from the first query."""
+    once = a["once"][key] - b["once"][key]
+    saved = b["per_query"][key] - a["per_query"][key]
+    if once < 0 and saved >= 0:
+        return 1
+    if saved <= 0:
+        return None
+    return max(1, math.floor(once / saved) + 1)
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (a KV cache's layers, lists, dicts)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
 
 
 def _sync(device) -> None:

@@ -7,6 +7,9 @@ For one task and seed:
    pool, with an RNG seeded by (seed, task, query). Or ``bm25``/``dense`` retrieval: the ``k``
    pool rows nearest the query. The pool is the seed's train file (``pool: seed``) or every
    seed's train file (``pool: all``), never holding the query itself.
+   With ``source: other_task`` they come from another task of the evaluated set instead
+   (the *swap control*), while the queries keep their own options: what a method scores
+   then is what it gets without this task's demonstrations.
 2. **Perturbations** (Min et al., 2022): ``no_label`` (inputs only), ``no_input`` (outputs
    only), ``random_label`` (a label drawn uniformly from the options), ``wrong_label`` (a label
    drawn from the options other than the gold one).
@@ -38,7 +41,7 @@ import torch
 from mend.data import Counters
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
-from mend.methods.base import Method
+from mend.methods.base import Method, prefix_kwargs
 from mend.metrics import task_metrics
 from mend.text import Demo
 
@@ -74,6 +77,9 @@ class DemoConfig:
     """How the k demonstrations are chosen; bm25 and dense retrieve per query."""
     pool: Literal["seed", "all"] = "all"
     """Where resampled or retrieved demonstrations come from."""
+    source: Literal["own", "other_task"] = "own"
+    """``own``: the task's own demonstrations. ``other_task``: those of another task (the
+    swap control; the harness names the donor), drawn by the same rules."""
     perturbation: Literal["none", "no_label", "no_input", "random_label",
                           "wrong_label"] = "none"
     scoring: Literal["direct", "channel"] = "direct"
@@ -142,7 +148,8 @@ def demo_pool(task: Task, seed: int, pool: str) -> list[dict]:
 
 def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig,
                  retriever=None) -> list[list[tuple[str, str]]]:
-    """One demonstration set (fixed) or one per query (resample, retrieval)."""
+    """One demonstration set (fixed) or one per query (resample, retrieval), from ``task``'s
+    pool (the query's task, or the donor under the swap control)."""
     if not cfg.per_query:
         return [[(r["input"], r["output"]) for r in task.rows("train", seed)[:cfg.k]]]
     pool = demo_pool(task, seed, cfg.pool)
@@ -167,29 +174,36 @@ def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig
 def evaluate_task(method: Method, task: Task, seed: int, split: str, builder: ContextBuilder,
                   demos: DemoConfig | None = None, *, limit: int | None = None,
                   batch_size: int = 32, chunk: int = 16, retriever=None,
-                  reuse_head: bool = True) -> TaskResult | None:
+                  reuse_head: bool = True, donor: Task | None = None) -> TaskResult | None:
     """Score ``task``'s ``split`` rows with the demonstrations of ``seed``; None, with a warning
     naming the reason, for a task that cannot be scored (no options, or no demonstration fits
     the context budget). ``reuse_head=False`` is the naive path that reads the context again
-    for every option (for benchmarks and checks; the scores are the same)."""
+    for every option (for benchmarks and checks; the scores are the same). Under
+    ``demos.source: other_task``, the demonstrations come from ``donor`` (and ``retriever``
+    must index the donor's pool)."""
     demos = demos or DemoConfig()
+    if demos.source == "other_task" and (donor is None or donor.name == task.name):
+        raise ConfigError(f"demos.source=other_task scores {task.name} with another task's "
+                          f"demonstrations, but no other task was given: evaluate two or more "
+                          f"tasks.")
     try:
         return _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
-                              retriever, reuse_head)
+                              retriever, reuse_head, donor if demos.source == "other_task"
+                              else task)
     except InputError as e:
         warnings.warn(f"Task {task.name} (seed {seed}) is skipped: {e}", stacklevel=2)
         return None
 
 
 def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size, chunk,
-                   retriever, reuse_head) -> TaskResult | None:
+                   retriever, reuse_head, source) -> TaskResult | None:
     rows = task.rows(split, seed)[:limit]
     if not rows or not all(row.get("options") for row in rows):
         warnings.warn(f"Task {task.name} has rows without options; only option scoring is "
                       f"supported, so it is skipped.", stacklevel=2)
         return None
     counts_before = dict(builder.counters.counts)
-    sets = choose_demos(task, seed, rows, demos, retriever) if method.reads_context else [[]]
+    sets = choose_demos(source, seed, rows, demos, retriever) if method.reads_context else [[]]
     if not method.reads_demos:
         sets = sets[:1]  # one prefix serves every query, whatever demos.mode says
     labels = sorted({o for r in rows for o in r["options"]})
@@ -202,14 +216,14 @@ def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size,
     if len(sets) == 1:  # one context serves every query
         reserve = max(len(p) + len(t) for g in groups for p, t in g)
         prefix = _prefixes(method, builder, sets, [reserve])
-        nll = method.llm.score_pairs(groups, *prefix, batch_size=batch_size,
+        nll = method.llm.score_pairs(groups, **prefix_kwargs(prefix), batch_size=batch_size,
                                      reuse_head=reuse_head)
     else:  # a context per query, scored a chunk of queries at a time
         for start in range(0, len(rows), chunk):
             part = groups[start:start + chunk]
             reserves = [max(len(p) + len(t) for p, t in g) for g in part]
             prefix = _prefixes(method, builder, sets[start:start + chunk], reserves)
-            nll += method.llm.score_pairs(part, *prefix, batch_size=batch_size,
+            nll += method.llm.score_pairs(part, **prefix_kwargs(prefix), batch_size=batch_size,
                                           reuse_head=reuse_head)
     preds = [r["options"][int(s.argmin())] for r, s in zip(rows, nll)]
     golds = [r["output"] for r in rows]
@@ -280,6 +294,31 @@ def aggregate(results: Sequence[TaskResult]) -> dict[str, Any]:
         average[m] = {"mean": float(np.mean([tasks[t][m]["mean"] for t in tasks])),
                       "std": float(np.std(per_seed_avg))}
     return {"tasks": tasks, "average": average, "num_tasks": len(tasks), "seeds": seeds}
+
+
+def donors(tasks: Sequence[Task]) -> dict[str, Task]:
+    """The swap control's donor of each task: the next task in the list (the last gives to
+    the first), so every task's demonstrations serve exactly one other task."""
+    return {t.name: tasks[(i + 1) % len(tasks)] for i, t in enumerate(tasks)}
+
+
+def content_gap(own: dict[str, Any], swapped: dict[str, Any]) -> dict[str, Any]:
+    """Own minus swapped scores (two :func:`aggregate` results over the same tasks and seeds):
+    what the task's own demonstrations add over another task's. Mean over tasks; std over
+    seeds of the per-seed gap; and per task."""
+    tasks = sorted(own["tasks"].keys() & swapped["tasks"].keys())
+    per_task = {t: own["tasks"][t]["score"]["mean"] - swapped["tasks"][t]["score"]["mean"]
+                for t in tasks}
+    per_seed = []
+    for s in own["seeds"]:
+        gaps = [own["tasks"][t]["seeds"][str(s)]["score"]
+                - swapped["tasks"][t]["seeds"][str(s)]["score"]
+                for t in tasks if str(s) in own["tasks"][t]["seeds"]
+                and str(s) in swapped["tasks"][t]["seeds"]]
+        if gaps:
+            per_seed.append(float(np.mean(gaps)))
+    return {"mean": float(np.mean(list(per_task.values()))) if tasks else float("nan"),
+            "std": float(np.std(per_seed)) if per_seed else float("nan"), "tasks": per_task}
 
 
 def sum_counts(results: Sequence[TaskResult]) -> dict[str, int]:

@@ -28,25 +28,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mend.backbones import enable_checkpointing, freeze, hidden_size, max_positions
 from mend.errors import InputError
+from mend.kv_cache import Prefill, fresh_cache
 from mend.text import bos_ids, pad, positions
-
-
-@dataclass
-class Prefill:
-    """``[bos | prefix]`` already read by the LLM, for ``R`` rows: continue from it with
-    ``score_pairs(..., prefill=)`` or ``next_token_logits(..., prefill=)`` to serve any number
-    of queries without reading the prefix again (see :meth:`PrefixLM.prefill`)."""
-
-    cache: object           # the model's KV cache, batch R
-    mask: torch.Tensor      # (R, H), left-padded
-    last: torch.Tensor      # (R, d) final hidden state at the last head position
 
 
 class PrefixLM:
@@ -127,6 +116,9 @@ class PrefixLM:
         Returns:
             ``(B, T, V)``, or ``(B, T + 1, V)`` with ``with_prefix_last``.
         """
+        if isinstance(prefix, Prefill):
+            return self.project(self.hidden(input_ids, attention_mask, prefix,
+                                            with_prefix_last=with_prefix_last))
         embeds, mask, keep = self._inputs(input_ids, attention_mask, prefix, prefix_mask,
                                           with_prefix_last)
         with self._checkpointing():
@@ -142,7 +134,18 @@ class PrefixLM:
         ``project(hidden(...))`` equals ``logits(...)``; the split lets a loss or a scorer
         project only the positions it uses, a chunk at a time, instead of forming ``(B, T, V)``
         float32 logits (Gemma's V is 262k).
+
+        ``prefix`` may also be a :class:`Prefill` of ``B`` rows (a distiller's key/value
+        prefix): the input is then read after it, differentiably.
         """
+        if isinstance(prefix, Prefill):
+            if len(prefix) != input_ids.shape[0]:
+                raise InputError(f"The key/value prefix has {len(prefix)} rows for "
+                                 f"{input_ids.shape[0]} inputs.")
+            ids, mask = self._check_input(input_ids, attention_mask)
+            with self._checkpointing():
+                out = self._read_after(prefix, torch.arange(len(prefix)), ids, mask)
+            return out if with_prefix_last else out[:, 1:]
         embeds, mask, keep = self._inputs(input_ids, attention_mask, prefix, prefix_mask,
                                           with_prefix_last)
         with self._checkpointing():
@@ -213,15 +216,17 @@ class PrefixLM:
             batch_size: (prompt, target) rows per forward pass.
             reuse_head: run ``[bos | prefix]`` once and continue every row from its KV cache
                 (the default); False recomputes it per row, the plain path.
-            prefill: a shared context already read (:meth:`prefill`, one row), used instead
-                of ``prefix``, which must then be None.
+            prefill: a context already read, used instead of ``prefix`` (which must then be
+                None): one row (:meth:`prefill`) shared by every query, or one per query (a
+                distiller's key/value prefixes).
 
         Returns:
             ``Q`` float32 tensors on the CPU, one NLL per pair.
         """
-        _check_prefill(prefill, prefix)
-        shared = prefix is None or prefix.shape[0] == 1
-        if not shared and prefix.shape[0] != len(groups):
+        _check_prefill(prefill, prefix, len(groups))
+        shared = len(prefill) == 1 if prefill is not None else (
+            prefix is None or prefix.shape[0] == 1)
+        if not shared and prefill is None and prefix.shape[0] != len(groups):
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 (shared) or "
                              f"one per query ({len(groups)}).")
         has_context = (bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
@@ -283,12 +288,13 @@ class PrefixLM:
         positions a batch needs are turned into logits. ``prefill`` is a shared prefix already
         read (:meth:`prefill`), used instead of ``prefix``.
         """
-        _check_prefill(prefill, prefix)
         n = len(prompt_ids)
+        _check_prefill(prefill, prefix, n)
         if any(len(p) == 0 for p in prompt_ids):
             raise InputError("next_token_logits needs non-empty prompts.")
-        shared = prefix is None or prefix.shape[0] == 1
-        if not shared and prefix.shape[0] != n:
+        shared = len(prefill) == 1 if prefill is not None else (
+            prefix is None or prefix.shape[0] == 1)
+        if not shared and prefill is None and prefix.shape[0] != n:
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
         has_head = (bool(self.bos) or (prefix is not None and prefix.shape[1] > 0)
                     or prefill is not None)
@@ -327,9 +333,15 @@ class PrefixLM:
 
         Rows are left-padded as a whole for generation, so every row ends at the last column.
         ``prefix`` is ``(1, P, d)`` shared, or ``(B, P, d)`` one per prompt. Returns the new
-        token ids of each row, cut before the first EOS.
+        token ids of each row, cut before the first EOS. After a distiller's key/value prefix
+        (a :class:`Prefill`) decoding is greedy, reading each row again per new token.
         """
         n = len(prompt_ids)
+        if isinstance(prefix, Prefill):
+            if do_sample:
+                raise InputError("Sampling after a key/value prefix is not supported; use "
+                                 "do_sample=False (greedy).")
+            return self._greedy_after(prefix, prompt_ids, max_new_tokens)
         if prefix is not None and prefix.shape[0] not in (1, n):
             raise InputError(f"The context has {prefix.shape[0]} rows; it needs 1 or {n}.")
         rows = []  # each row's real embeddings, bos + prefix + prompt, before padding
@@ -351,6 +363,29 @@ class PrefixLM:
                                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos,
                                   **generate_kwargs)
         return [seq[:seq.index(eos)] if eos in seq else seq for seq in out.tolist()]
+
+    def _greedy_after(self, head: Prefill, prompt_ids: Sequence[Sequence[int]],
+                      max_new_tokens: int) -> list[list[int]]:
+        if len(head) not in (1, len(prompt_ids)):
+            raise InputError(f"The context has {len(head)} rows; it needs 1 or "
+                             f"{len(prompt_ids)}.")
+        eos, out = self.tokenizer.eos_token_id, []
+        for i, prompt in enumerate(prompt_ids):
+            seq, new = list(prompt), []
+            index = torch.tensor([0 if len(head) == 1 else i])
+            for _ in range(max_new_tokens):
+                if seq:
+                    ids = torch.tensor([seq])
+                    last = self._continue(head, index, ids, torch.ones_like(ids))[0, -1]
+                else:  # nothing read yet: the head's last position predicts the first token
+                    last = head.last[index.to(head.last.device)][0]
+                token = int(self.project(last).argmax())
+                if token == eos:
+                    break
+                seq.append(token)
+                new.append(token)
+            out.append(new)
+        return out
 
     # ----------------------------------------------------------------------------------------
 
@@ -407,20 +442,29 @@ class PrefixLM:
     @torch.no_grad()
     def _continue(self, head: Prefill, index: torch.Tensor, input_ids: torch.Tensor,
                   input_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`_read_after` for scoring (no gradients)."""
+        return self._read_after(head, index, input_ids, input_mask)
+
+    def _read_after(self, head: Prefill, index: torch.Tensor, input_ids: torch.Tensor,
+                    input_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the inputs read after cached heads, row ``i`` after head
         ``index[i]``: ``(n, T + 1, d)``, where index ``t`` predicts input token ``t`` (index 0
         is the head's last position)."""
         index = index.to(self.device)
-        cache = copy.deepcopy(head.cache)  # the forward pass appends to it
-        cache.batch_select_indices(index)
-        head_mask = head.mask.index_select(0, index)
+        if head.from_distiller:  # tensors that may carry gradients: a fresh cache of them
+            cache = fresh_cache(head, index, self.model.config)
+        else:
+            cache = copy.deepcopy(head.cache)  # the forward pass appends to it
+            cache.batch_select_indices(index)
+        head_mask = head.mask.index_select(0, index.to(head.mask.device)).to(self.device)
         input_ids, input_mask = input_ids.to(self.device), input_mask.to(self.device)
         mask = torch.cat([head_mask, input_mask], dim=1)
-        self._check_length(int(mask.sum(-1).max()))
-        pos = head_mask.sum(-1, keepdim=True) + positions(input_mask)
+        pos = head.positions(index).to(self.device) + positions(input_mask)
+        self._check_length(int(pos.max()) + 1)
         out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                         past_key_values=cache, use_cache=True)
-        return torch.cat([head.last.index_select(0, index).unsqueeze(1),
+        return torch.cat([head.last.index_select(0, index.to(head.last.device)).unsqueeze(1)
+                          .to(out.last_hidden_state.device, out.last_hidden_state.dtype),
                           out.last_hidden_state], 1)
 
     def _check_input(self, input_ids, attention_mask):
@@ -450,15 +494,15 @@ def _rows(prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None, index: 
                 prefix_mask.device)))
 
 
-def _check_prefill(prefill: Prefill | None, prefix: torch.Tensor | None) -> None:
+def _check_prefill(prefill: Prefill | None, prefix: torch.Tensor | None, queries: int) -> None:
     if prefill is None:
         return
     if prefix is not None:
         raise InputError("Give a prefix or a prefill, not both: the prefill already holds its "
                          "prefix.")
-    if prefill.mask.shape[0] != 1:
-        raise InputError(f"A prefill serves every query when it has one row; this one has "
-                         f"{prefill.mask.shape[0]}.")
+    if len(prefill) != 1 and len(prefill) != queries:
+        raise InputError(f"A prefill serves every query when it has one row, or one query "
+                         f"per row; this one has {len(prefill)} rows for {queries} queries.")
 
 
 def _target_positions(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

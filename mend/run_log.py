@@ -73,12 +73,13 @@ def write_record(accelerator, output_dir: Path, record: dict[str, Any], tensorbo
                         step=record["step"])
 
 
-def record_call(output_dir: Path, step: int) -> None:
-    """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml."""
+def record_call(output_dir: Path, step: int, **resolved: Any) -> None:
+    """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml,
+    and ``resolved`` adds what this start decided (e.g. the precision ``auto`` chose)."""
     from mend.report import provenance
 
     with open(output_dir / "provenance.jsonl", "a") as f:
-        record = {"start_step": step, **provenance()}
+        record = {"start_step": step, **resolved, **provenance()}
         del record["config"]  # None here: config.yaml beside it holds the run's config
         f.write(json.dumps(record) + "\n")
 
@@ -97,7 +98,9 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_metrics(output_dir: str | Path) -> Path | None:
-    """``loss.png``: every loss term of ``metrics.jsonl`` against the step."""
+    """``loss.png``: every loss term of ``metrics.jsonl`` against the step, and, where the run
+    logged the content controls (:mod:`mend.diagnostics`), the held-out KL with own, swapped
+    and no vectors beside it."""
     output_dir = Path(output_dir)
     path = output_dir / "metrics.jsonl"
     if not path.is_file():
@@ -107,8 +110,12 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    terms = [k for k in ("loss", "distill", "pred", "clm") if any(k in r for r in records)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    content = [r for r in records if "monitor_kl_own" in r]
+    fig, axes = plt.subplots(1, 2 if content else 1, figsize=(11 if content else 6, 4),
+                             squeeze=False)
+    ax = axes[0][0]
+    terms = [k for k in ("loss", "distill", "pred", "clm", "reconstruct")
+             if any(k in r for r in records)]
     for k in terms:
         pts = [(r["step"], r[k]) for r in records if k in r]
         ax.plot(*zip(*pts), label=k)
@@ -122,6 +129,19 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     if terms:
         ax.legend(loc="upper right")
     ax.set_title(output_dir.name)
+    if content:
+        ax = axes[0][1]
+        steps = [r["step"] for r in content]
+        for key, style in (("kl_own", "-o"), ("kl_swap", "-s"), ("kl_none", ":")):
+            ax.plot(steps, [r[f"monitor_{key}"] for r in content], style, label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out KL")
+        ax.legend(loc="upper left")
+        share = ax.twinx()
+        share.plot(steps, [100 * r["monitor_content_share"] for r in content], "k--",
+                   label="content share")
+        share.set_ylabel("content gain / KL_swap (%)")
+        ax.set_title("content controls (held-out text)")
     fig.tight_layout()
     fig.savefig(output_dir / "loss.png", dpi=120)
     plt.close(fig)

@@ -26,7 +26,6 @@ What it does:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from mend.data import Counters
-from mend.errors import ConfigError, MendError
+from mend.errors import CheckpointError, ConfigError, MendError
 from mend.methods.base import Trainable
 from mend.run_log import (Window, flat, log_record, plot_metrics, record_call, sum_counts,
                            truncate_metrics, write_record)
@@ -57,6 +56,10 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (the global batch is batch_size x grad_accum x GPUs)."""
     lr: float = 5e-5
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    """Per-parameter-group LR factors, keyed by the start of the parameter's name, e.g.
+    ``{placeholders: 10, projection: 10}`` trains MEND's placeholders and projection 10x
+    faster than the distiller (a name matching none keeps ``lr``)."""
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -66,7 +69,10 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    """``auto``: bf16 where this machine computes it natively, measured on a CPU, else fp32
+    (:mod:`mend.precision`); the choice and its reason are printed and kept in
+    ``provenance.jsonl``."""
     gradient_checkpointing: bool = False
     compile: bool = False
     """``torch.compile`` the trained module and the frozen LLM's body, in place (checkpoint keys
@@ -91,6 +97,8 @@ class TrainConfig:
                      "keep_checkpoints", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if any(v <= 0 for v in self.lr_multipliers.values()):
+            raise ConfigError(f"train.lr_multipliers must all be > 0, got {self.lr_multipliers}.")
         if self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ConfigError("train.lr must be > 0, train.warmup_ratio in [0, 1) and "
                               "train.warmup_steps >= 0.")
@@ -149,6 +157,7 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
           output_dir: str | Path, *, counters: Counters | None = None,
           evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
           keep_best: dict[str, str] | None = None,
+          monitor: Callable[[torch.nn.Module], dict[str, float]] | None = None,
           tracker_config: dict[str, Any] | None = None) -> TrainResult:
     """Train ``method`` for ``cfg.max_steps`` steps, resuming from the output directory.
 
@@ -156,6 +165,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     stopping. Without ``keep_best``, the best-scoring model is the output directory's
     checkpoint. With ``keep_best={"best_ood": "ood", ...}``, each named metric's best model is
     saved to ``output_dir/<name>`` and the output directory holds the last model.
+    ``monitor`` is also called every ``eval_every`` steps; its metrics are logged (as
+    ``monitor_<name>``) but select nothing (the content controls of :mod:`mend.diagnostics`).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -163,12 +174,15 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    from mend import optional, precision
+
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install "
-                          "tensorboard (or 'mend[tensorboard]'), or set train.tensorboard=false.")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    mixed, why = precision.resolve(cfg.mixed_precision,
+                                   "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.tensorboard:
+        optional.require("tensorboard", "train.tensorboard=true (or set it to false)")
+    accelerator = Accelerator(mixed_precision=mixed,
                               log_with="tensorboard" if cfg.tensorboard else None,
                               project_dir=str(output_dir))
     set_seed(cfg.seed, deterministic=cfg.deterministic)
@@ -183,18 +197,14 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("The method has no trainable parameters.")
-    optimizer = _optimizer(cfg, params)
+    optimizer = _optimizer(cfg, _param_groups(cfg, module))
     scheduler = _scheduler(cfg, optimizer)
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     checkpoints = output_dir / "checkpoints"
-    last = _latest(checkpoints) if cfg.resume == "auto" else None
     main = accelerator.is_main_process
-    if last is not None:
-        accelerator.load_state(str(last))
-        if main:
-            print(f"mend: resuming from {last} (step {state.step})", flush=True)
+    last = _resume(accelerator, checkpoints, state) if cfg.resume == "auto" else None
     # Counts are summed over processes when logged, so only the main process carries the
     # totals so far: the checkpoint's on a resume (they include what was counted before
     # training), else what data loading has counted already.
@@ -202,7 +212,9 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         counters.counts = dict(state.counts) if main else {}
     if main:
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
-        record_call(output_dir, state.step)
+        record_call(output_dir, state.step, mixed_precision=f"{mixed} ({why})")
+        if cfg.mixed_precision == "auto":
+            print(f"mend: train.mixed_precision=auto -> {mixed}: {why}", flush=True)
     if cfg.tensorboard:
         accelerator.init_trackers("mend", config=flat(tracker_config or {}))
 
@@ -231,6 +243,10 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                 _select(accelerator, model, method, evaluate, state, cfg, output_dir,
                         keep_best or {})
                 window.start += time.perf_counter() - began  # throughput excludes evaluation
+            if monitor is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                began = time.perf_counter()
+                _monitor(accelerator, model, monitor, state.step, output_dir)
+                window.start += time.perf_counter() - began
             if stop_signal.raised:
                 accelerator.set_trigger()
             if accelerator.check_trigger():
@@ -292,6 +308,23 @@ def _step(cfg, accelerator, model, method, optimizer, scheduler, params, batches
     return grad_norm
 
 
+def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters, grouped by their LR (``lr_multipliers``: longest prefix wins)."""
+    prefixes = sorted(cfg.lr_multipliers, key=len, reverse=True)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            hit = next((k for k in prefixes if name.startswith(k)), None)
+            groups.setdefault(cfg.lr_multipliers[hit] if hit else 1.0, []).append(p)
+    unused = [k for k in prefixes if not any(n.startswith(k) for n, _ in module.named_parameters())]
+    if unused:
+        raise ConfigError(f"train.lr_multipliers names {unused}, which starts no trainable "
+                          f"parameter's name; names start with: "
+                          f"{', '.join(sorted({n.split('.')[0] for n, _ in module.named_parameters()}))}.")
+    # The base group first: the logged "lr" is the first group's.
+    return [{"params": groups[m], "lr": cfg.lr * m} for m in sorted(groups, key=lambda m: m != 1.0)]
+
+
 def _optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw_8bit":
         from mend.backbones import bitsandbytes_problem
@@ -314,16 +347,40 @@ def _scheduler(cfg: TrainConfig, optimizer):
 
 
 # --------------------------------------------------------------------------------------------
-# Logging
+# Checkpoints, model selection and monitoring
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints and model selection
+def _resume(accelerator, checkpoints: Path, state: TrainState) -> Path | None:
+    """Load the newest readable checkpoint; returns it, or None when there is none.
 
-
-def _latest(checkpoints: Path) -> Path | None:
-    done = sorted(p for p in checkpoints.glob("step-*") if p.is_dir())
-    return done[-1] if done else None
+    One that cannot be read (a disk filled up, a copy cut short) is renamed
+    ``unreadable-step-N`` and kept, and the run resumes from the one before it, saying so.
+    """
+    tried = []
+    for path in sorted((p for p in checkpoints.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            accelerator.load_state(str(path))
+        except Exception as e:  # torch, safetensors and pickle each raise their own
+            tried.append(path)
+            reason = f"{type(e).__name__}: {str(e)[:200]}"
+            if accelerator.is_main_process:
+                bad = path.with_name(f"unreadable-{path.name}")
+                shutil.rmtree(bad, ignore_errors=True)
+                os.replace(path, bad)
+                print(f"mend: checkpoint {path} cannot be read ({reason}); it is kept as "
+                      f"{bad.name}, and the run resumes from the checkpoint before it.",
+                      flush=True)
+            accelerator.wait_for_everyone()
+            continue
+        if accelerator.is_main_process:
+            print(f"mend: resuming from {path} (step {state.step})", flush=True)
+        return path
+    if tried:
+        raise CheckpointError(
+            f"No checkpoint under {checkpoints} can be read ({', '.join(p.name for p in tried)} "
+            f"failed; they are kept as unreadable-step-*). Delete them to start over, or set "
+            f"train.resume=never.")
+    return None
 
 
 def _checkpoint(accelerator, checkpoints: Path, state: TrainState, counters: Counters,
@@ -377,6 +434,20 @@ def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainC
     else:
         state.evals_without_improvement += 1
         state.stopped = state.evals_without_improvement >= cfg.patience
+    accelerator.wait_for_everyone()
+
+
+def _monitor(accelerator, model, monitor, step: int, output_dir: Path) -> None:
+    """Log ``monitor``'s metrics (main process only); nothing is selected by them."""
+    if accelerator.is_main_process:
+        model.eval()
+        metrics = monitor(accelerator.unwrap_model(model))
+        model.train()
+        with open(output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{f"monitor_{k}": v for k, v in
+                                                 metrics.items()}}) + "\n")
+        print(f"mend: step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                 if isinstance(v, float)), flush=True)
     accelerator.wait_for_everyone()
 
 

@@ -107,7 +107,9 @@ def path(name: str) -> Path:
 
 def _convert(entry: ZooModel, target: Path) -> None:
     from mend.backbones import load_model, load_tokenizer  # backbones imports this module
+    from mend.optional import require
 
+    require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
         gguf = entry.locate(Path(tmp))
         # The same GGUF path users get for a .gguf file: dequantized, real float32 weights.

@@ -45,7 +45,48 @@ def test_icl_flops_grow_with_k_while_mends_llm_flops_do_not(setup):
     assert len(mend_llm) == 1  # the LLM reads 4 vectors whatever k is
     distiller = [costs["mend", k]["context_flops"] for k in (1, 4, 16)]
     assert 0 < distiller[0] < distiller[1] < distiller[2]  # the distiller reads the demos
-    assert all(c["seconds"] > 0 and c["peak_bytes"] >= 0 for c in costs.values())
+    assert all(c["seconds"] > 0 for c in costs.values())
+
+
+def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatch):
+    """A query whose scoring allocates 64 MiB reports at least that much, in both the
+    per-query and the compress-once measurement (so the numbers measure the query)."""
+    import torch
+
+    from mend.efficiency import serving_costs
+    tmp_path, root, llm = setup
+    task = load_task(root, "t1")
+    rows = task.rows("dev", 100)[:3]
+    demos = [(r["input"], r["output"]) for r in task.rows("train", 100)[:4]]
+    method = build_method(MethodConfig("mend", checkpoint=str(tmp_path / "m")))
+    builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 64, 900,
+                             method.llm.max_length, Counters())
+    score = method.llm.score_pairs
+
+    def hungry(*args, **kwargs):
+        held = torch.ones(64, 2**20 // 4)  # 64 MiB while the query is scored
+        held.add_(1)
+        return score(*args, **kwargs)
+    monkeypatch.setattr(method.llm, "score_pairs", hungry)
+    per_query = query_costs(method, builder, [demos] * len(rows), rows, "cpu")
+    served = serving_costs(method, builder, demos, rows, "cpu")["per_query"]
+    assert per_query["peak_bytes"] >= 32 * 2**20 and served["peak_bytes"] >= 32 * 2**20
+
+
+def test_break_even_and_cache_bytes_by_hand():
+    import torch
+
+    from mend.efficiency import break_even, tensor_bytes
+
+    def costs(once, per_query):
+        return {"once": {"flops": once}, "per_query": {"flops": per_query}}
+    # a pays 100 up front and saves 30 a query: 100 < 30 n first at n = 4.
+    assert break_even(costs(100, 10), costs(0, 40)) == 4
+    assert break_even(costs(90, 10), costs(0, 40)) == 4  # 90 < 90 is false at n = 3
+    assert break_even(costs(0, 10), costs(5, 10)) == 1  # cheaper up front, the same after
+    assert break_even(costs(10, 50), costs(0, 40)) is None  # dearer per query: never
+    cache = {"layers": [(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bfloat16))] * 2}
+    assert tensor_bytes(cache) == 2 * 3 * 4 + 2 * 3 * 2  # the same layer object counted once
 
 
 def test_flop_counter_and_peak_memory_on_known_work():
@@ -53,6 +94,10 @@ def test_flop_counter_and_peak_memory_on_known_work():
     a, b = torch.randn(64, 32), torch.randn(32, 16)
     _, flops = count_flops(lambda: a @ b)
     assert flops == 2 * 64 * 32 * 16
+    # Attention is counted on the CPU too: QK^T and AV, 2 * 2 * B * H * Sq * Sk * D.
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    _, flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k))
+    assert flops == 4 * 2 * 5 * 7 * 8
     with PeakMemory("cpu") as mem:
         big = torch.ones(64, 2**20 // 4)  # 64 MiB, held until the block ends
         big.add_(1)

@@ -20,7 +20,7 @@ from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
 from mend.recipes.pretrain import main as pretrain
-from mend.errors import ConfigError
+from mend.errors import ConfigError, MendError
 from mend.train import TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_tensorboard_logging_or_a_clear_error(tmp_path, monkeypatch):
         train(cfg, method, lambda start, rank, world: forever, tmp_path / "tb")
         assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="pip install tensorboard"):
+    with pytest.raises(MendError, match=r"pip install 'mend\[tensorboard\]'"):
         train(cfg, method, lambda start, rank, world: forever, tmp_path / "no-tb")
 
 

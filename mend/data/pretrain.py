@@ -138,9 +138,9 @@ class PretrainData:
     def windows(self, epoch: int) -> Iterator[list[int]]:
         """This epoch's LLM-token windows, shuffled through a seeded buffer of windows (so a
         batch mixes documents even when one document yields many windows)."""
-        return shuffled(self._windows(), f"{self.seed}-{epoch}", self.cfg.shuffle_buffer)
+        return shuffled(self.in_order(), f"{self.seed}-{epoch}", self.cfg.shuffle_buffer)
 
-    def _windows(self) -> Iterator[list[int]]:
+    def in_order(self) -> Iterator[list[int]]:
         cfg = self.cfg
         n = cfg.max_length - len(self.bos)  # bos is read in front of every window
         for doc in documents(cfg):

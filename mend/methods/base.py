@@ -25,11 +25,20 @@ import torch
 from torch import nn
 
 from mend.data import Counters, Example
+from mend.kv_cache import Prefill
 from mend.prefix_lm import PrefixLM
 from mend.text import DemoFormat
 
-Prefix = tuple[torch.Tensor | None, torch.Tensor | None]
-"""``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix."""
+Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
+"""``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix;
+or a key/value prefix of ``B`` rows the LLM continues from (MEND with ``output: kv``)."""
+
+
+def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:
+    """A method's prefix as the keyword arguments of :meth:`PrefixLM.score_pairs`."""
+    if isinstance(prefix, Prefill):
+        return {"prefill": prefix}
+    return {"prefix": prefix[0], "prefix_mask": prefix[1]}
 
 
 class Method(Protocol):

@@ -7,7 +7,9 @@ a weighted sum of three terms, all computed through the frozen LLM reading the v
   position (the teacher reads the demonstrations' LLM tokens, the student the vectors);
 - ``pred``: ``L_pred``, cross-entropy of the output tokens given the vectors and the input;
 - ``clm``: the CLM objective, cross-entropy of every input token given the vectors
-  (HyperTuning-style; the MEND ablations use it).
+  (HyperTuning-style; the MEND ablations use it);
+- ``reconstruct``: autoencoding, cross-entropy of the demonstrations' own LLM tokens read
+  right after the vectors (ICAE's pretraining objective): the vectors must carry the text.
 
 Stage 1 (paper): ``distill: 1``. Stage 2: ``pred: 1, distill: lambda``. Ablations set the
 weights differently; a zero weight skips its term's computation (a zero ``distill`` skips the
@@ -39,6 +41,9 @@ class ObjectiveConfig:
     """Weight of ``L_pred`` (cross-entropy on output tokens)."""
     clm: float = 0.0
     """Weight of the CLM objective (cross-entropy on every input token)."""
+    reconstruct: float = 0.0
+    """Weight of the autoencoding objective: cross-entropy of the demonstrations' LLM tokens
+    read after the vectors (a token-level mean, like ``clm``)."""
     temperature: float = 1.0
     """Softmax temperature of ``L_distill`` (see :func:`mend.losses.kl_distill`)."""
     logits_chunk: int | None = 1024
@@ -47,10 +52,11 @@ class ObjectiveConfig:
     path through full logits (same loss, more memory)."""
 
     def __post_init__(self) -> None:
-        weights = (self.distill, self.pred, self.clm)
+        weights = (self.distill, self.pred, self.clm, self.reconstruct)
         if min(weights) < 0 or max(weights) == 0:
             raise ConfigError("objective weights must be >= 0 with at least one > 0; got "
-                              f"distill={self.distill}, pred={self.pred}, clm={self.clm}.")
+                              f"distill={self.distill}, pred={self.pred}, clm={self.clm}, "
+                              f"reconstruct={self.reconstruct}.")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}.")
         if self.logits_chunk is not None and self.logits_chunk < 1:
@@ -70,7 +76,8 @@ class Mend:
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
-        return self.distiller.compress_batch(list(demo_sets)).vectors, None
+        ctx = self.distiller.compress_batch(list(demo_sets))
+        return ctx.prefill if ctx.vectors is None else (ctx.vectors, None)
 
 
 class MendObjective:
@@ -93,7 +100,11 @@ class MendObjective:
         columns = torch.arange(input_ids.shape[1]).unsqueeze(0)
         target_mask = (columns >= starts) & input_mask.bool()
         device = d.placeholders.device
-        return {"demo_ids": demo_ids, "demo_mask": demo_mask,
+        batch = {}
+        if self.cfg.reconstruct:  # the same context, right-padded, as targets after the vectors
+            recon_ids, recon_mask = pad([e.context for e in examples], pad_id)
+            batch = {"recon_ids": recon_ids.to(device), "recon_mask": recon_mask.to(device)}
+        return {**batch, "demo_ids": demo_ids, "demo_mask": demo_mask,
                 "context_ids": context_ids.to(device), "context_mask": context_mask.to(device),
                 "input_ids": input_ids.to(device), "input_mask": input_mask.to(device),
                 "target_mask": target_mask.to(device),
@@ -122,6 +133,11 @@ class MendObjective:
             if getattr(cfg, name):
                 terms[name] = (ce_loss(student, ids, target_mask) if chunk is None else
                                chunked_ce(llm.project, student, ids, target_mask, chunk))
+        if cfg.reconstruct:
+            r_ids, r_mask = batch["recon_ids"], batch["recon_mask"]
+            hidden = forward(r_ids, r_mask, prefix=vectors, with_prefix_last=True)[:, :-1]
+            terms["reconstruct"] = (ce_loss(hidden, r_ids, r_mask) if chunk is None else
+                                    chunked_ce(llm.project, hidden, r_ids, r_mask, chunk))
         loss = sum(getattr(cfg, name) * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 

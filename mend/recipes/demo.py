@@ -3,7 +3,12 @@
     mend demo                # SmolLM2-135M distiller and LLM from the offline zoo
     mend demo --tiny         # random tiny models: the same pipeline in seconds
 
-It prints accuracy, LLM FLOPs per query and latency per query for each method, and writes
+It prints, for each method, accuracy with each task's own demonstrations and with another
+task's (the swap control: the difference is what the demonstrations are worth), and what
+serving a task's queries costs: MEND compresses a task's demonstrations once and every query
+reuses the vectors' KV cache; ICL either re-reads the demonstrations per query or reuses
+their KV cache. The one-off cost is shown apart from the per-query FLOPs, latency and peak
+memory, with the number of queries after which compress-once MEND is the cheaper. It writes
 ``results.json`` (with provenance) and ``demo.png`` to ``out/demo``.
 
 The MEND checkpoint is, in order: ``--checkpoint``; the trained distiller shipped in the
@@ -21,12 +26,15 @@ from typing import Any
 
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition
+from mend.demo import NUM_DEMOS
 from mend.errors import ConfigError
 from mend.evaluate import DemoConfig, evaluate_task
 from mend.methods import MethodConfig, build_method
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
+MAX_INPUT_TOKENS, MAX_CONTEXT_TOKENS = 256, 900
+"""The MetaICL truncation rules (the evaluation defaults); the demo's tasks never reach them."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class DemoJobConfig:
     queries: int = 32
     """Test queries per task."""
     cost_queries: int = 6
-    """Queries (after one warm-up) whose FLOPs, memory and time are measured."""
+    """Queries per task (after one warm-up) whose FLOPs, memory and time are measured."""
     output_dir: str = "out/demo"
 
 
@@ -49,8 +57,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from mend.demo import PARTITION, SEED, materialize
-    from mend.efficiency import query_costs
+    from mend.demo import PARTITION, materialize
     from mend.recipes import write_results
 
     started = time.perf_counter()
@@ -66,48 +73,119 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     tasks = load_partition(root, PARTITION)[1]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = []
-    bar = tqdm(total=len(methods) * (len(tasks) + 1), desc="demo", dynamic_ncols=True)
+    bar = tqdm(total=len(methods) * (2 * len(tasks) + 1), desc="demo", dynamic_ncols=True)
     for method_cfg in methods:
         method = build_method(method_cfg, device=device)
-        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
-                                 method.llm.max_length, Counters())
-        scores = {}
-        for task in tasks:
-            bar.set_postfix(method=method.name, task=task.name)
-            result = evaluate_task(method, task, SEED, "test", builder, DemoConfig(k=16),
-                                   limit=cfg.queries)
-            scores[task.name] = result.metrics["accuracy"]
-            bar.update(1)
-        task = tasks[0]
-        demos = [(r["input"], r["output"]) for r in task.rows("train", SEED)]
-        rows = task.rows("test")[:cfg.cost_queries + 1]
-        costs = query_costs(method, builder, [demos] * len(rows), rows, device)
+        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
+                                 MAX_INPUT_TOKENS, MAX_CONTEXT_TOKENS, method.llm.max_length,
+                                 Counters())
+        accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
+        for label, reuse in SERVING[method.name]:
+            bar.set_postfix(method=label, step="costs")
+            table.append({"method": label, **accuracy,
+                          **_costs(method, tasks, builder, cfg.cost_queries, device, reuse)})
         bar.update(1)
-        table.append({"method": method.name, "accuracy": sum(scores.values()) / len(scores),
-                      "tasks": scores, **costs})
         del method
     bar.close()
+    even = break_evens(table)
     result = write_results(cfg, {
         "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
                    "checkpoint_origin": origin},
-        "methods": table, "queries_per_task": cfg.queries, "k": 16,
+        "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": NUM_DEMOS,
+        "cost_queries_per_task": cfg.cost_queries,
         "wall_time_s": time.perf_counter() - started})
-    _plot(table, out / "demo.png")
+    _plot(table, even, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")
-    print(markdown(table))
+    print(markdown(table, even))
     print(f"written: {out / 'results.json'}, {out / 'demo.png'} "
           f"({result['wall_time_s']:.0f} s in all)")
     return result
 
 
-def markdown(table: list[dict[str, Any]]) -> str:
-    lines = ["| method | accuracy | LLM GFLOPs/query | total GFLOPs/query | ms/query |",
-             "|---|---|---|---|---|"]
+SERVING = {"zero_shot": [("zero-shot", True)],
+           "icl": [("ICL (re-read per query)", False), ("ICL + KV cache", True)],
+           "mend": [("MEND (compress once)", True)]}
+"""Each method's rows: its table label, and whether one context serves every query (MEND
+compresses a task's demonstrations once; ICL either re-reads them or reuses their KV cache)."""
+
+
+def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
+    """Accuracy over the tasks with their own demonstrations and, for a method that reads
+    them, with the next task's (the swap control): the difference is the content gap."""
+    from mend.demo import SEED
+    from mend.evaluate import donors
+
+    scores: dict[str, dict[str, float]] = {"own": {}, "swapped": {}}
+    givers = donors(tasks)
+    for source in ("own", "swapped") if method.reads_demos else ("own",):
+        demos = DemoConfig(k=NUM_DEMOS, source="own" if source == "own" else "other_task")
+        for task in tasks:
+            bar.set_postfix(method=method.name, task=task.name, demos=source)
+            result = evaluate_task(method, task, SEED, "test", builder, demos, limit=queries,
+                                   donor=givers[task.name])
+            scores[source][task.name] = result.metrics["accuracy"]
+            bar.update(1)
+    if not method.reads_demos:
+        bar.update(len(tasks))
+    mean = {k: sum(v.values()) / len(v) if v else None for k, v in scores.items()}
+    gap = None if mean["swapped"] is None else mean["own"] - mean["swapped"]
+    return {"accuracy": mean["own"], "swapped_accuracy": mean["swapped"], "content_gap": gap,
+            "tasks": scores["own"], "swapped_tasks": scores["swapped"]}
+
+
+def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[str, Any]:
+    """:func:`~mend.efficiency.serving_costs` on every task (its 16 demonstrations serving
+    ``queries`` test queries after a warm-up one), averaged over the tasks."""
+    from mend.demo import SEED
+    from mend.efficiency import serving_costs
+
+    runs = [serving_costs(method, builder,
+                          [(r["input"], r["output"]) for r in task.rows("train", SEED)],
+                          task.rows("test")[:queries + 1], device, reuse=reuse)
+            for task in tasks]
+    return {part: {k: sum(r[part][k] for r in runs) / len(runs) for k in runs[0][part]}
+            for part in ("once", "per_query")}
+
+
+def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
+    """After how many queries of one demonstration set compress-once MEND costs less in all
+    than each ICL row, in FLOPs and in measured time."""
+    from mend.efficiency import break_even
+
+    rows = {r["method"]: r for r in table}
+    mend = rows.get("MEND (compress once)")
+    if mend is None:
+        return {}
+    return {label: {key: break_even(mend, rows[label], key) for key in ("flops", "seconds")}
+            for label in rows if label.startswith("ICL")}
+
+
+def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]]) -> str:
+    """The demo's table: accuracy with own and swapped demonstrations, then what serving a
+    task's queries costs, the one-off context apart from each query."""
+    def pct(x):
+        return "–" if x is None else f"{x * 100:.1f}%"
+
+    lines = ["| method | accuracy | swapped demos | content gap | one-off GFLOPs | one-off ms "
+             "| GFLOPs/query | ms/query | peak MB/query | KV cache MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['method']} | {r['accuracy'] * 100:.1f}% | "
-                     f"{r['llm_flops'] / 1e9:.2f} | {r['flops'] / 1e9:.2f} | "
-                     f"{r['seconds'] * 1e3:.0f} |")
+        once, q = r["once"], r["per_query"]
+        gap = "–" if r["content_gap"] is None else f"{r['content_gap'] * 100:+.1f}"
+        lines.append(f"| {r['method']} | {pct(r['accuracy'])} | {pct(r['swapped_accuracy'])} "
+                     f"| {gap} | {once['flops'] / 1e9:.2f} | {once['seconds'] * 1e3:.0f} | "
+                     f"{q['flops'] / 1e9:.2f} | {q['seconds'] * 1e3:.0f} | "
+                     f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
+    lines.append("")
+    for label, n in even.items():
+        lines.append(f"- MEND (compress once) is cheaper than {label} from query "
+                     f"{_queries(n['flops'])} on in FLOPs, and from query "
+                     f"{_queries(n['seconds'])} on in measured time.")
     return "\n".join(lines) + "\n"
+
+
+def _queries(n: int | None) -> str:
+    return "never (it costs more per query)" if n is None else str(n)
 
 
 def _models(tiny: bool) -> tuple[str, str]:
@@ -165,20 +243,48 @@ def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out
         objective=ObjectiveConfig(pred=1.0, distill=1.0), output_dir=str(out)))
 
 
-def _plot(table: list[dict[str, Any]], path: Path) -> None:
+def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]],
+          path: Path) -> None:
+    """Accuracy (own and swapped demonstrations), per-query FLOPs, latency and peak memory,
+    and the total FLOPs of n queries, where the break-even points are."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in table]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    panels = [("accuracy (%)", [r["accuracy"] * 100 for r in table]),
-              ("LLM GFLOPs per query", [r["llm_flops"] / 1e9 for r in table]),
-              ("ms per query", [r["seconds"] * 1e3 for r in table])]
+    names = [r["method"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in table]
+    colors = ["#999999", "#4477aa", "#66ccee", "#228833"][:len(table)]
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    own = [r["accuracy"] * 100 for r in table]
+    swapped = [(r["swapped_accuracy"] or 0) * 100 for r in table]
+    x = range(len(table))
+    axes[0].bar([i - 0.2 for i in x], own, 0.4, color=colors, label="own demos")
+    axes[0].bar([i + 0.2 for i in x], swapped, 0.4, color=colors, alpha=0.4,
+                label="swapped demos")
+    axes[0].legend(fontsize=7)
+    panels = [("accuracy (%)", None),
+              ("GFLOPs per query", [r["per_query"]["flops"] / 1e9 for r in table]),
+              ("ms per query", [r["per_query"]["seconds"] * 1e3 for r in table]),
+              ("peak MB per query (+ KV cache)",
+               [(r["per_query"]["peak_bytes"] + r["per_query"]["cache_bytes"]) / 2**20
+                for r in table])]
     for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["#999999", "#4477aa", "#228833"])
+        if values is not None:
+            ax.bar(x, values, color=colors)
+        ax.set_xticks(list(x), names, fontsize=7)
         ax.set_title(title)
-    fig.suptitle("mend demo: built-in tasks, k = 16")
+    ax = axes[4]
+    n = max([10] + [2 * v["flops"] for v in even.values() if v["flops"]])
+    queries = range(0, n + 1)
+    for r, color in zip(table, colors):
+        once, q = r["once"]["flops"], r["per_query"]["flops"]
+        ax.plot(queries, [(once + i * q) / 1e9 for i in queries], color=color, label=r["method"])
+    for label, v in even.items():
+        if v["flops"]:
+            ax.axvline(v["flops"], color="k", ls=":", lw=0.8)
+    ax.set_xlabel("queries served by one demonstration set")
+    ax.set_title("total GFLOPs (dotted: break-even)")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"mend demo: built-in tasks, k = {NUM_DEMOS}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

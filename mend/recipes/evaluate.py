@@ -21,7 +21,8 @@ from mend.config import replace, to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
-from mend.evaluate import DemoConfig, EvalDataConfig, aggregate, evaluate_task, sum_counts
+from mend.evaluate import (DemoConfig, EvalDataConfig, aggregate, content_gap, donors,
+                           evaluate_task, sum_counts)
 from mend.methods import MethodConfig, build_method
 from mend.recipes import run_by_method, write_results
 
@@ -43,6 +44,10 @@ class EvalConfig(MethodConfig):
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sweep: SweepConfig | None = None
+    swap_control: bool = True
+    """Also score a method that reads demonstrations with another task's (``demos.source:
+    other_task``, each task's donor the next task) and report ``swapped`` and the
+    ``content_gap``, own minus swapped: what the right demonstrations are worth."""
     batch_size: int = 32
     device: str | None = None
     """None: CUDA when available, else the CPU."""
@@ -85,7 +90,6 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     """One evaluation; ``methods`` caches loaded methods across the points of a sweep."""
     import torch
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,36 +103,57 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     llm = method.llm
     builder = ContextBuilder(llm.tokenizer, method.format, llm.bos, cfg.data.max_input_tokens,
                              cfg.data.max_context_tokens, llm.max_length, Counters())
+    own, skipped = _score(method, tasks, cfg, cfg.demos, builder)
+    if not own:
+        raise ConfigError("No task could be scored: check data.root, data.partition and "
+                          "data.tasks.")
+    result = {"label": _label(cfg), "method": cfg.method, "models": _models(method, cfg),
+              "k": cfg.demos.k, "demos": to_dict(cfg.demos), "data": to_dict(cfg.data),
+              "results": aggregate(own), "counts": sum_counts(own), "skipped_tasks": skipped,
+              "predictions": {f"{r.task}/{r.seed}": r.predictions for r in own}}
+    if cfg.swap_control and method.reads_demos and cfg.demos.source == "own":
+        if len({r.task for r in own}) < 2:
+            result["content_gap"] = None
+            result["content_gap_note"] = "one task scored: there is no other task to swap with"
+        else:
+            swapped, _ = _score(method, tasks, cfg, replace(cfg.demos, source="other_task"),
+                                builder)
+            result["swapped"] = aggregate(swapped)
+            result["content_gap"] = content_gap(result["results"], result["swapped"])
+    result["wall_time_s"] = time.perf_counter() - started
+    return result
+
+
+def _score(method, tasks, cfg: EvalConfig, demos: DemoConfig, builder: ContextBuilder):
+    """Every (task, seed) under ``demos``: the results, and the pairs that could not be
+    scored."""
+    from tqdm.auto import tqdm
+
+    givers = donors(tasks) if demos.source == "other_task" else {}
     retrievers: dict[tuple[str, int], Any] = {}
-    results = []
+    results, skipped = [], []
     pairs = [(t, s) for t in tasks for s in cfg.data.seeds]
-    skipped = []
-    for task, seed in tqdm(pairs, desc=f"eval {method.name}", dynamic_ncols=True):
+    desc = f"eval {method.name}" + (" (swapped demos)" if givers else "")
+    for task, seed in tqdm(pairs, desc=desc, dynamic_ncols=True):
+        source = givers.get(task.name, task)
         retriever = None
-        if cfg.demos.selection != "random" and method.reads_context:
+        if demos.selection != "random" and method.reads_context:
             from mend.evaluate import demo_pool
             from mend.retrieval import Retriever
-            pool_key = (task.name, seed if cfg.demos.pool == "seed" else 0)
+            pool_key = (source.name, seed if demos.pool == "seed" else 0)
             if pool_key not in retrievers:
-                pool = demo_pool(task, seed, cfg.demos.pool)
-                retrievers[pool_key] = Retriever([r["input"] for r in pool], cfg.demos.selection,
-                                                 cfg.demos.retriever_model)
+                pool = demo_pool(source, seed, demos.pool)
+                retrievers[pool_key] = Retriever([r["input"] for r in pool], demos.selection,
+                                                 demos.retriever_model)
             retriever = retrievers[pool_key]
-        r = evaluate_task(method, task, seed, cfg.data.split, builder, cfg.demos,
-                          limit=cfg.data.limit, batch_size=cfg.batch_size, retriever=retriever)
+        r = evaluate_task(method, task, seed, cfg.data.split, builder, demos,
+                          limit=cfg.data.limit, batch_size=cfg.batch_size, retriever=retriever,
+                          donor=givers.get(task.name))
         if r is not None:
             results.append(r)
         else:
             skipped.append(f"{task.name}/{seed}")
-    if not results:
-        raise ConfigError("No task could be scored: check data.root, data.partition and "
-                          "data.tasks.")
-    return {"label": _label(cfg), "method": cfg.method, "models": _models(method, cfg),
-            "k": cfg.demos.k, "demos": to_dict(cfg.demos), "data": to_dict(cfg.data),
-            "results": aggregate(results), "counts": sum_counts(results),
-            "skipped_tasks": skipped,
-            "predictions": {f"{r.task}/{r.seed}": r.predictions for r in results},
-            "wall_time_s": time.perf_counter() - started}
+    return results, skipped
 
 
 def _tasks(data: EvalDataConfig):

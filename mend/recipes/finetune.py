@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mend.config import MendConfig, to_dict
+from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
 from mend.errors import ConfigError
-from mend.evaluate import evaluate_task, mean_score
+from mend.diagnostics import ContentConfig, content_monitor
+from mend.evaluate import (DemoConfig, aggregate, content_gap, donors, evaluate_task,
+                           mean_score)
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.recipes import load_distiller, run_by_method, write_config
@@ -32,7 +34,18 @@ class SelectionConfig:
     """Which files of the meta-test tasks select the model (their ``dev`` files)."""
     seeds: tuple[int, ...] = (100,)
     """Seeds whose train files give the demonstrations and whose dev files are scored."""
+    k: int | None = None
+    """Demonstrations per query; None: the run's own ``data.k`` (resolved in config.yaml)."""
+    mode: Literal["fixed", "resample"] = "fixed"
+    """``fixed``: the first k rows of the seed's train file; ``resample``: k drawn per query."""
+    swap_control: bool = True
+    """Also score every selection with another task's demonstrations and log the content gap
+    (own minus swapped), so a distiller that stops reading its demonstrations shows."""
     batch_size: int = 32
+
+    @property
+    def demos(self) -> DemoConfig:
+        return DemoConfig(k=self.k, mode=self.mode, pool="seed")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,8 @@ class FinetuneConfig:
         default_factory=lambda: ObjectiveConfig(pred=1.0, distill=1.0))
     """Paper: ``pred: 1, distill: 1`` (lambda = 1). Ablations: ``pred: 0`` or ``distill: 0``."""
     select: SelectionConfig = field(default_factory=SelectionConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
+    """Held-out text whose content controls are logged every ``train.eval_every`` steps."""
     output_dir: str = "out/finetune"
     init_from: str | None = None
     """A stage-1 checkpoint to start from; None trains from scratch."""
@@ -67,11 +82,13 @@ def main(cfg: FinetuneConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
+    cfg = resolve(cfg)
     write_config(cfg, cfg.output_dir)
     distiller = load_distiller(cfg.model, cfg.init_from, PartialState().device)
     counters = Counters()
     return _finetune(cfg, MendObjective(distiller, cfg.objective, counters), counters,
-                     lambda module: Mend(module))
+                     lambda module: Mend(module),
+                     content_monitor(cfg.content, distiller, cfg.train.eval_every))
 
 
 def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
@@ -80,13 +97,21 @@ def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
+    cfg = resolve(cfg)
     write_config(cfg, cfg.output_dir)
     prompt = PromptTuning.from_config(cfg.model, device=PartialState().device)
     counters = Counters()
     return _finetune(cfg, PromptTuningObjective(prompt, counters), counters, lambda m: m)
 
 
-def _finetune(cfg, objective, counters: Counters, as_method) -> TrainResult:
+def resolve(cfg):
+    """Fill what the config leaves to the run: selection's k is the run's own ``data.k``."""
+    if cfg.select.k is None:
+        cfg = replace(cfg, select={"k": cfg.data.k})
+    return cfg
+
+
+def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> TrainResult:
     """The part both methods share: MetaICL examples, dev-set selection, the loop."""
     train_tasks, test_tasks = load_partition(cfg.data.root, cfg.data.partition)
     if not train_tasks:
@@ -106,14 +131,26 @@ def _finetune(cfg, objective, counters: Counters, as_method) -> TrainResult:
 
     def evaluate(unwrapped) -> dict[str, float]:
         method = as_method(unwrapped)
-        results = [evaluate_task(method, task, seed, cfg.select.split, builder,
-                                 batch_size=cfg.select.batch_size)
-                   for task in test_tasks for seed in cfg.select.seeds]
-        results = [r for r in results if r is not None]
-        return {"score": mean_score(results), "tasks": len({r.task for r in results})}
+        own = _select_scores(method, test_tasks, cfg.select, cfg.select.demos, builder)
+        metrics = {"score": mean_score(own), "tasks": len({r.task for r in own})}
+        if cfg.select.swap_control and method.reads_demos and metrics["tasks"] > 1:
+            swapped = _select_scores(method, test_tasks, cfg.select,
+                                     replace(cfg.select.demos, source="other_task"), builder)
+            metrics["swapped_score"] = mean_score(swapped)
+            metrics["content_gap"] = content_gap(aggregate(own), aggregate(swapped))["mean"]
+        return metrics
 
     return train(cfg.train, objective, make_batches, cfg.output_dir, counters=counters,
-                 evaluate=evaluate if test_tasks else None, tracker_config=to_dict(cfg))
+                 evaluate=evaluate if test_tasks else None, monitor=monitor,
+                 tracker_config=to_dict(cfg))
+
+
+def _select_scores(method, tasks, select: SelectionConfig, demos: DemoConfig, builder):
+    givers = donors(tasks) if demos.source == "other_task" else {}
+    results = [evaluate_task(method, task, seed, select.split, builder, demos,
+                             batch_size=select.batch_size, donor=givers.get(task.name))
+               for task in tasks for seed in select.seeds]
+    return [r for r in results if r is not None]
 
 
 def _builder(cfg, module, counters: Counters) -> ContextBuilder:

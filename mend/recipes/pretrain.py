@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.pretrain import PretrainData, TextDataConfig
+from mend.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.recipes import load_distiller, run, write_config
 from mend.train import TrainConfig, TrainResult, train
@@ -26,6 +27,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Paper: L_distill only. Ablations: ``{distill: 0, clm: 1}``, ``{clm: 1, distill: gamma}``."""
+    content: ContentConfig = field(default_factory=ContentConfig)
+    """Held-out text whose content controls are logged every ``train.eval_every`` steps."""
     output_dir: str = "out/pretrain"
     init_from: str | None = None
     """A mend checkpoint to start from (its trainable weights), instead of fresh ones."""
@@ -50,6 +53,7 @@ def main(cfg: PretrainConfig) -> TrainResult:
                        rank=rank, world=world, counters=counters)
 
     return train(cfg.train, objective, make_batches, cfg.output_dir, counters=counters,
+                 monitor=content_monitor(cfg.content, distiller, cfg.train.eval_every),
                  tracker_config=to_dict(cfg))
 
 
