@@ -58,7 +58,11 @@ def main(argv=None) -> int:
                 row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
             rows.append(row)
             print(row, flush=True)
-    notes = [f"Peak FLOP/s used for MFU: {peaks} ({peaks['source']})."]
+    from mend import precision
+    mixed, why = precision.resolve("auto", "cuda" if args.device == "cuda" else "cpu")
+    notes = [f"Peak FLOP/s used for MFU: {peaks} ({peaks['source']}).",
+             f"train.mixed_precision=auto resolves to {mixed} here: {why}. Both the fp32 "
+             f"(eager-fp32) and the bf16 step are measured above."]
     if args.device == "cuda":
         best = max((r.get("mfu") or 0) for r in rows if r["stage"] == "pretrain")
         targets = [common.target("pretraining MFU on one H100 >= 25%", best, 0.25)]

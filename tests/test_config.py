@@ -79,3 +79,13 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         parse_overrides(["train.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_override_values_are_parsed_as_yaml_strings_included():
+    assert parse_overrides(['model.demo_sep="\\n\\n"']) == {"model": {"demo_sep": "\n\n"}}
+    assert parse_overrides(["io_sep=' '", 'x=" "']) == {"io_sep": " ", "x": " "}
+    assert parse_overrides(["a=3", "b=[1, 2]", "c=null", "d=yes"]) == {
+        "a": 3, "b": [1, 2], "c": None, "d": True}
+    # Unquoted, backslash-n stays two characters, as in YAML, and the user is told to quote.
+    with pytest.warns(UserWarning, match='model.demo_sep="\\\\n\\\\n"'):
+        assert parse_overrides(["model.demo_sep=\\n\\n"]) == {"model": {"demo_sep": "\\n\\n"}}

@@ -213,3 +213,36 @@ def test_every_trainable_weight_lives_on_the_models_device(tiny_model):
     d = Distiller(cfg, encoder, load_tokenizer(cfg.distiller),
                   PrefixLM(llm, load_tokenizer(cfg.llm)))
     assert {p.device.type for p in d.parameters()} == {"meta"}
+
+
+def test_damaged_checkpoint_files_are_named_with_what_to_do(make_distiller, tmp_path):
+    d = make_distiller("llama", "gpt2")
+    saved = _saved(d, tmp_path)
+    weights = saved / WEIGHTS_FILE
+    good = weights.read_bytes()
+    weights.write_bytes(good[:5])  # a truncated copy: safetensors says "header too small"
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS_FILE} cannot be read.*save the "
+                                              f"checkpoint again"):
+        Distiller.from_pretrained(saved)
+    weights.write_bytes(good[:len(good) // 2])  # cut inside the tensor data
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        Distiller.from_pretrained(saved)
+    weights.write_bytes(good)
+    config = saved / CONFIG_FILE
+    config.write_text(config.read_text()[:-20])  # broken JSON
+    with pytest.raises(CheckpointError, match=f"{CONFIG_FILE} is not valid JSON"):
+        Distiller.from_pretrained(saved)
+    config.write_text(json.dumps({"kind": "mend"}))  # valid JSON, no config in it
+    with pytest.raises(CheckpointError, match="has no `config` entry"):
+        Distiller.from_pretrained(saved)
+
+
+def test_vector_norm_match_starts_at_the_llms_embedding_scale(make_distiller):
+    d = make_distiller("llama", "gpt2", vector_norm="match")
+    v = d.compress(DEMOS).vectors
+    emb = d.llm.model.get_input_embeddings().weight
+    rms = emb.pow(2).mean().sqrt()  # RMS over every token and dimension (4096 > vocab here)
+    assert v.pow(2).mean(-1).sqrt() == pytest.approx(torch.full(v.shape[:2], float(rms)),
+                                                     rel=1e-3)
+    plain = make_distiller("llama", "gpt2").compress(DEMOS).vectors
+    assert not torch.allclose(plain.pow(2).mean(-1).sqrt(), v.pow(2).mean(-1).sqrt(), rtol=0.1)

@@ -107,6 +107,31 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(setup):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_unreadable_checkpoint_falls_back_to_the_one_before(setup, capsys):
+    root, _, stage1 = setup
+    whole = pretrain(pretrain_cfg(stage1, root / "whole-c", max_steps=6, save_every=2))
+    assert whole.step == 6
+    args = stage1 + ["train.max_steps=6", "train.save_every=2"]
+    assert run_killed(args, root / "cut", 5, signal.SIGKILL) == -signal.SIGKILL
+    ckpts = root / "cut" / "checkpoints"
+    damaged = ckpts / "step-00000004" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a copy cut short
+    resumed = pretrain(pretrain_cfg(stage1, root / "cut", max_steps=6, save_every=2))
+    printed = capsys.readouterr().out
+    assert "step-00000004 cannot be read" in printed and "resuming from" in printed
+    assert "step-00000002" in printed.split("resuming from")[1].splitlines()[0]
+    assert (ckpts / "unreadable-step-00000004").is_dir()  # kept, not deleted
+    assert resumed.step == 6
+    a, b = weights(root / "whole-c"), weights(root / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same run, two steps replayed
+    # When no checkpoint can be read, the run refuses to start over on its own.
+    for path in ckpts.glob("step-*"):
+        (path / "model.safetensors").write_bytes(b"")
+    from mend.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="train.resume=never"):
+        pretrain(pretrain_cfg(stage1, root / "cut", max_steps=8, save_every=2))
+
+
 def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
     root, model, stage1 = setup
     pretrain(pretrain_cfg(stage1, root / "stage1", max_steps=3, save_every=3))
@@ -130,9 +155,18 @@ def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
     from mend.data.metaicl import load_partition
     best = Distiller.from_pretrained(tmp_path / "ft")
     _, test = load_partition(data, "part")
-    results = [evaluate_task(Mend(best), t, 100, "dev", _builder(cfg, best, Counters()))
-               for t in test]
+    # Selection reads the run's own k (data.k = 3, not the evaluation default of 16), and
+    # config.yaml says so.
+    import yaml
+    from mend.evaluate import DemoConfig
+    saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert saved["select"]["k"] == 3 and saved["select"]["mode"] == "fixed"
+    results = [evaluate_task(Mend(best), t, 100, "dev", _builder(cfg, best, Counters()),
+                             DemoConfig(k=3, mode="fixed")) for t in test]
     assert mean_score(results) == pytest.approx(result.best_score, abs=1e-9)
+    # The swap control is logged beside every selection score.
+    assert all(e["eval_content_gap"] == pytest.approx(e["eval_score"] - e["eval_swapped_score"])
+               for e in evals)
 
 
 def test_early_stopping_after_patience_evaluations(setup, tmp_path):

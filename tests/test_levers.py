@@ -1,0 +1,62 @@
+"""The training levers of issue 14: precision chosen by measurement, per-group learning
+rates, and the autoencoding objective, each against a hand computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mend import precision
+from mend.data import Example
+from mend.errors import ConfigError
+from mend.methods.mend import MendObjective, ObjectiveConfig
+from mend.text import encode
+from mend.train import TrainConfig, _param_groups
+
+
+@pytest.mark.parametrize("bf16, fp32, expected", [(400e9, 130e9, "bf16"), (1e9, 130e9, "no")])
+def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch, bf16, fp32, expected):
+    rates = {torch.bfloat16: bf16, torch.float32: fp32}
+    monkeypatch.setattr(precision, "matmul_rate", lambda dtype, *a, **k: rates[dtype])
+    precision.resolve.cache_clear()
+    try:
+        chosen, why = precision.resolve("auto", "cpu")
+    finally:
+        precision.resolve.cache_clear()
+    assert chosen == expected and "GFLOP/s" in why
+    assert precision.resolve("bf16", "cpu") == ("bf16", "as configured")
+
+
+def test_lr_multipliers_group_parameters_by_name_prefix():
+    module = torch.nn.Module()
+    module.placeholders = torch.nn.Parameter(torch.zeros(2))
+    module.projection = torch.nn.Linear(2, 2)
+    module.encoder = torch.nn.Linear(2, 2)
+    cfg = TrainConfig(lr=1e-3, lr_multipliers={"placeholders": 10, "projection.0": 3,
+                                               "projection": 5})
+    with pytest.raises(ConfigError, match="starts no trainable parameter's name"):
+        _param_groups(cfg, module)
+    cfg = TrainConfig(lr=1e-3, lr_multipliers={"placeholders": 10, "projection": 5})
+    groups = _param_groups(cfg, module)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2, 5e-3])  # the base first
+    assert [len(g["params"]) for g in groups] == [2, 1, 2]
+    with pytest.raises(ConfigError, match="must all be > 0"):
+        TrainConfig(lr_multipliers={"placeholders": 0})
+
+
+def test_reconstruct_is_the_nll_of_the_context_read_after_the_vectors(make_distiller):
+    d = make_distiller("llama", "gpt2", num_placeholders=3)
+    tok = d.llm.tokenizer
+    context = encode(tok, [" great movie! positive dull plot negative"])[0]
+    inp = encode(tok, [" a delightful story"])[0]
+    objective = MendObjective(d, ObjectiveConfig(distill=0.0, reconstruct=1.0))
+    batch = objective.collate([Example(tok.decode(context), context, inp, len(inp))])
+    out = objective.loss(d, batch)
+    # By hand: the LLM reads [vectors | context] (GPT-2 has no bos); the last vector
+    # predicts the first context token, and each context token the next.
+    vectors = d(batch["demo_ids"], batch["demo_mask"])
+    embeds = torch.cat([vectors, d.llm.embed(torch.tensor([context]))], 1)
+    logits = d.llm.model(inputs_embeds=embeds).logits[0, 2:-1]  # predictors of context[0:]
+    expected = F.cross_entropy(logits.float(), torch.tensor(context)).detach()
+    assert out["reconstruct"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
+    assert "distill" not in out
