@@ -9,6 +9,7 @@
     mend efficiency --config FILE                 FLOPs, memory and time per query, side by side
     mend nli-cost --config FILE                   ICL/PBFT/CD memory and time against k
     mend compare RESULTS.json ...                 one table of several results files
+    mend controls RUN ... [--reference R.json]   the content controls of training runs
     mend report docs/results                      the paper's tables -> docs/results.md
     mend zoo list              the offline models and whether their packages are installed
     mend zoo fetch NAME        convert a zoo model once into the cache (done on first use anyway)
@@ -51,6 +52,18 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _controls(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mend.controls_report import table
+
+    text = table(args.runs, args.reference)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from mend.paper import write
 
@@ -78,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+")
     p.add_argument("--output", help="also write the table to this file")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("controls", help="one table of the content controls of training runs")
+    p.add_argument("runs", nargs="+", help="training output directories")
+    p.add_argument("--reference", help="a results.json whose content gap is the reference (ICL)")
+    p.add_argument("--output", help="also write the table to this file")
+    p.set_defaults(func=_controls)
     p = sub.add_parser("report", help="the MEND paper's tables from a reproduction's results")
     p.add_argument("results", help="the results root, e.g. docs/results")
     p.add_argument("--output", help="default: the root with .md (docs/results.md)")

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from mend.errors import ConfigError
-from mend.report import fmt
+from mend.controls_report import controls_section
+from mend.report import fmt, provenance_summary
 from mend.run_log import train_cost
 
 MAIN_ROWS = (("zero-shot", "zero_shot"), ("PromptTuning", "prompt_tuning"),
@@ -130,7 +131,7 @@ class Setting:
         head = ["method", *self.partitions, "training (per partition)"]
         lines = _header(head)
         for label, name in MAIN_ROWS:
-            cells = [fmt(self.score(p, name)) for p in self.partitions]
+            cells = [_with_gap(self.result(p, name)) for p in self.partitions]
             budgets = "; ".join(f"{_short(p)}: {self.budget(self.result(p, name))}"
                                 for p in self.partitions)
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {budgets} |")
@@ -150,7 +151,7 @@ class Setting:
         runs = {"mend": self.alike(p, "mend", like), **variants}
         lines = _header(["variant", f"{p} ({_rows(like)})", "training"])
         for label, name in ABLATION_ROWS:
-            lines.append(f"| {label} | {fmt(_score(runs[name]))} | {self.budget(runs[name])} |")
+            lines.append(f"| {label} | {_with_gap(runs[name])} | {self.budget(runs[name])} |")
         for label, name in ABLATION_ROWS[1:]:
             self._compare(f"MEND beats its ablation '{label}' on {p}", _score(runs["mend"]),
                           _score(runs[name]))
@@ -292,7 +293,8 @@ class Setting:
         sections = [
             ("1. Main results (the paper's Table 2)",
              "Score in % (macro-F1 for classification, accuracy otherwise), mean ± std over "
-             "seeds.", self.main_table()),
+             "seeds; *gap*: the content gap, own minus another task's demonstrations (the "
+             "swap control), where it was run.", self.main_table()),
             ("2. Ablations (the paper's Table 4)", "", self.ablation_table()),
             ("3. K and l sweeps (the paper's Figure 4)", "", self.sweep_tables()),
             ("4. Perturbations and retrieval (the paper's Table 3)",
@@ -306,7 +308,12 @@ class Setting:
              self.budget_table()),
         ]
         parts = [f"## {self.meta.get('title', self.root.name)}", "",
-                 str(self.meta.get("description", "")).strip(), "", self.provenance_line(), ""]
+                 str(self.meta.get("description", "")).strip(), "",
+                 provenance_summary(self.root, self.link), ""]
+        controls = controls_section(self.root, self.link)
+        if controls:
+            parts += ["### 0. Does MEND carry its demonstrations? (the content controls)", "",
+                      controls, ""]
         for title, intro, body in sections:
             parts += [f"### {title}", "", *([intro, ""] if intro else []), body, ""]
         held = sum(c.holds is True for c in self.claims)
@@ -323,17 +330,6 @@ class Setting:
         parts += ["### Evidence: per-task scores", "", self.per_task_tables(), "",
                   "### Evidence: training curves", "", self.training_curves(), ""]
         return "\n".join(parts)
-
-    def provenance_line(self) -> str:
-        commits, devices = set(), set()
-        for path in self.root.glob("**/results.json"):
-            prov = json.loads(path.read_text()).get("provenance") or {}
-            git = prov.get("git") or {}
-            commits.add(f"{git.get('commit', '?')[:10]}{'+dirty' if git.get('dirty') else ''}")
-            devices.add((prov.get("machine") or {}).get("device", "?"))
-        return (f"Results in `{self.link}/` (each `results.json` carries its provenance): "
-                f"git {', '.join(sorted(commits))}; device {', '.join(sorted(devices))}.")
-
 
 def build(results_root: str | Path, report_dir: str | Path | None = None) -> str:
     """The markdown of every setting under ``results_root``, its links relative to
@@ -369,6 +365,11 @@ def _short(partition: str) -> str:
 
 def _method_of(name: str) -> str:
     return "MEND" if name.endswith("mend") else "vanilla ICL"
+
+
+def _with_gap(result: dict[str, Any] | None) -> str:
+    gap = (result or {}).get("content_gap")
+    return fmt(_score(result)) + (f" (gap {gap['mean'] * 100:+.1f})" if gap else "")
 
 
 def _score(result: dict[str, Any] | None) -> dict[str, float] | None:

@@ -61,6 +61,18 @@ def git_state() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
+def provenance_summary(root: Path, link: str) -> str:
+    """One line naming the commits and devices behind every ``results.json`` under ``root``."""
+    commits, devices = set(), set()
+    for path in root.glob("**/results.json"):
+        prov = json.loads(path.read_text()).get("provenance") or {}
+        git = prov.get("git") or {}
+        commits.add(f"{git.get('commit', '?')[:10]}{'+dirty' if git.get('dirty') else ''}")
+        devices.add((prov.get("machine") or {}).get("device", "?"))
+    return (f"Results in `{link}/` (each `results.json` carries its provenance): "
+            f"git {', '.join(sorted(commits))}; device {', '.join(sorted(devices))}.")
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)

@@ -167,3 +167,37 @@ def test_task_swap_control_in_evaluation(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(ConfigError, match="another task"):
         evaluate(load_config(EvalConfig, None, [*args, "data.tasks=[t1]", "demos.source=other_task",
                                                 f"output_dir={tmp_path / 'x'}"]))
+
+
+def test_controls_table_reads_what_the_runs_wrote(tmp_path, capsys):
+    import yaml
+
+    def run(name, own, swap, gap=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({
+            "model": {"output": "kv", "placeholder_init": "vocab"},
+            "objective": {"distill": 1.0, "reconstruct": 0.5}, "train": {"grad_accum": 1}}))
+        lines = [{"step": 10, "loss": 1.0, "steps_per_s": 1.0, "tokens_per_s": 100.0},
+                 {"step": 10, "monitor_kl_own": own + 1, "monitor_kl_swap": swap,
+                  "monitor_kl_none": 3.0, "monitor_content_gain": swap - own - 1,
+                  "monitor_content_share": 0.0, "monitor_own_beats_swap": 0.0},
+                 {"step": 20, "monitor_kl_own": own, "monitor_kl_swap": swap,
+                  "monitor_kl_none": 3.0, "monitor_content_gain": swap - own,
+                  "monitor_content_share": (swap - own) / swap, "monitor_own_beats_swap": 1.0}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        if gap is not None:
+            avg = lambda m: {"average": {"score": {"mean": m, "std": 0.0}}}  # noqa: E731
+            (d / "eval-demo").mkdir()
+            (d / "eval-demo" / "results.json").write_text(json.dumps({
+                "results": avg(0.5 + gap), "swapped": avg(0.5),
+                "content_gap": {"mean": gap, "std": 0.0}}))
+        return d
+    a, b = run("kv", 0.5, 1.0, gap=0.25), run("plain", 2.0, 2.0)
+    assert cli(["controls", str(a), str(b), "--output", str(tmp_path / "t.md")]) == 0
+    rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "t.md").read_text()
+            .splitlines() if line.startswith("| kv") or line.startswith("| plain")}
+    assert "| 0.500 | 1.000 | 3.000 | +0.500 | +50.0% | 100% | +25.0 (75.0 ± 0.0 own" in rows["kv"]
+    assert "output kv; init vocab; 1·distill + 0.5·reconstruct" in rows["kv"]
+    assert "10 steps" in rows["kv"] and "| +0.000 | +0.0% |" in rows["plain"]
+    assert rows["plain"].endswith("| not run |")

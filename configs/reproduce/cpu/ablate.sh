@@ -16,10 +16,25 @@ declare -A VARIANTS=(
   [kv]=""                                               # model.yaml: output kv (Gisting-style)
   [kv-ae]="objective.reconstruct=1.0"
 )
+# The task-level control: each stage-1 distiller (and ICL, the reference) on the demo's four
+# unseen tasks, with their own and with another task's 16 demonstrations.
+tasks=out/ablate/demo-tasks
+python -c "from mend.demo import materialize; materialize('$tasks')"
+demo_eval() {  # demo_eval OUTDIR ARGS...
+  local dir=$1; shift
+  [ -f "$dir/results.json" ] || mend eval data.root=$tasks data.partition=demo data.split=test \
+    'data.seeds=[100]' demos.k=16 demos.mode=fixed output_dir="$dir" "$@"
+}
+demo_eval out/ablate/icl-demo method=icl llm=smollm2-135m
 for v in "${@:-paper norm kv}"; do
   out=out/ablate/$v
-  [ -f "$out/mend_config.json" ] && { echo "done: $v"; continue; }
   # shellcheck disable=SC2086
-  mend pretrain --config configs/reproduce/cpu/pretrain.yaml train.max_steps=$STEPS \
-    train.save_every=50 train.warmup_steps=10 train.eval_every=50 output_dir=$out ${VARIANTS[$v]}
+  [ -f "$out/mend_config.json" ] || mend pretrain --config configs/reproduce/cpu/pretrain.yaml \
+    train.max_steps=$STEPS train.save_every=50 train.warmup_steps=10 train.eval_every=50 \
+    output_dir=$out ${VARIANTS[$v]}
+  demo_eval "$out/eval-demo" method=mend checkpoint="$out"
 done
+runs=()
+for v in "${@:-paper norm kv}"; do runs+=("out/ablate/$v"); done
+mend controls "${runs[@]}" --reference out/ablate/icl-demo/results.json \
+  --output out/ablate/ablation.md

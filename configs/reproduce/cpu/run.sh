@@ -6,7 +6,7 @@
 #     bash configs/reproduce/cpu/run.sh            # everything, resuming what is done
 #     bash configs/reproduce/cpu/run.sh main       # one part: stage1 main demo efficiency
 #                                                  #   sweeps ablations analysis sweep_l budget
-#                                                  #   report
+#                                                  #   distill report
 #
 # Every training command runs under a wall-clock limit (CALL_LIMIT seconds, as a device call
 # would) and is started again until it finishes: a killed run resumes from its last
@@ -164,6 +164,26 @@ budget() {
     data.limit="$ALIMIT" checkpoint="$run" demos.perturbation=wrong_label
 }
 
+distill() {
+  # Issue 14, does MEND carry its demonstrations? Stage 1 (long enough to be killed and
+  # resumed), the class_to_class MEND and prompt tuning (the constant-prefix floor, given the
+  # same wall time as MEND's stage 2), their evaluations with the swap control, the demo
+  # with the new distiller, and `mend diagnose` on it. DOCS=docs/results/distill-cpu.
+  local p=class_to_class
+  CALL_LIMIT=${STAGE1_CALL_LIMIT:-1200} train pretrain "$OUT/pretrain" --config "$CFG/pretrain.yaml"
+  train finetune "$OUT/$p/mend" --config "$CFG/finetune.yaml" data.partition=$p \
+    init_from="$OUT/pretrain"
+  train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition=$p
+  evaluate "$OUT/$p/eval/zero_shot" method=zero_shot data.partition=$p
+  evaluate "$OUT/$p/eval/icl" method=icl data.partition=$p
+  evaluate "$OUT/$p/eval/prompt_tuning" method=prompt_tuning data.partition=$p \
+    checkpoint="$OUT/$p/prompt-tuning"
+  evaluate "$OUT/$p/eval/mend" method=mend data.partition=$p checkpoint="$OUT/$p/mend"
+  demo_checkpoint
+  mend diagnose mend/assets/demo-distiller output="$OUT/diagnose/diagnose.json"
+  publish "$OUT/diagnose" diagnose.json
+}
+
 report() {
   mend report "$(dirname "$DOCS")"
 }
@@ -181,6 +201,7 @@ for part in "${parts[@]}"; do
     analysis) analysis ;;
     sweep_l) sweep_l ;;
     budget) budget ;;
+    distill) distill ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
