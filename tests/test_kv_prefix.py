@@ -109,3 +109,25 @@ def test_kv_output_needs_the_llms_architecture(tiny_model):
                                          llm=tiny_model("llama", 48), output="kv"))
     with pytest.raises(ConfigError, match="projection: auto"):
         MendConfig(distiller="a", llm="b", output="kv", projection="always")
+
+
+def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_path):
+    from mend.data import Counters
+    from mend.data.metaicl import ContextBuilder, load_task
+    from mend.efficiency import serving_costs
+    from mend.methods.mend import Mend
+
+    d = kv_distiller()
+    method = Mend(d.eval())
+    root = write_metaicl(tmp_path / "data", ["t1"], ["t1"])
+    task = load_task(root, "t1")
+    builder = ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 64, 900, d.llm.max_length,
+                             Counters())
+    demos = [(r["input"], r["output"]) for r in task.rows("train", 100)[:4]]
+    costs = serving_costs(method, builder, demos, task.rows("test")[:3], "cpu")
+    once = costs["once"]
+    assert once["llm_flops"] == 0 < once["context_flops"]  # only the distiller reads the demos
+    from mend.kv_cache import shapes
+    layers, kv_heads, head_dim = shapes(d.llm.model.config)
+    assert once["cache_bytes"] == layers * 2 * kv_heads * (1 + 3) * head_dim * 4
+    assert costs["per_query"]["flops"] > 0
