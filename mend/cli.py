@@ -37,7 +37,8 @@ def _zoo(args: argparse.Namespace) -> int:
 # Jobs whose own parser takes the rest of the command line: name -> "module:function".
 JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli",
         "eval": "mend.recipes.evaluate:cli", "efficiency": "mend.recipes.efficiency:cli",
-        "demo": "mend.recipes.demo:cli", "diagnose": "mend.recipes.diagnose:cli", "nli-cost": "mend.recipes.nli_cost:cli"}
+        "demo": "mend.recipes.demo:cli", "diagnose": "mend.recipes.diagnose:cli",
+        "nli-cost": "mend.recipes.nli_cost:cli"}
 
 
 def _compare(args: argparse.Namespace) -> int:

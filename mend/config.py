@@ -173,7 +173,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"Override `{item}` sets a key below `{part}`, which was "
                                   f"already given a value.")
         value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, str) and _ESCAPE.search(value) and not raw.lstrip()[:1] in "\"'":
+        if isinstance(value, str) and _ESCAPE.search(value) and raw.lstrip()[:1] not in "\"'":
             warnings.warn(f"Override `{item}`: the value is the {len(value)} characters "
                           f"{value!r}, backslashes included, as YAML reads unquoted text. For "
                           f"escapes such as newlines write {key}=\"{raw.strip()}\" (in a shell: "

@@ -29,7 +29,7 @@ def matmul_rate(dtype: torch.dtype, size: int = 512, repeats: int = 5,
     return 2 * size ** 3 / best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(setting: str, device_type: str) -> tuple[str, str]:
     """``(no | bf16 | fp16, why)`` for ``train.mixed_precision``; only ``auto`` is decided here.
 

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 
+from mend import optional, precision
 from mend.data import Counters
 from mend.errors import CheckpointError, ConfigError, MendError
 from mend.methods.base import Trainable
@@ -174,8 +175,6 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    from mend import optional, precision
-
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
     mixed, why = precision.resolve(cfg.mixed_precision,
@@ -316,11 +315,12 @@ def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, A
         if p.requires_grad:
             hit = next((k for k in prefixes if name.startswith(k)), None)
             groups.setdefault(cfg.lr_multipliers[hit] if hit else 1.0, []).append(p)
-    unused = [k for k in prefixes if not any(n.startswith(k) for n, _ in module.named_parameters())]
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    unused = [k for k in prefixes if not any(n.startswith(k) for n in names)]
     if unused:
+        starts = ", ".join(sorted({n.split(".")[0] for n in names}))
         raise ConfigError(f"train.lr_multipliers names {unused}, which starts no trainable "
-                          f"parameter's name; names start with: "
-                          f"{', '.join(sorted({n.split('.')[0] for n, _ in module.named_parameters()}))}.")
+                          f"parameter's name; names start with: {starts}.")
     # The base group first: the logged "lr" is the first group's.
     return [{"params": groups[m], "lr": cfg.lr * m} for m in sorted(groups, key=lambda m: m != 1.0)]
 

@@ -5,7 +5,6 @@ import gzip
 import json
 
 import pytest
-import torch
 
 from conftest import write_metaicl
 from mend.cli import main as cli

@@ -20,7 +20,7 @@ from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
 from mend.recipes.pretrain import main as pretrain
-from mend.errors import ConfigError, MendError
+from mend.errors import MendError
 from mend.train import TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]

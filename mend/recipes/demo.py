@@ -278,7 +278,7 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]],
     for r, color in zip(table, colors):
         once, q = r["once"]["flops"], r["per_query"]["flops"]
         ax.plot(queries, [(once + i * q) / 1e9 for i in queries], color=color, label=r["method"])
-    for label, v in even.items():
+    for _label, v in even.items():
         if v["flops"]:
             ax.axvline(v["flops"], color="k", ls=":", lw=0.8)
     ax.set_xlabel("queries served by one demonstration set")
