@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                    help="queries timed one at a time (median)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--placeholders", type=int, default=100, help="l, MEND's vectors")
+    p.add_argument("--output", default="embeddings", choices=("embeddings", "kv"),
+                   help="MEND's output: input vectors, or a key/value prefix (needs a "
+                        "distiller of the LLM's architecture, as the zoo pair is)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--data", default="../shared/data/metaicl")
     p.add_argument("--task", default="glue-sst2")
@@ -81,7 +84,8 @@ def run(args) -> list[dict]:
                          f"rows; lower --ks or --queries.")
     d = Distiller.from_config(MendConfig(
         distiller=distiller_path, llm=llm_path, num_placeholders=args.placeholders,
-        max_distiller_length=8192, distiller_dtype=args.dtype, llm_dtype=args.dtype),
+        max_distiller_length=8192, distiller_dtype=args.dtype, llm_dtype=args.dtype,
+        output=args.output),
         device=args.device).eval()
     llm = d.llm
     builder = ContextBuilder(llm.tokenizer, d.format, llm.bos, 256, 8192, llm.max_length)
@@ -102,7 +106,9 @@ def run(args) -> list[dict]:
             "icl": lambda: None,
             "icl_kv": lambda prefix=prefix: llm.prefill(prefix),
             "prompt_tuning": lambda: llm.prefill(vectors),
-            "mend": lambda demos=demos: llm.prefill(d.compress(demos).vectors),
+            # A key/value prefix is the cache itself: no LLM pass reads it.
+            "mend": lambda demos=demos: (d.compress(demos).prefill if args.output == "kv"
+                                         else llm.prefill(d.compress(demos).vectors)),
         }
         for name in METHODS:
             row = measure(args, llm, d, name, setups[name], demos, prefix,

@@ -215,7 +215,16 @@ class Distiller(nn.Module):
                                       f"`{self.config.distiller}`: {e}") from None
 
     def gradient_checkpointing_enable(self) -> None:
-        """Trade compute for memory in the distiller and in the frozen LLM's student pass."""
+        """Trade compute for memory in the distiller and in the frozen LLM's student pass.
+
+        Not with ``output: kv``: transformers turns a layer's cache off under checkpointing,
+        and there the cache is the distiller's output and the LLM's prefix. A warning says
+        so, and training runs without it (the LLM then reads only the inputs, not the
+        prefix, so its pass is small)."""
+        if self.config.output == "kv":
+            warnings.warn("gradient checkpointing has no effect with output: kv (the key/value "
+                          "prefix is a cache, which checkpointed layers drop).", stacklevel=2)
+            return
         enable_checkpointing(self.encoder)
         self.llm.gradient_checkpointing_enable()
 

@@ -143,8 +143,9 @@ class PrefixLM:
                 raise InputError(f"The key/value prefix has {len(prefix)} rows for "
                                  f"{input_ids.shape[0]} inputs.")
             ids, mask = self._check_input(input_ids, attention_mask)
-            with self._checkpointing():
-                out = self._read_after(prefix, torch.arange(len(prefix)), ids, mask)
+            # Not checkpointed: transformers drops a layer's cache under checkpointing, and
+            # here the cache is the prefix (the pass reads only the input, so it is small).
+            out = self._read_after(prefix, torch.arange(len(prefix)), ids, mask)
             return out if with_prefix_last else out[:, 1:]
         embeds, mask, keep = self._inputs(input_ids, attention_mask, prefix, prefix_mask,
                                           with_prefix_last)

@@ -131,3 +131,20 @@ def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_pa
     layers, kv_heads, head_dim = shapes(d.llm.model.config)
     assert once["cache_bytes"] == layers * 2 * kv_heads * (1 + 3) * head_dim * 4
     assert costs["per_query"]["flops"] > 0
+
+
+def test_gradient_checkpointing_in_kv_mode_warns_and_still_trains(kv_distiller):
+    """Checkpointing turns a layer's cache off, and in kv mode the cache is the output: asking
+    for it warns, and training still reaches the placeholders."""
+    from mend.data import Example
+
+    d = kv_distiller(train_mode="lora", lora_r=4)
+    with pytest.warns(UserWarning, match="no effect with output: kv"):
+        d.gradient_checkpointing_enable()
+    d.train()
+    objective = MendObjective(d, ObjectiveConfig(distill=1.0))
+    tok = d.llm.tokenizer
+    context, inp = encode(tok, [" great movie! positive"])[0], encode(tok, [" dull plot"])[0]
+    batch = objective.collate([Example(tok.decode(context), context, inp, len(inp))])
+    objective.loss(d, batch)["loss"].backward()
+    assert d.placeholders.grad.abs().sum() > 0
