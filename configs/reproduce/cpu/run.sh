@@ -23,12 +23,16 @@ PARTITIONS=(class_to_class non_nli_to_nli hr_to_lr)
 # train JOB OUTDIR MEND-ARGS...: run a training job to its end, one "call" at a time.
 train() {
   local job=$1 dir=$2; shift 2
-  local calls=0
-  # A finished run has saved its model (<kind>_weights.safetensors) beside its checkpoints.
-  until compgen -G "$dir/*_weights.safetensors" > /dev/null; do
+  local calls=0 rc=1
+  # A call cut off by the limit exits 124 (or 143 when mend saw the SIGTERM) and is started
+  # again; a finished run exits 0 (started again, it resumes at its last step and stops).
+  # Model selection saves the best weights before the end, so their presence says nothing.
+  until [ $rc -eq 0 ]; do
     calls=$((calls + 1))
     echo "== $dir: call $calls (limit ${CALL_LIMIT}s)"
-    timeout -s TERM "$CALL_LIMIT" mend "$job" "$@" output_dir="$dir" || [ $? -eq 124 ]
+    rc=0
+    timeout -s TERM "$CALL_LIMIT" mend "$job" "$@" output_dir="$dir" || rc=$?
+    [ $rc -eq 0 ] || [ $rc -eq 124 ] || [ $rc -eq 143 ] || return $rc
   done
   publish "$dir" metrics.jsonl config.yaml loss.png provenance.jsonl mend_config.json \
     prompt_tuning_config.json
@@ -174,12 +178,16 @@ distill() {
   train finetune "$OUT/$p/mend" --config "$CFG/finetune.yaml" data.partition=$p \
     init_from="$OUT/pretrain"
   train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition=$p
-  evaluate "$OUT/$p/eval/zero_shot" method=zero_shot data.partition=$p
-  evaluate "$OUT/$p/eval/icl" method=icl data.partition=$p
-  evaluate "$OUT/$p/eval/prompt_tuning" method=prompt_tuning data.partition=$p \
-    checkpoint="$OUT/$p/prompt-tuning"
-  evaluate "$OUT/$p/eval/mend" method=mend data.partition=$p checkpoint="$OUT/$p/mend"
+  # Three of the five seeds, to fit the CPU time: each method that reads its demonstrations
+  # is scored twice (own and swapped).
+  local seeds=${DISTILL_SEEDS:-[100,13,21]}
   demo_checkpoint
+  evaluate "$OUT/$p/eval/mend" method=mend data.partition=$p checkpoint="$OUT/$p/mend" \
+    data.seeds="$seeds"
+  evaluate "$OUT/$p/eval/icl" method=icl data.partition=$p data.seeds="$seeds"
+  evaluate "$OUT/$p/eval/prompt_tuning" method=prompt_tuning data.partition=$p \
+    checkpoint="$OUT/$p/prompt-tuning" data.seeds="$seeds"
+  evaluate "$OUT/$p/eval/zero_shot" method=zero_shot data.partition=$p data.seeds="$seeds"
   mend diagnose mend/assets/demo-distiller output="$OUT/diagnose/diagnose.json"
   publish "$OUT/diagnose" diagnose.json
 }
