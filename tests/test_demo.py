@@ -61,16 +61,17 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_the_shipped_demo_distiller_fits_the_zoo_pair():
-    """mend/assets/demo-distiller is what `mend demo` uses by default: LoRA adapters,
-    placeholders and a projection for SmolLM2-135M -> SmolLM2-135M, a few MB."""
+    """mend/assets/demo-distiller is what `mend demo` uses by default: LoRA adapters and
+    placeholders for SmolLM2-135M -> SmolLM2-135M with a key/value output, a few MB."""
     from mend.checkpoint import load_weights
     from mend.distiller import read_config
     from mend.recipes.demo import ASSET, ZOO_PAIR
 
     config = read_config(ASSET)
     assert (config.distiller, config.llm) == ZOO_PAIR and config.train_mode == "lora"
+    assert config.output == "kv" and (config.io_sep, config.demo_sep) == ("\n", "\n\n")
     weights = load_weights(ASSET, "mend")
     assert weights["placeholders"].shape == (config.num_placeholders, 576)  # SmolLM2's width
-    assert weights["projection.0.weight"].shape == (576, 576)
+    assert not any(k.startswith("projection.") for k in weights)  # kv: no projection
     assert any("lora_A" in k for k in weights) and any("lora_B" in k for k in weights)
     assert sum(t.numel() * t.element_size() for t in weights.values()) < 8 * 2**20
