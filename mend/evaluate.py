@@ -296,6 +296,31 @@ def aggregate(results: Sequence[TaskResult]) -> dict[str, Any]:
     return {"tasks": tasks, "average": average, "num_tasks": len(tasks), "seeds": seeds}
 
 
+def evaluate_tasks(method: Method, tasks: Sequence[Task], seeds: Sequence[int], split: str,
+                   builder: ContextBuilder, demos: DemoConfig, *, limit: int | None = None,
+                   batch_size: int = 32, retriever_for=None, progress: str | None = None
+                   ) -> tuple[list[TaskResult], list[str]]:
+    """:func:`evaluate_task` over every (task, seed), each task's demonstrations from its
+    donor (:func:`donors`) under ``demos.source: other_task``. ``retriever_for(task, seed)``
+    gives the retriever of the task whose pool serves (None: random selection); ``progress``
+    names a progress bar. Returns the results and the ``task/seed`` pairs skipped."""
+    from tqdm.auto import tqdm
+
+    givers = donors(tasks) if demos.source == "other_task" else {}
+    pairs = [(t, s) for t in tasks for s in seeds]
+    results, skipped = [], []
+    for task, seed in tqdm(pairs, desc=progress, disable=progress is None, dynamic_ncols=True):
+        donor = givers.get(task.name)
+        retriever = retriever_for(donor or task, seed) if retriever_for else None
+        r = evaluate_task(method, task, seed, split, builder, demos, limit=limit,
+                          batch_size=batch_size, retriever=retriever, donor=donor)
+        if r is None:
+            skipped.append(f"{task.name}/{seed}")
+        else:
+            results.append(r)
+    return results, skipped
+
+
 def donors(tasks: Sequence[Task]) -> dict[str, Task]:
     """The swap control's donor of each task: the next task in the list (the last gives to
     the first), so every task's demonstrations serve exactly one other task."""

@@ -10,9 +10,9 @@ What it does:
 - **Checkpoints** every ``save_every`` steps, at the end, and on SIGTERM, under
   ``output_dir/checkpoints/step-NNNNNNNN``: model, optimizer, scheduler, RNG states (through
   ``accelerator.save_state``), and the step, which fixes the position in the data. Each is
-  written to a temporary directory and renamed, so a kill never leaves a corrupt one. Started
-  again with the same command, a run resumes from its last checkpoint and reaches the same
-  weights as a run never interrupted.
+  written to a temporary directory and renamed, so a kill never leaves a corrupt one.
+  Started again with the same command, a run resumes from its last readable checkpoint and
+  reaches the same weights as a run never interrupted (:mod:`mend.train_checkpoints`).
 - **Logs:** a tqdm bar (loss, LR, tokens/s) on the main process; every logged step as one JSON
   line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
   TensorBoard; ``loss.png`` at the end; one line per start or resume in ``provenance.jsonl``
@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import signal
 import time
 from contextlib import nullcontext
 from collections.abc import Callable, Iterator
@@ -42,10 +39,11 @@ import torch
 
 from mend import optional, precision
 from mend.data import Counters
-from mend.errors import CheckpointError, ConfigError, MendError
+from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
-from mend.run_log import (Window, flat, log_record, plot_metrics, record_call, sum_counts,
+from mend.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
+from mend.train_checkpoints import SigtermFlag, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -203,7 +201,7 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     accelerator.register_for_checkpointing(state)
     checkpoints = output_dir / "checkpoints"
     main = accelerator.is_main_process
-    last = _resume(accelerator, checkpoints, state) if cfg.resume == "auto" else None
+    last = resume(accelerator, checkpoints, state) if cfg.resume == "auto" else None
     # Counts are summed over processes when logged, so only the main process carries the
     # totals so far: the checkpoint's on a resume (they include what was counted before
     # training), else what data loading has counted already.
@@ -219,7 +217,7 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = make_batches(state.step * cfg.grad_accum * world, rank, world)
-    stop_signal = _SigtermFlag()
+    stop_signal = SigtermFlag()
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                desc="train", dynamic_ncols=True)
     window = Window()
@@ -252,11 +250,11 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                 status = "interrupted"
                 break
             if state.step % cfg.save_every == 0 or state.stopped:
-                _checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
         if state.stopped and status != "interrupted":
             status = "early_stopped"
         if not (checkpoints / f"step-{state.step:08d}").is_dir():
-            _checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
         if status != "interrupted" and (keep_best or state.best_step is None
                                         or evaluate is None):
             accelerator.wait_for_everyone()
@@ -347,61 +345,7 @@ def _scheduler(cfg: TrainConfig, optimizer):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints, model selection and monitoring
-
-
-def _resume(accelerator, checkpoints: Path, state: TrainState) -> Path | None:
-    """Load the newest readable checkpoint; returns it, or None when there is none.
-
-    One that cannot be read (a disk filled up, a copy cut short) is renamed
-    ``unreadable-step-N`` and kept, and the run resumes from the one before it, saying so.
-    """
-    tried = []
-    for path in sorted((p for p in checkpoints.glob("step-*") if p.is_dir()), reverse=True):
-        try:
-            accelerator.load_state(str(path))
-        except Exception as e:  # torch, safetensors and pickle each raise their own
-            tried.append(path)
-            reason = f"{type(e).__name__}: {str(e)[:200]}"
-            if accelerator.is_main_process:
-                bad = path.with_name(f"unreadable-{path.name}")
-                shutil.rmtree(bad, ignore_errors=True)
-                os.replace(path, bad)
-                print(f"mend: checkpoint {path} cannot be read ({reason}); it is kept as "
-                      f"{bad.name}, and the run resumes from the checkpoint before it.",
-                      flush=True)
-            accelerator.wait_for_everyone()
-            continue
-        if accelerator.is_main_process:
-            print(f"mend: resuming from {path} (step {state.step})", flush=True)
-        return path
-    if tried:
-        raise CheckpointError(
-            f"No checkpoint under {checkpoints} can be read ({', '.join(p.name for p in tried)} "
-            f"failed; they are kept as unreadable-step-*). Delete them to start over, or set "
-            f"train.resume=never.")
-    return None
-
-
-def _checkpoint(accelerator, checkpoints: Path, state: TrainState, counters: Counters,
-                keep: int) -> None:
-    from accelerate.utils import gather_object
-
-    state.counts = sum_counts(gather_object([counters.counts]))
-    final = checkpoints / f"step-{state.step:08d}"
-    tmp = checkpoints / f".tmp-step-{state.step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-        for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+# Model selection and monitoring
 
 
 def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainConfig,
@@ -449,22 +393,3 @@ def _monitor(accelerator, model, monitor, step: int, output_dir: Path) -> None:
         print(f"mend: step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                  if isinstance(v, float)), flush=True)
     accelerator.wait_for_everyone()
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

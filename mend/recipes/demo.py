@@ -28,7 +28,7 @@ from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition
 from mend.demo import NUM_DEMOS
 from mend.errors import ConfigError
-from mend.evaluate import DemoConfig, evaluate_task
+from mend.evaluate import DemoConfig
 from mend.methods import MethodConfig, build_method
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
@@ -113,19 +113,16 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
     """Accuracy over the tasks with their own demonstrations and, for a method that reads
     them, with the next task's (the swap control): the difference is the content gap."""
     from mend.demo import SEED
-    from mend.evaluate import donors
+    from mend.evaluate import evaluate_tasks
 
     scores: dict[str, dict[str, float]] = {"own": {}, "swapped": {}}
-    givers = donors(tasks)
-    for source in ("own", "swapped") if method.reads_demos else ("own",):
-        demos = DemoConfig(k=NUM_DEMOS, source="own" if source == "own" else "other_task")
-        for task in tasks:
-            bar.set_postfix(method=method.name, task=task.name, demos=source)
-            result = evaluate_task(method, task, SEED, "test", builder, demos, limit=queries,
-                                   donor=givers[task.name])
-            scores[source][task.name] = result.metrics["accuracy"]
-            bar.update(1)
-    if not method.reads_demos:
+    for source in ("own", "swapped"):
+        if source == "own" or method.reads_demos:
+            bar.set_postfix(method=method.name, demos=source)
+            demos = DemoConfig(k=NUM_DEMOS, source="own" if source == "own" else "other_task")
+            results, _ = evaluate_tasks(method, tasks, [SEED], "test", builder, demos,
+                                        limit=queries)
+            scores[source] = {r.task: r.metrics["accuracy"] for r in results}
         bar.update(len(tasks))
     mean = {k: sum(v.values()) / len(v) if v else None for k, v in scores.items()}
     gap = None if mean["swapped"] is None else mean["own"] - mean["swapped"]

@@ -21,8 +21,8 @@ from mend.config import replace, to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
-from mend.evaluate import (DemoConfig, EvalDataConfig, aggregate, content_gap, donors,
-                           evaluate_task, sum_counts)
+from mend.evaluate import (DemoConfig, EvalDataConfig, aggregate, content_gap,
+                           evaluate_tasks, sum_counts)
 from mend.methods import MethodConfig, build_method
 from mend.recipes import run_by_method, write_results
 
@@ -127,33 +127,24 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
 def _score(method, tasks, cfg: EvalConfig, demos: DemoConfig, builder: ContextBuilder):
     """Every (task, seed) under ``demos``: the results, and the pairs that could not be
     scored."""
-    from tqdm.auto import tqdm
-
-    givers = donors(tasks) if demos.source == "other_task" else {}
     retrievers: dict[tuple[str, int], Any] = {}
-    results, skipped = [], []
-    pairs = [(t, s) for t in tasks for s in cfg.data.seeds]
-    desc = f"eval {method.name}" + (" (swapped demos)" if givers else "")
-    for task, seed in tqdm(pairs, desc=desc, dynamic_ncols=True):
-        source = givers.get(task.name, task)
-        retriever = None
-        if demos.selection != "random" and method.reads_context:
-            from mend.evaluate import demo_pool
-            from mend.retrieval import Retriever
-            pool_key = (source.name, seed if demos.pool == "seed" else 0)
-            if pool_key not in retrievers:
-                pool = demo_pool(source, seed, demos.pool)
-                retrievers[pool_key] = Retriever([r["input"] for r in pool], demos.selection,
-                                                 demos.retriever_model)
-            retriever = retrievers[pool_key]
-        r = evaluate_task(method, task, seed, cfg.data.split, builder, demos,
-                          limit=cfg.data.limit, batch_size=cfg.batch_size, retriever=retriever,
-                          donor=givers.get(task.name))
-        if r is not None:
-            results.append(r)
-        else:
-            skipped.append(f"{task.name}/{seed}")
-    return results, skipped
+
+    def retriever_for(source, seed):  # one index per pool, shared across a run's calls
+        if demos.selection == "random" or not method.reads_context:
+            return None
+        from mend.evaluate import demo_pool
+        from mend.retrieval import Retriever
+        key = (source.name, seed if demos.pool == "seed" else 0)
+        if key not in retrievers:
+            pool = demo_pool(source, seed, demos.pool)
+            retrievers[key] = Retriever([r["input"] for r in pool], demos.selection,
+                                        demos.retriever_model)
+        return retrievers[key]
+
+    swapped = " (swapped demos)" if demos.source == "other_task" else ""
+    return evaluate_tasks(method, tasks, cfg.data.seeds, cfg.data.split, builder, demos,
+                          limit=cfg.data.limit, batch_size=cfg.batch_size,
+                          retriever_for=retriever_for, progress=f"eval {method.name}{swapped}")
 
 
 def _tasks(data: EvalDataConfig):

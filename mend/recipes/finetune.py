@@ -20,8 +20,7 @@ from mend.data import Counters, batches
 from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
 from mend.errors import ConfigError
 from mend.diagnostics import ContentConfig, content_monitor
-from mend.evaluate import (DemoConfig, aggregate, content_gap, donors, evaluate_task,
-                           mean_score)
+from mend.evaluate import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.recipes import load_distiller, run_by_method, write_config
@@ -146,11 +145,8 @@ def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> Tr
 
 
 def _select_scores(method, tasks, select: SelectionConfig, demos: DemoConfig, builder):
-    givers = donors(tasks) if demos.source == "other_task" else {}
-    results = [evaluate_task(method, task, seed, select.split, builder, demos,
-                             batch_size=select.batch_size, donor=givers.get(task.name))
-               for task in tasks for seed in select.seeds]
-    return [r for r in results if r is not None]
+    return evaluate_tasks(method, tasks, select.seeds, select.split, builder, demos,
+                          batch_size=select.batch_size)[0]
 
 
 def _builder(cfg, module, counters: Counters) -> ContextBuilder:

@@ -1,0 +1,91 @@
+"""A training run's checkpoints on disk, for :func:`mend.train.train`: each saved
+atomically as ``checkpoints/step-N`` (model, optimizer, scheduler, RNG and the loop's
+:class:`~mend.train.TrainState`, through accelerate), resumed from the newest one that can
+be read, and a SIGTERM turned into a checkpoint at the next step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from mend.data import Counters
+from mend.errors import CheckpointError
+from mend.run_log import sum_counts
+
+
+def resume(accelerator, checkpoints: Path, state) -> Path | None:
+    """Load the newest readable checkpoint; returns it, or None when there is none.
+
+    One that cannot be read (a disk filled up, a copy cut short) is renamed
+    ``unreadable-step-N`` and kept, and the run resumes from the one before it, saying so.
+    """
+    tried = []
+    for path in sorted((p for p in checkpoints.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            accelerator.load_state(str(path))
+        except Exception as e:  # torch, safetensors and pickle each raise their own
+            tried.append(path)
+            reason = f"{type(e).__name__}: {str(e)[:200]}"
+            if accelerator.is_main_process:
+                bad = path.with_name(f"unreadable-{path.name}")
+                shutil.rmtree(bad, ignore_errors=True)
+                os.replace(path, bad)
+                print(f"mend: checkpoint {path} cannot be read ({reason}); it is kept as "
+                      f"{bad.name}, and the run resumes from the checkpoint before it.",
+                      flush=True)
+            accelerator.wait_for_everyone()
+            continue
+        if accelerator.is_main_process:
+            print(f"mend: resuming from {path} (step {state.step})", flush=True)
+        return path
+    if tried:
+        raise CheckpointError(
+            f"No checkpoint under {checkpoints} can be read ({', '.join(p.name for p in tried)} "
+            f"failed; they are kept as unreadable-step-*). Delete them to start over, or set "
+            f"train.resume=never.")
+    return None
+
+
+def save_checkpoint(accelerator, checkpoints: Path, state, counters: Counters,
+                    keep: int) -> None:
+    """Save the run's state as ``step-N`` (atomically: a temporary directory, then a
+    rename), keeping the newest ``keep`` checkpoints."""
+    from accelerate.utils import gather_object
+
+    state.counts = sum_counts(gather_object([counters.counts]))
+    final = checkpoints / f"step-{state.step:08d}"
+    tmp = checkpoints / f".tmp-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+        for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
