@@ -87,12 +87,12 @@ main_table() {
 ALIMIT=${ALIMIT:-2}
 
 demo_checkpoint() {
-  # The class_to_class distiller becomes the demo's default (bf16: LoRA, placeholders and
-  # projection in 5.6 MB); `mend demo` then runs with what it finds by itself.
+  # A class_to_class distiller (DEMO_RUN) becomes the demo's default (bf16: LoRA, placeholders
+  # and projection in a few MB); `mend demo` then runs with what it finds by itself.
   local dir="$OUT/demo" asset=mend/assets/demo-distiller
   python -c "import torch; from mend import Distiller; Distiller.from_pretrained(
     '$OUT/class_to_class/mend').save_pretrained('$asset', dtype=torch.bfloat16)"
-  [ -f "$dir/results.json" ] || mend demo --output-dir "$dir"
+  [ -f "$dir/results.json" ] || mend demo output_dir="$dir"
   publish "$dir" results.json demo.png
 }
 
@@ -168,26 +168,52 @@ budget() {
     data.limit="$ALIMIT" checkpoint="$run" demos.perturbation=wrong_label
 }
 
+# demo_tasks OUTDIR MEND-ARGS...: one evaluation on the demo's four unseen tasks (16 test rows
+# each, K = 16 fixed demonstrations, newline separators), with the swap control.
+demo_tasks() {
+  local dir=$1; shift
+  python -c "from mend.demo import materialize; materialize('$OUT/demo-tasks')"
+  [ -f "$dir/results.json" ] || mend eval data.root="$OUT/demo-tasks" data.partition=demo \
+    data.split=test "data.seeds=[100]" demos.k=16 demos.mode=fixed 'io_sep="\n"' \
+    'demo_sep="\n\n"' output_dir="$dir" "$@"
+  publish "$dir" results.json results.md
+}
+
 distill() {
   # Issue 14, does MEND carry its demonstrations? Stage 1 (long enough to be killed and
-  # resumed), the class_to_class MEND and prompt tuning (the constant-prefix floor, given the
-  # same wall time as MEND's stage 2), their evaluations with the swap control, the demo
-  # with the new distiller, and `mend diagnose` on it. DOCS=docs/results/distill-cpu.
-  local p=class_to_class
-  CALL_LIMIT=${STAGE1_CALL_LIMIT:-1200} train pretrain "$OUT/pretrain" --config "$CFG/pretrain.yaml"
+  # resumed), stage 2 on class_to_class twice (the paper's L_pred + L_distill, and L_distill
+  # alone: L_pred can learn label priors into a constant prefix), prompt tuning (the
+  # constant-prefix floor, given MEND's stage-2 wall time: PT_STEPS), each scored on
+  # class_to_class and on the demo's tasks with the swap control, stage 1 alone as well; then
+  # the controls table. DOCS=docs/results/distill-cpu.
+  local p=class_to_class seeds=${DISTILL_SEEDS:-[100,13,21]}
+  CALL_LIMIT=${STAGE1_CALL_LIMIT:-600} train pretrain "$OUT/pretrain" --config "$CFG/pretrain.yaml"
   train finetune "$OUT/$p/mend" --config "$CFG/finetune.yaml" data.partition=$p \
     init_from="$OUT/pretrain"
-  train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition=$p
-  # Three of the five seeds, to fit the CPU time: each method that reads its demonstrations
-  # is scored twice (own and swapped).
-  local seeds=${DISTILL_SEEDS:-[100,13,21]}
-  demo_checkpoint
-  evaluate "$OUT/$p/eval/mend" method=mend data.partition=$p checkpoint="$OUT/$p/mend" \
-    data.seeds="$seeds"
+  train finetune "$OUT/$p/mend-distill-only" --config "$CFG/finetune-no-pred.yaml" \
+    data.partition=$p init_from="$OUT/pretrain"
+  train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition=$p \
+    train.max_steps="${PT_STEPS:-1200}" train.eval_every=200 train.save_every=200
+  demo_tasks "$OUT/demo-tasks/eval/icl" method=icl llm=smollm2-135m
+  local run
+  for run in pretrain $p/mend $p/mend-distill-only; do
+    demo_tasks "$OUT/$run/eval-demo" method=mend checkpoint="$OUT/$run" llm=null
+    evaluate "$OUT/$p/eval/${run##*/}" method=mend data.partition=$p checkpoint="$OUT/$run" \
+      data.seeds="$seeds"
+  done
   evaluate "$OUT/$p/eval/icl" method=icl data.partition=$p data.seeds="$seeds"
   evaluate "$OUT/$p/eval/prompt_tuning" method=prompt_tuning data.partition=$p \
     checkpoint="$OUT/$p/prompt-tuning" data.seeds="$seeds"
   evaluate "$OUT/$p/eval/zero_shot" method=zero_shot data.partition=$p data.seeds="$seeds"
+  mend controls "$OUT/pretrain" "$OUT/$p/mend" "$OUT/$p/mend-distill-only" \
+    --reference "$OUT/demo-tasks/eval/icl/results.json" --output "$OUT/$p/stage2-controls.md"
+  publish "$OUT/$p" stage2-controls.md
+}
+
+ship() {
+  # The distiller chosen from distill's runs (DEMO_RUN, a directory under $OUT) becomes the
+  # demo's; the demo runs with it, and `mend diagnose` scores it on held-out text.
+  demo_checkpoint
   mend diagnose mend/assets/demo-distiller output="$OUT/diagnose/diagnose.json"
   publish "$OUT/diagnose" diagnose.json
 }
@@ -210,6 +236,7 @@ for part in "${parts[@]}"; do
     sweep_l) sweep_l ;;
     budget) budget ;;
     distill) distill ;;
+    ship) ship ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
