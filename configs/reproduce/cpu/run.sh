@@ -91,7 +91,7 @@ demo_checkpoint() {
   # and projection in a few MB); `mend demo` then runs with what it finds by itself.
   local dir="$OUT/demo" asset=mend/assets/demo-distiller
   python -c "import torch; from mend import Distiller; Distiller.from_pretrained(
-    '$OUT/class_to_class/mend').save_pretrained('$asset', dtype=torch.bfloat16)"
+    '$OUT/${DEMO_RUN:-class_to_class/mend}').save_pretrained('$asset', dtype=torch.bfloat16)"
   [ -f "$dir/results.json" ] || mend demo output_dir="$dir"
   publish "$dir" results.json demo.png
 }
