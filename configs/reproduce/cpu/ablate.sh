@@ -17,13 +17,13 @@ declare -A VARIANTS=(
   [kv-ae]="objective.reconstruct=1.0"
 )
 # The task-level control: each stage-1 distiller (and ICL, the reference) on the demo's four
-# unseen tasks, with their own and with another task's 16 demonstrations.
-tasks=out/ablate/demo-tasks
-python -c "from mend.demo import materialize; materialize('$tasks')"
+# unseen tasks, with their own and with another task's 16 demonstrations
+# (configs/reproduce/cpu/eval-demo.yaml, as run.sh's demo_tasks).
+python -c "from mend.demo import materialize; materialize('out/demo-tasks')"
 demo_eval() {  # demo_eval OUTDIR ARGS...
   local dir=$1; shift
-  [ -f "$dir/results.json" ] || mend eval data.root=$tasks data.partition=demo data.split=test \
-    'data.seeds=[100]' demos.k=16 demos.mode=fixed output_dir="$dir" "$@"
+  [ -f "$dir/results.json" ] || mend eval --config configs/reproduce/cpu/eval-demo.yaml \
+    output_dir="$dir" "$@"
 }
 demo_eval out/ablate/icl-demo method=icl llm=smollm2-135m
 for v in "${@:-paper norm kv}"; do

@@ -168,14 +168,12 @@ budget() {
     data.limit="$ALIMIT" checkpoint="$run" demos.perturbation=wrong_label
 }
 
-# demo_tasks OUTDIR MEND-ARGS...: one evaluation on the demo's four unseen tasks (16 test rows
-# each, K = 16 fixed demonstrations, newline separators), with the swap control.
+# demo_tasks OUTDIR MEND-ARGS...: one evaluation on the demo's four unseen tasks, with the swap
+# control (eval-demo.yaml: 16 test rows each, K = 16 fixed demonstrations, newline separators).
 demo_tasks() {
   local dir=$1; shift
-  python -c "from mend.demo import materialize; materialize('$OUT/demo-tasks')"
-  [ -f "$dir/results.json" ] || mend eval data.root="$OUT/demo-tasks" data.partition=demo \
-    data.split=test "data.seeds=[100]" demos.k=16 demos.mode=fixed 'io_sep="\n"' \
-    'demo_sep="\n\n"' output_dir="$dir" "$@"
+  python -c "from mend.demo import materialize; materialize('out/demo-tasks')"
+  [ -f "$dir/results.json" ] || mend eval --config "$CFG/eval-demo.yaml" output_dir="$dir" "$@"
   publish "$dir" results.json results.md
 }
 
@@ -211,9 +209,9 @@ distill() {
 }
 
 ship() {
-  # The distiller chosen from distill's runs (DEMO_RUN, a directory under $OUT) becomes the
-  # demo's; the demo runs with it, and `mend diagnose` scores it on held-out text.
-  demo_checkpoint
+  # The distiller chosen from distill's runs (DEMO_RUN, a directory under $OUT; by default
+  # the L_distill-only stage 2) becomes the demo's; the demo runs with it, and `mend diagnose` scores it on held-out text.
+  DEMO_RUN=${DEMO_RUN:-class_to_class/mend-distill-only} demo_checkpoint
   mend diagnose mend/assets/demo-distiller output="$OUT/diagnose/diagnose.json"
   publish "$OUT/diagnose" diagnose.json
 }
