@@ -25,14 +25,14 @@ demo_eval() {  # demo_eval OUTDIR ARGS...
   [ -f "$dir/results.json" ] || mend eval --config configs/reproduce/cpu/eval-demo.yaml \
     output_dir="$dir" "$@"
 }
-demo_eval out/ablate/icl-demo method=icl llm=smollm2-135m
+demo_eval out/ablate/icl-demo method=icl
 for v in "${@:-paper norm kv}"; do
   out=out/ablate/$v
   # shellcheck disable=SC2086
   [ -f "$out/mend_config.json" ] || mend pretrain --config configs/reproduce/cpu/pretrain.yaml \
     train.max_steps=$STEPS train.save_every=50 train.warmup_steps=10 train.eval_every=50 \
     output_dir=$out ${VARIANTS[$v]}
-  demo_eval "$out/eval-demo" method=mend checkpoint="$out"
+  demo_eval "$out/eval-demo" method=mend checkpoint="$out" llm=null
 done
 runs=()
 for v in "${@:-paper norm kv}"; do runs+=("out/ablate/$v"); done

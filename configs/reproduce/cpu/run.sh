@@ -192,7 +192,7 @@ distill() {
     data.partition=$p init_from="$OUT/pretrain"
   train finetune "$OUT/$p/prompt-tuning" --config "$CFG/prompt-tuning.yaml" data.partition=$p \
     train.max_steps="${PT_STEPS:-1200}" train.eval_every=200 train.save_every=200
-  demo_tasks "$OUT/demo-tasks/eval/icl" method=icl llm=smollm2-135m
+  demo_tasks "$OUT/demo-tasks/eval/icl" method=icl
   local run
   for run in pretrain $p/mend $p/mend-distill-only; do
     demo_tasks "$OUT/$run/eval-demo" method=mend checkpoint="$OUT/$run" llm=null
