@@ -1,7 +1,8 @@
 """What every benchmark shares: the command line, the models, timing, and the results files.
 
 Each benchmark writes ``<out>/<name>.json`` (rows, targets, machine, versions, config, git
-commit; see :func:`mend.report.provenance`) and ``<out>/<name>.md``, the same rows as a table.
+commit; see :func:`mend.reporting.results.provenance`) and ``<out>/<name>.md``, the same rows as a
+table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mend.efficiency import PeakMemory, count_flops  # noqa: F401  (re-exported for the benches)
+from mend.evaluation.efficiency import PeakMemory, count_flops  # noqa: F401  (re-exported for the benches)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,7 +67,7 @@ def write(args, bench: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
           targets: Sequence[dict[str, Any]] = (), notes: Sequence[str] = (),
           config: dict[str, Any] | None = None) -> Path:
     """Write ``<name>.json`` and ``<name>.md``; returns the JSON path."""
-    from mend.report import provenance, write_json
+    from mend.reporting.results import provenance, write_json
 
     name = args.name or f"{bench}-{args.device}{'-tiny' if args.tiny else ''}"
     out = Path(args.out)

@@ -4,10 +4,10 @@ for every option.
     python bench/eval.py                                  # CPU: 8 rows per task, one seed
     python bench/eval.py --device cuda --limit 0          # every row
 
-Both paths run :func:`mend.evaluate.evaluate_task` on every meta-test task of the partition;
-the naive one passes ``reuse_head=False``. Methods: vanilla ICL (``fixed`` demonstrations,
-one context per task) and MEND (``resample``, a context per query, as in the paper), with a
-freshly initialised distiller (speed does not depend on its weights). The predictions of the
+Both paths run :func:`mend.evaluation.harness.evaluate_task` on every meta-test task of the
+partition; the naive one passes ``reuse_head=False``. Methods: vanilla ICL (``fixed``
+demonstrations, one context per task) and MEND (``resample``, a context per query, as in the paper),
+with a freshly initialised distiller (speed does not depend on its weights). The predictions of the
 two paths are compared; they must agree.
 """
 
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
 def run(args) -> list[dict]:
     from mend.config import MendConfig
     from mend.data.metaicl import ContextBuilder, load_partition
-    from mend.distiller import Distiller
-    from mend.evaluate import DemoConfig, evaluate_task
+    from mend.core.distiller import Distiller
+    from mend.evaluation.harness import DemoConfig, evaluate_task
     from mend.methods.icl import ICL
     from mend.methods.mend import Mend
 

@@ -70,8 +70,8 @@ NOTES = ["flops_vs_icl: LLM FLOPs per query over vanilla ICL's; total_flops_vs_i
 def run(args) -> list[dict]:
     from mend.config import MendConfig
     from mend.data.metaicl import ContextBuilder, load_task
-    from mend.distiller import Distiller
-    from mend.evaluate import demo_pool
+    from mend.core.distiller import Distiller
+    from mend.evaluation.harness import demo_pool
 
     distiller_path, llm_path = common.models(args)
     ks = [int(k) for k in args.ks.split(",")]

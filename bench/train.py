@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                 row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
             rows.append(row)
             print(row, flush=True)
-    from mend import precision
+    from mend.training import precision
     mixed, why = precision.resolve("auto", "cuda" if args.device == "cuda" else "cpu")
     notes = [f"Peak FLOP/s used for MFU: {peaks} ({peaks['source']}).",
              f"train.mixed_precision=auto resolves to {mixed} here: {why}. Both the fp32 "
@@ -129,9 +129,9 @@ def make_batch(args, objective, stage: str):
 
 def measure(args, stage: str, variant: str, peaks: dict) -> dict:
     from mend.config import MendConfig
-    from mend.distiller import Distiller
+    from mend.core.distiller import Distiller
     from mend.methods.mend import MendObjective, ObjectiveConfig
-    from mend.train import compile_modules
+    from mend.training.loop import compile_modules
 
     row = {"stage": stage, "variant": variant}
     if variant == "8bit" and args.device != "cuda":

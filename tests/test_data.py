@@ -13,7 +13,7 @@ from mend.data.metaicl import (ContextBuilder, FinetuneData, MetaICLConfig, load
                                sample_demos)
 from mend.data.pretrain import PretrainData, TextDataConfig, documents, wikitext_articles
 from mend.errors import ConfigError
-from mend.text import DemoFormat, encode
+from mend.core.text import DemoFormat, encode
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mend.cli import main
-from mend.demo import materialize
+from mend.data.demo import materialize
 from mend.data.metaicl import load_partition
 
 
@@ -63,8 +63,8 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
 def test_the_shipped_demo_distiller_fits_the_zoo_pair():
     """mend/assets/demo-distiller is what `mend demo` uses by default: LoRA adapters and
     placeholders for SmolLM2-135M -> SmolLM2-135M with a key/value output, a few MB."""
-    from mend.checkpoint import load_weights
-    from mend.distiller import read_config
+    from mend.core.checkpoint import load_weights
+    from mend.core.distiller import read_config
     from mend.recipes.demo import ASSET, ZOO_PAIR
 
     config = read_config(ASSET)

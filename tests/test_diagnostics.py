@@ -9,7 +9,7 @@ import pytest
 from conftest import write_metaicl
 from mend.cli import main as cli
 from mend.data.pretrain import TextDataConfig
-from mend.diagnostics import ContentConfig, content_gain, held_out_examples
+from mend.evaluation.diagnostics import ContentConfig, content_gain, held_out_examples
 from mend.errors import ConfigError
 
 WORDS = ("river stone garden music winter harbor lantern meadow copper violin orchard "
@@ -122,7 +122,7 @@ def test_content_controls_are_logged_during_training(tmp_path, tiny_model):
 
 
 def test_own_minus_swapped_is_the_content_gap():
-    from mend.evaluate import TaskResult, aggregate, content_gap
+    from mend.evaluation.harness import TaskResult, aggregate, content_gap
 
     def results(scores):
         return aggregate([TaskResult(t, s, [], [], {"score": v, "macro_f1": v, "accuracy": v})

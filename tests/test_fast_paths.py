@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEMOS
-from mend.backbones import load_model, load_tokenizer
+from mend.core.backbones import load_model, load_tokenizer
 from mend.data import Example
 from mend.errors import InputError
-from mend.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
+from mend.core.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.prefix_lm import PrefixLM
-from mend.text import encode, pad
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import encode, pad
 from mend.tiny import ARCHS
 
 

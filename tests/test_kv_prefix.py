@@ -7,7 +7,7 @@ from conftest import DEMOS, write_metaicl
 from mend import Distiller, MendConfig
 from mend.errors import ConfigError, InputError
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.text import encode
+from mend.core.text import encode
 
 OPTIONS = ["positive", "negative"]
 
@@ -28,7 +28,7 @@ def test_a_kv_prefix_of_nothing_but_placeholders_is_the_llm_reading_them(kv_dist
     """With no demonstration, the distiller reads ``[bos | placeholders]``, exactly what the
     LLM reads given the placeholders as vectors: the cache it hands over must continue the
     same way as the LLM reading them itself (positions, masks and cache building)."""
-    from mend.distiller import DistilledContext
+    from mend.core.distiller import DistilledContext
 
     d = kv_distiller().eval()
     bos = torch.tensor([d.llm.bos])
@@ -114,7 +114,7 @@ def test_kv_output_needs_the_llms_architecture(tiny_model):
 def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_path):
     from mend.data import Counters
     from mend.data.metaicl import ContextBuilder, load_task
-    from mend.efficiency import serving_costs
+    from mend.evaluation.efficiency import serving_costs
     from mend.methods.mend import Mend
 
     d = kv_distiller()
@@ -127,7 +127,7 @@ def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_pa
     costs = serving_costs(method, builder, demos, task.rows("test")[:3], "cpu")
     once = costs["once"]
     assert once["llm_flops"] == 0 < once["context_flops"]  # only the distiller reads the demos
-    from mend.kv_cache import shapes
+    from mend.core.kv_cache import shapes
     layers, kv_heads, head_dim = shapes(d.llm.model.config)
     assert once["cache_bytes"] == layers * 2 * kv_heads * (1 + 3) * head_dim * 4
     assert costs["per_query"]["flops"] > 0

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mend import precision
+from mend.training import precision
 from mend.data import Example
 from mend.errors import ConfigError
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.text import encode
-from mend.train import TrainConfig, _param_groups
+from mend.core.text import encode
+from mend.training.loop import TrainConfig, _param_groups
 
 
 @pytest.mark.parametrize("bf16, fp32, expected", [(400e9, 130e9, "bf16"), (1e9, 130e9, "no")])

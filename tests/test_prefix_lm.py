@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mend.backbones import load_model, load_tokenizer
+from mend.core.backbones import load_model, load_tokenizer
 from mend.errors import InputError
-from mend.prefix_lm import PrefixLM
-from mend.text import bos_ids, encode, pad
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import bos_ids, encode, pad
 from mend.tiny import ARCHS
 
 CONTEXTS = ["the film was great positive", "dull negative the plot was too long and weak"]

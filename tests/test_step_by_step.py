@@ -9,8 +9,9 @@ import torch
 
 from mend.config import load_config
 from mend.data import Counters
-from mend.methods.step_by_step import IGNORE, Student, StepByStepObjective, StudentConfig
-from mend.rationales import RationaleExample, is_correct, load, parse_cot, safe_value
+from mend.baselines.step_by_step.student import IGNORE, Student, StepByStepObjective, StudentConfig
+from mend.baselines.step_by_step.data import (RationaleExample, is_correct, load, parse_cot,
+                                              safe_value)
 
 
 @pytest.mark.parametrize("text, dataset, expected", [
@@ -99,7 +100,7 @@ def test_rationale_files_load_with_malformed_ones_counted(cqa_root):
 def test_students_train_and_evaluate_end_to_end(cqa_root, tiny_model, tmp_path, arch, weight,
                                                 source):
     from mend import tiny
-    from mend.recipes.step_by_step import (StepByStepConfig, StepByStepEvalConfig, main,
+    from mend.baselines.step_by_step.recipe import (StepByStepConfig, StepByStepEvalConfig, main,
                                            main_eval)
     path = tiny.build(tmp_path / arch, arch, "metaspace") if arch == "t5" else tiny_model(arch)
     out = tmp_path / "run"
@@ -117,7 +118,7 @@ def test_students_train_and_evaluate_end_to_end(cqa_root, tiny_model, tmp_path, 
 
 
 def test_teacher_rationales_are_parsed_and_malformed_ones_counted(cqa_root, tiny_model):
-    from mend.recipes.step_by_step import RationaleDataConfig, teacher_rationales
+    from mend.baselines.step_by_step.recipe import RationaleDataConfig, teacher_rationales
     counters = Counters()
     examples = load("cqa", "train", cqa_root)[:4]
     data = RationaleDataConfig(root=str(cqa_root), rationale_source="teacher",

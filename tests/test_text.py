@@ -3,7 +3,7 @@ import torch
 
 from mend import tiny
 from mend.errors import InputError
-from mend.text import DemoFormat, bos_ids, fit, pad, positions
+from mend.core.text import DemoFormat, bos_ids, fit, pad, positions
 
 
 def test_demo_forms_render_with_separators():

@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 from conftest import write_metaicl
 from mend import Distiller, tiny
 from mend.config import load_config
-from mend.distiller import WEIGHTS_FILE
+from mend.core.distiller import WEIGHTS_FILE
 from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
 from mend.recipes.pretrain import main as pretrain
 from mend.errors import MendError
-from mend.train import TrainConfig, TrainingError, train
+from mend.training.loop import TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def run_killed(args: list[str], out: Path, at_step: int, sig: signal.Signals) ->
     """Run stage 1 in a subprocess that sends itself ``sig`` right after step ``at_step``."""
     script = f"""
 import os, signal, sys
-import mend.train as T
+import mend.training.loop as T
 step = T._step
 def killing_step(*a, **k):
     out = step(*a, **k)
@@ -148,7 +148,7 @@ def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
     assert result.best_score == max(scores)
     assert result.best_step == evals[scores.index(max(scores))]["step"]
     # The output directory holds the best model: re-scoring it gives the best score.
-    from mend.evaluate import evaluate_task, mean_score
+    from mend.evaluation.harness import evaluate_task, mean_score
     from mend.methods.mend import Mend
     from mend.recipes.finetune import _builder
     from mend.data import Counters
@@ -158,7 +158,7 @@ def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
     # Selection reads the run's own k (data.k = 3, not the evaluation default of 16), and
     # config.yaml says so.
     import yaml
-    from mend.evaluate import DemoConfig
+    from mend.evaluation.harness import DemoConfig
     saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert saved["select"]["k"] == 3 and saved["select"]["mode"] == "fixed"
     results = [evaluate_task(Mend(best), t, 100, "dev", _builder(cfg, best, Counters()),
@@ -228,7 +228,7 @@ def test_every_shipped_config_parses_and_opens_with_its_command(path):
     from mend.recipes.efficiency import EfficiencyConfig
     from mend.recipes.evaluate import recipes as eval_recipes
     from mend.recipes.finetune import recipes as finetune_recipes
-    from mend.recipes.nli_cost import NLICostConfig
+    from mend.baselines.nli.cost import NLICostConfig
     stage = path.relative_to(ROOT / "configs").parts[0]
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), "every config opens with a comment"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from mend.text import Demos
+from mend.core.text import Demos
 
 T = TypeVar("T")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mend.data import Counters, Example
 from mend.errors import ConfigError, InputError
-from mend.text import Demo, DemoFormat, encode
+from mend.core.text import Demo, DemoFormat, encode
 
 SEEDS = (100, 13, 21, 42, 87)
 

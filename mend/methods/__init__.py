@@ -55,11 +55,11 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
     load_time.update({k: v for k, v in (("io_sep", cfg.io_sep), ("demo_sep", cfg.demo_sep))
                       if v is not None})
     if cfg.method in ("zero_shot", "icl"):
-        from mend.backbones import load_model, load_tokenizer
+        from mend.core.backbones import load_model, load_tokenizer
         from mend.methods.icl import ICL
         from mend.methods.zero_shot import ZeroShot
-        from mend.prefix_lm import PrefixLM
-        from mend.text import DemoFormat
+        from mend.core.prefix_lm import PrefixLM
+        from mend.core.text import DemoFormat
 
         model = load_model(cfg.llm, dtype=cfg.llm_dtype, device=device,
                            load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
@@ -69,7 +69,7 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
     if cfg.method == "prompt_tuning":
         from mend.methods.prompt_tuning import PromptTuning
         return PromptTuning.from_pretrained(cfg.checkpoint, device=device, **load_time).eval()
-    from mend.distiller import Distiller
+    from mend.core.distiller import Distiller
     from mend.methods.hypertuning import HyperTuning
     from mend.methods.mend import Mend
     # Evaluation never trains, so LoRA adapters are folded into the weights (the same

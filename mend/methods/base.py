@@ -3,7 +3,7 @@
 **Evaluation** (:class:`Method`): a method turns demonstration sets into a *prefix* for the
 frozen LLM. The harness does everything else the same way for every method: it builds the
 contexts, reads the queries after the prefix and scores the options (see
-:mod:`mend.evaluate`).
+:mod:`mend.evaluation.harness`).
 
 - zero-shot: no prefix, and the query is read with no separator in front;
 - ICL: the embeddings of the demonstrations' LLM tokens;
@@ -12,7 +12,7 @@ contexts, reads the queries after the prefix and scores the options (see
 
 **Training** (:class:`Trainable`): a method that learns offers the module to optimise, a
 collator from :class:`~mend.data.Example` lists to tensors, a loss, and a way to save itself.
-:func:`mend.train.train` runs any of them.
+:func:`mend.training.loop.train` runs any of them.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from mend.data import Counters, Example
-from mend.kv_cache import Prefill
-from mend.prefix_lm import PrefixLM
-from mend.text import DemoFormat
+from mend.core.kv_cache import Prefill
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat
 
 Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
 """``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix;

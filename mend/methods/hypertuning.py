@@ -8,7 +8,7 @@ demonstrations. What differs is training, which is configuration only: stage 1 w
 
 from __future__ import annotations
 
-from mend.distiller import Distiller
+from mend.core.distiller import Distiller
 from mend.methods.mend import Mend
 
 

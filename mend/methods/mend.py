@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from mend.data import Counters, Example
-from mend.distiller import Distiller
+from mend.core.distiller import Distiller
 from mend.errors import ConfigError
-from mend.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
+from mend.core.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
-from mend.text import pad
+from mend.core.text import pad
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ class ObjectiveConfig:
     """Weight of the autoencoding objective: cross-entropy of the demonstrations' LLM tokens
     read after the vectors (a token-level mean, like ``clm``)."""
     temperature: float = 1.0
-    """Softmax temperature of ``L_distill`` (see :func:`mend.losses.kl_distill`)."""
+    """Softmax temperature of ``L_distill`` (see :func:`mend.core.losses.kl_distill`)."""
     logits_chunk: int | None = 1024
     """Positions projected onto the vocabulary at a time, recomputed in backward, so no
-    ``(B, T, V)`` logits are ever held (:func:`mend.losses.chunked_kl_distill`). null: the plain
-    path through full logits (same loss, more memory)."""
+    ``(B, T, V)`` logits are ever held (:func:`mend.core.losses.chunked_kl_distill`). null: the
+    plain path through full logits (same loss, more memory)."""
 
     def __post_init__(self) -> None:
         weights = (self.distill, self.pred, self.clm, self.reconstruct)

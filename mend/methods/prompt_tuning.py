@@ -17,15 +17,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mend import checkpoint
-from mend.backbones import load_model, load_tokenizer
+from mend.core import checkpoint
+from mend.core.backbones import load_model, load_tokenizer
 from mend.config import Dtype, from_dict, replace, to_dict
 from mend.data import Counters, Example
 from mend.errors import CheckpointError, ConfigError
-from mend.losses import ce_loss
+from mend.core.losses import ce_loss
 from mend.methods.base import Prefix
-from mend.prefix_lm import PrefixLM
-from mend.text import DemoFormat, pad
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat, pad
 
 
 @dataclass(frozen=True)

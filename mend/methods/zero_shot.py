@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mend.methods.base import Prefix
-from mend.prefix_lm import PrefixLM
-from mend.text import DemoFormat
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat
 
 
 class ZeroShot:

@@ -75,7 +75,7 @@ def method_name(args: list[str], default: str) -> str:
 
 def load_distiller(model: MendConfig, init_from: str | None, device):
     """A fresh distiller, or one whose trainable weights come from a checkpoint."""
-    from mend.distiller import Distiller, read_config
+    from mend.core.distiller import Distiller, read_config
 
     if init_from is None:
         return Distiller.from_config(model, device=device)
@@ -96,7 +96,7 @@ def write_results(cfg: Any, result: dict[str, Any],
     process only); returns ``result``."""
     from accelerate import PartialState
 
-    from mend.report import provenance, write_json
+    from mend.reporting.results import provenance, write_json
 
     result["provenance"] = provenance(to_dict(cfg))
     if PartialState().is_main_process:

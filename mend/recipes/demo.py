@@ -26,9 +26,9 @@ from typing import Any
 
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition
-from mend.demo import NUM_DEMOS
+from mend.data.demo import NUM_DEMOS
 from mend.errors import ConfigError
-from mend.evaluate import DemoConfig
+from mend.evaluation.harness import DemoConfig
 from mend.methods import MethodConfig, build_method
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
@@ -57,7 +57,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    from mend.demo import PARTITION, materialize
+    from mend.data.demo import PARTITION, materialize
     from mend.recipes import write_results
 
     started = time.perf_counter()
@@ -65,7 +65,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     root = materialize(out / "tasks")
     distiller, llm = _models(cfg.tiny)
     checkpoint, origin = _checkpoint(cfg, distiller, llm, root)
-    from mend.distiller import read_config
+    from mend.core.distiller import read_config
     fmt = read_config(checkpoint)
     methods = [MethodConfig("zero_shot", llm=llm, io_sep=fmt.io_sep, demo_sep=fmt.demo_sep),
                MethodConfig("icl", llm=llm, io_sep=fmt.io_sep, demo_sep=fmt.demo_sep),
@@ -112,8 +112,8 @@ compresses a task's demonstrations once; ICL either re-reads them or reuses thei
 def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
     """Accuracy over the tasks with their own demonstrations and, for a method that reads
     them, with the next task's (the swap control): the difference is the content gap."""
-    from mend.demo import SEED
-    from mend.evaluate import evaluate_tasks
+    from mend.data.demo import SEED
+    from mend.evaluation.harness import evaluate_tasks
 
     scores: dict[str, dict[str, float]] = {"own": {}, "swapped": {}}
     for source in ("own", "swapped"):
@@ -131,10 +131,11 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
 
 
 def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[str, Any]:
-    """:func:`~mend.efficiency.serving_costs` on every task (its 16 demonstrations serving
+    """:func:`~mend.evaluation.efficiency.serving_costs` on every task (its 16 demonstrations
+    serving
     ``queries`` test queries after a warm-up one), averaged over the tasks."""
-    from mend.demo import SEED
-    from mend.efficiency import serving_costs
+    from mend.data.demo import SEED
+    from mend.evaluation.efficiency import serving_costs
 
     runs = [serving_costs(method, builder,
                           [(r["input"], r["output"]) for r in task.rows("train", SEED)],
@@ -147,7 +148,7 @@ def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[st
 def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
     """After how many queries of one demonstration set compress-once MEND costs less in all
     than each ICL row, in FLOPs and in measured time."""
-    from mend.efficiency import break_even
+    from mend.evaluation.efficiency import break_even
 
     rows = {r["method"]: r for r in table}
     mend = rows.get("MEND (compress once)")
@@ -187,20 +188,20 @@ def _queries(n: int | None) -> str:
 
 def _models(tiny: bool) -> tuple[str, str]:
     if not tiny:
-        from mend import zoo
+        from mend.core import zoo
         for name in set(ZOO_PAIR):
             zoo.path(name)  # converts on first use; a missing package names its pip command
         return ZOO_PAIR
     from mend import tiny as tiny_models
-    from mend.zoo import cache_root
+    from mend.core.zoo import cache_root
     base = cache_root() / "demo"
     return (str(tiny_models.build(base / "tiny-distiller", "llama", "metaspace", hidden=32)),
             str(tiny_models.build(base / "tiny-llm", "gpt2", "bytelevel", hidden=48)))
 
 
 def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tuple[Path, str]:
-    from mend.distiller import read_config
-    from mend.zoo import cache_root
+    from mend.core.distiller import read_config
+    from mend.core.zoo import cache_root
 
     if cfg.checkpoint:
         return Path(cfg.checkpoint), "given with --checkpoint"
@@ -222,11 +223,11 @@ def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tup
 def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out: Path) -> None:
     from mend.config import MendConfig
     from mend.data.metaicl import MetaICLConfig
-    from mend.demo import PARTITION
+    from mend.data.demo import PARTITION
     from mend.methods.mend import ObjectiveConfig
     from mend.recipes.finetune import FinetuneConfig
     from mend.recipes.finetune import main as finetune
-    from mend.train import TrainConfig
+    from mend.training.loop import TrainConfig
 
     if cfg.train_steps < 1:
         raise ConfigError("train_steps must be >= 1 when no checkpoint is available.")

@@ -4,8 +4,8 @@
     mend diagnose mend/assets/demo-distiller content.windows=64 output=diagnose.json
 
 Scores the checkpoint on held-out text windows with its own vectors, another window's vectors
-and no vectors (:mod:`mend.diagnostics`), prints the table, and with ``output`` writes it as
-JSON with its provenance.
+and no vectors (:mod:`mend.evaluation.diagnostics`), prints the table, and with ``output`` writes it
+as JSON with its provenance.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
+from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ def main(cfg: DiagnoseConfig) -> dict[str, Any]:
     """Content controls of a MEND checkpoint on held-out text."""
     import torch
 
-    from mend.distiller import Distiller
-    from mend.report import provenance, write_json
+    from mend.core.distiller import Distiller
+    from mend.reporting.results import provenance, write_json
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     distiller = Distiller.from_pretrained(cfg.checkpoint, device=device).eval()

@@ -16,7 +16,7 @@ from typing import Any
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_task
 from mend.errors import ConfigError
-from mend.evaluate import demo_pool
+from mend.evaluation.harness import demo_pool
 from mend.methods import MethodConfig, build_method
 from mend.recipes import run, write_results
 
@@ -44,7 +44,7 @@ def main(cfg: EfficiencyConfig) -> dict[str, Any]:
     """Measure FLOPs, peak memory and time per query of each method on one task."""
     import torch
 
-    from mend.efficiency import query_costs
+    from mend.evaluation.efficiency import query_costs
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     task = load_task(cfg.root, cfg.task)

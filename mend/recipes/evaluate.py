@@ -21,7 +21,7 @@ from mend.config import replace, to_dict
 from mend.data import Counters
 from mend.data.metaicl import ContextBuilder, load_partition, load_task
 from mend.errors import ConfigError
-from mend.evaluate import (DemoConfig, EvalDataConfig, aggregate, content_gap,
+from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
                            evaluate_tasks, sum_counts)
 from mend.methods import MethodConfig, build_method
 from mend.recipes import run_by_method, write_results
@@ -63,7 +63,7 @@ class EvalConfig(MethodConfig):
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a method on MetaICL tasks (results.json and results.md)."""
-    from mend.report import results_table
+    from mend.reporting.results import results_table
 
     out = Path(cfg.output_dir)
     if cfg.sweep is None:
@@ -132,8 +132,8 @@ def _score(method, tasks, cfg: EvalConfig, demos: DemoConfig, builder: ContextBu
     def retriever_for(source, seed):  # one index per pool, shared across a run's calls
         if demos.selection == "random" or not method.reads_context:
             return None
-        from mend.evaluate import demo_pool
-        from mend.retrieval import Retriever
+        from mend.evaluation.harness import demo_pool
+        from mend.evaluation.retrieval import Retriever
         key = (source.name, seed if demos.pool == "seed" else 0)
         if key not in retrievers:
             pool = demo_pool(source, seed, demos.pool)
@@ -211,9 +211,9 @@ def recipes() -> dict:
     """Every evaluation recipe by ``method``: the MetaICL methods here, and the pattern-based
     and step-by-step evaluations (imported when asked for)."""
     from mend.methods import METHODS
-    from mend.recipes.nli import (PatternEvalConfig, PatternICLConfig, main_icl,
+    from mend.baselines.nli.recipes import (PatternEvalConfig, PatternICLConfig, main_icl,
                                   main_pattern_eval)
-    from mend.recipes.step_by_step import StepByStepEvalConfig, main_eval
+    from mend.baselines.step_by_step.recipe import StepByStepEvalConfig, main_eval
     return {**{m: (EvalConfig, main) for m in METHODS},
             "pattern_icl": (PatternICLConfig, main_icl),
             "pattern_lm": (PatternEvalConfig, main_pattern_eval),

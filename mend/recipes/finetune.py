@@ -19,12 +19,12 @@ from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
 from mend.errors import ConfigError
-from mend.diagnostics import ContentConfig, content_monitor
-from mend.evaluate import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
+from mend.evaluation.diagnostics import ContentConfig, content_monitor
+from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.recipes import load_distiller, run_by_method, write_config
-from mend.train import TrainConfig, TrainResult, train
+from mend.training.loop import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -158,9 +158,9 @@ def _builder(cfg, module, counters: Counters) -> ContextBuilder:
 def recipes() -> dict:
     """Every finetuning recipe by ``method``: MEND, prompt tuning, and the pattern-based and
     step-by-step methods (imported when asked for)."""
-    from mend.recipes.nli import CDConfig, PBFTConfig, main_cd, main_pbft
-    from mend.recipes.step_by_step import StepByStepConfig
-    from mend.recipes.step_by_step import main as main_sbs
+    from mend.baselines.nli.recipes import CDConfig, PBFTConfig, main_cd, main_pbft
+    from mend.baselines.step_by_step.recipe import StepByStepConfig
+    from mend.baselines.step_by_step.recipe import main as main_sbs
     return {"mend": (FinetuneConfig, main),
             "prompt_tuning": (PromptTuningFinetuneConfig, main_prompt_tuning),
             "pbft": (PBFTConfig, main_pbft), "context_distillation": (CDConfig, main_cd),

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.pretrain import PretrainData, TextDataConfig
-from mend.diagnostics import ContentConfig, content_monitor
+from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.recipes import load_distiller, run, write_config
-from mend.train import TrainConfig, TrainResult, train
+from mend.training.loop import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ declare -A VARIANTS=(
 # The task-level control: each stage-1 distiller (and ICL, the reference) on the demo's four
 # unseen tasks, with their own and with another task's 16 demonstrations
 # (configs/reproduce/cpu/eval-demo.yaml, as run.sh's demo_tasks).
-python -c "from mend.demo import materialize; materialize('out/demo-tasks')"
+python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
 demo_eval() {  # demo_eval OUTDIR ARGS...
   local dir=$1; shift
   [ -f "$dir/results.json" ] || mend eval --config configs/reproduce/cpu/eval-demo.yaml \

@@ -172,7 +172,7 @@ budget() {
 # control (eval-demo.yaml: 16 test rows each, K = 16 fixed demonstrations, newline separators).
 demo_tasks() {
   local dir=$1; shift
-  python -c "from mend.demo import materialize; materialize('out/demo-tasks')"
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
   [ -f "$dir/results.json" ] || mend eval --config "$CFG/eval-demo.yaml" output_dir="$dir" "$@"
   publish "$dir" results.json results.md
 }

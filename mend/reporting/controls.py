@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from mend.errors import ConfigError
-from mend.report import fmt
-from mend.run_log import train_cost
+from mend.reporting.results import fmt
+from mend.training.run_log import train_cost
 
 
 def last_controls(run: Path) -> dict[str, float] | None:

@@ -76,7 +76,7 @@ def write_record(accelerator, output_dir: Path, record: dict[str, Any], tensorbo
 def record_call(output_dir: Path, step: int, **resolved: Any) -> None:
     """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml,
     and ``resolved`` adds what this start decided (e.g. the precision ``auto`` chose)."""
-    from mend.report import provenance
+    from mend.reporting.results import provenance
 
     with open(output_dir / "provenance.jsonl", "a") as f:
         record = {"start_step": step, **resolved, **provenance()}
@@ -99,8 +99,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def plot_metrics(output_dir: str | Path) -> Path | None:
     """``loss.png``: every loss term of ``metrics.jsonl`` against the step, and, where the run
-    logged the content controls (:mod:`mend.diagnostics`), the held-out KL with own, swapped
-    and no vectors beside it."""
+    logged the content controls (:mod:`mend.evaluation.diagnostics`), the held-out KL with own,
+    swapped and no vectors beside it."""
     output_dir = Path(output_dir)
     path = output_dir / "metrics.jsonl"
     if not path.is_file():

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mend.backbones import enable_checkpointing, freeze, hidden_size, max_positions
+from mend.core.backbones import enable_checkpointing, freeze, hidden_size, max_positions
 from mend.errors import InputError
-from mend.kv_cache import Prefill, fresh_cache
-from mend.text import bos_ids, pad, positions
+from mend.core.kv_cache import Prefill, fresh_cache
+from mend.core.text import bos_ids, pad, positions
 
 
 class PrefixLM:

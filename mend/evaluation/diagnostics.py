@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from mend import kv_cache
+from mend.core import kv_cache
 from mend.data import Counters, Example
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
-from mend.losses import chunked_kl_distill
-from mend.text import pad
+from mend.core.losses import chunked_kl_distill
+from mend.core.text import pad
 
 HELD_OUT = TextDataConfig(path="../shared/data/text/wikitext-2/wiki.test.tokens.gz",
                           documents="wikitext", max_length=128, windows_per_document=1)

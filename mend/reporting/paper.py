@@ -30,9 +30,9 @@ from typing import Any
 import yaml
 
 from mend.errors import ConfigError
-from mend.controls_report import controls_section
-from mend.report import fmt, provenance_summary
-from mend.run_log import train_cost
+from mend.reporting.controls import controls_section
+from mend.reporting.results import fmt, provenance_summary
+from mend.training.run_log import train_cost
 
 MAIN_ROWS = (("zero-shot", "zero_shot"), ("PromptTuning", "prompt_tuning"),
              ("vanilla ICL", "icl"), ("HyperTuning", "hypertuning"), ("MEND", "mend"))

@@ -9,8 +9,8 @@
 ``label_source: teacher`` it is standard distillation. ``data.fraction`` trains on a seeded
 fraction of the training set, for data-size sweeps. Rationales come from the data files
 (``rationale_source: file``), or from a teacher LLM prompted with a few-shot chain of thought
-(``teacher``), parsed as :mod:`mend.rationales` documents, with malformed outputs counted and
-skipped.
+(``teacher``), parsed as :mod:`mend.baselines.step_by_step.data` documents, with malformed outputs
+counted and skipped.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Literal
 from mend.config import replace, to_dict
 from mend.data import Counters, batches
 from mend.errors import ConfigError
-from mend.methods.step_by_step import Student, StepByStepObjective, StudentConfig
-from mend.rationales import PHRASES, RationaleExample, is_correct, load, parse_cot
+from mend.baselines.step_by_step.student import Student, StepByStepObjective, StudentConfig
+from mend.baselines.step_by_step.data import PHRASES, RationaleExample, is_correct, load, parse_cot
 from mend.recipes import write_config, write_results
-from mend.train import TrainConfig, TrainResult, train
+from mend.training.loop import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,8 @@ def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExampl
     (its shots: the first training examples that have file rationales)."""
     from tqdm.auto import tqdm
 
-    from mend.backbones import load_model, load_tokenizer
-    from mend.prefix_lm import PrefixLM
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.core.prefix_lm import PrefixLM
 
     phrase = PHRASES[data.dataset]
     shots = [e for e in examples if e.rationale and e.teacher_label][:data.teacher_shots]

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mend import checkpoint
-from mend.backbones import enable_checkpointing, load_model, load_tokenizer
+from mend.core import checkpoint
+from mend.core.backbones import enable_checkpointing, load_model, load_tokenizer
 from mend.config import Dtype, from_dict, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, ConfigError
-from mend.nli import LABELS, NLIExample
-from mend.patterns import get_pattern
-from mend.text import bos_ids, pad, positions
+from mend.baselines.nli.data import LABELS, NLIExample
+from mend.baselines.nli.patterns import get_pattern
+from mend.core.text import bos_ids, pad, positions
 
 KIND = "pattern_lm"
 

@@ -106,7 +106,7 @@ def path(name: str) -> Path:
 
 
 def _convert(entry: ZooModel, target: Path) -> None:
-    from mend.backbones import load_model, load_tokenizer  # backbones imports this module
+    from mend.core.backbones import load_model, load_tokenizer  # backbones imports this module
     from mend.optional import require
 
     require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")

@@ -1,6 +1,6 @@
-"""A training run's checkpoints on disk, for :func:`mend.train.train`: each saved
+"""A training run's checkpoints on disk, for :func:`mend.training.loop.train`: each saved
 atomically as ``checkpoints/step-N`` (model, optimizer, scheduler, RNG and the loop's
-:class:`~mend.train.TrainState`, through accelerate), resumed from the newest one that can
+:class:`~mend.training.loop.TrainState`, through accelerate), resumed from the newest one that can
 be read, and a SIGTERM turned into a checkpoint at the next step.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mend.data import Counters
 from mend.errors import CheckpointError
-from mend.run_log import sum_counts
+from mend.training.run_log import sum_counts
 
 
 def resume(accelerator, checkpoints: Path, state) -> Path | None:

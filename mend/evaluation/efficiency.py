@@ -41,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mend.data.metaicl import ContextBuilder
-from mend.kv_cache import Prefill
+from mend.core.kv_cache import Prefill
 from mend.methods.base import Method, prefix_kwargs
 
 

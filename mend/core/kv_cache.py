@@ -2,7 +2,7 @@
 
 Two makers, one type (:class:`Prefill`):
 
-- the LLM itself reads ``[bos | prefix]`` once (:meth:`mend.prefix_lm.PrefixLM.prefill`);
+- the LLM itself reads ``[bos | prefix]`` once (:meth:`mend.core.prefix_lm.PrefixLM.prefill`);
   its own cache object is kept, and positions continue after the head;
 - a distiller with ``output: kv`` (Gisting-style prefix) hands over the keys and values it
   computed at bos and at its placeholders, layer by layer, as ``(keys, values)`` tensors.

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mend import optional, zoo
+from mend import optional
+from mend.core import zoo
 from mend.errors import BackboneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

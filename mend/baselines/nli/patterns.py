@@ -1,8 +1,9 @@
 """Patterns and verbalizers: NLI examples as prompts, labels as single next tokens.
 
 A pattern renders ``(premise, hypothesis)`` as text; its verbalizer maps each label to the word
-that follows that text. Patterns are data: the built-in ones are in ``mend/patterns.yaml``, and
-a user's YAML file (``patterns_file``) adds more without code.
+that follows that text. Patterns are data: the built-in ones are in
+``mend/baselines/nli/patterns.yaml``, and a user's YAML file (``patterns_file``) adds more without
+code.
 
 **Leading spaces.** A verbalizer word carries its own leading space (``" Yes"``). Its token is
 found *in context*: the ids of ``prompt + word`` minus the ids of ``prompt``. That is exactly
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from mend.errors import ConfigError
-from mend.nli import LABELS, NLIExample
+from mend.baselines.nli.data import LABELS, NLIExample
 
 BUILTIN = Path(__file__).with_name("patterns.yaml")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from mend.config import Dtype
 from mend.recipes import run, write_results
-from mend.recipes.nli import NLIDataConfig, nli_data
+from mend.baselines.nli.recipes import NLIDataConfig, nli_data
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
     """Measure ICL, PBFT and CD memory and time for each context size."""
     import torch
 
-    from mend.patterns import get_pattern
+    from mend.baselines.nli.patterns import get_pattern
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pool, sets = nli_data(cfg.data)
@@ -80,7 +80,7 @@ def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
     """Median seconds and peak bytes of ``fn()`` over ``repeats`` calls, after a warm-up."""
     import torch
 
-    from mend.efficiency import PeakMemory
+    from mend.evaluation.efficiency import PeakMemory
     fn()
     seconds, peaks = [], []
     for _ in range(repeats):
@@ -96,10 +96,10 @@ def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
 
 def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -> None:
     """An LLM reading k demonstrations and one query (ICL; the CD teacher's cached pass)."""
-    from mend.backbones import load_model, load_tokenizer
-    from mend.nli import balanced_sample
-    from mend.patterns import context_text
-    from mend.prefix_lm import PrefixLM
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.baselines.nli.data import balanced_sample
+    from mend.baselines.nli.patterns import context_text
+    from mend.core.prefix_lm import PrefixLM
 
     llm = PrefixLM(load_model(model_id, device=device), load_tokenizer(model_id))
     tok = llm.tokenizer
@@ -118,9 +118,9 @@ def _training_costs(cfg, key, mode, dtype, pool, rows, device) -> None:
     """One training step: PBFT on the k examples, or the CD student (context never read)."""
     import torch
 
-    from mend.methods.context_distillation import DistillObjective
-    from mend.methods.pattern import PatternLM, PatternModelConfig, PatternObjective
-    from mend.nli import balanced_sample
+    from mend.baselines.nli.context_distillation import DistillObjective
+    from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
+    from mend.baselines.nli.data import balanced_sample
 
     model = PatternLM.from_config(PatternModelConfig(cfg.llm, mode=mode, dtype=dtype,
                                                      pattern=cfg.pattern,

@@ -12,12 +12,12 @@ What it does:
   ``accelerator.save_state``), and the step, which fixes the position in the data. Each is
   written to a temporary directory and renamed, so a kill never leaves a corrupt one.
   Started again with the same command, a run resumes from its last readable checkpoint and
-  reaches the same weights as a run never interrupted (:mod:`mend.train_checkpoints`).
+  reaches the same weights as a run never interrupted (:mod:`mend.training.checkpoints`).
 - **Logs:** a tqdm bar (loss, LR, tokens/s) on the main process; every logged step as one JSON
   line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
   TensorBoard; ``loss.png`` at the end; one line per start or resume in ``provenance.jsonl``
   (the step it began at, git commit, machine, versions, command), so a run chained over many
-  calls says how and where each part of it was made (all written by ``mend.run_log``).
+  calls says how and where each part of it was made (all written by ``mend.training.run_log``).
 - **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
   better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
   without improvement stop the run.
@@ -37,13 +37,14 @@ from typing import Any, Literal
 
 import torch
 
-from mend import optional, precision
+from mend import optional
+from mend.training import precision
 from mend.data import Counters
 from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
-from mend.run_log import (Window, flat, log_record, plot_metrics, record_call,
+from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
-from mend.train_checkpoints import SigtermFlag, resume, save_checkpoint
+from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """``auto``: bf16 where this machine computes it natively, measured on a CPU, else fp32
-    (:mod:`mend.precision`); the choice and its reason are printed and kept in
+    (:mod:`mend.training.precision`); the choice and its reason are printed and kept in
     ``provenance.jsonl``."""
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -165,7 +166,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     checkpoint. With ``keep_best={"best_ood": "ood", ...}``, each named metric's best model is
     saved to ``output_dir/<name>`` and the output directory holds the last model.
     ``monitor`` is also called every ``eval_every`` steps; its metrics are logged (as
-    ``monitor_<name>``) but select nothing (the content controls of :mod:`mend.diagnostics`).
+    ``monitor_<name>``) but select nothing (the content controls of
+    :mod:`mend.evaluation.diagnostics`).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -325,7 +327,7 @@ def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, A
 
 def _optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw_8bit":
-        from mend.backbones import bitsandbytes_problem
+        from mend.core.backbones import bitsandbytes_problem
         problem = bitsandbytes_problem()
         if problem is not None:
             raise TrainingError(f"train.optimizer=adamw_8bit needs bitsandbytes on CUDA, but "

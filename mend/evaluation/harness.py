@@ -22,8 +22,8 @@ For one task and seed:
    The prediction has the lowest NLL. A shared context is run once and its KV cache serves
    every query and option; a context per query serves all that query's options.
 
-Metrics (:mod:`mend.metrics`): macro-F1 and accuracy for every task, ranked by macro-F1 for
-classification tasks and accuracy for the others. :func:`aggregate` gives the mean and std
+Metrics (:mod:`mend.evaluation.metrics`): macro-F1 and accuracy for every task, ranked by macro-F1
+for classification tasks and accuracy for the others. :func:`aggregate` gives the mean and std
 over seeds and the partition average, which counts each task exactly once.
 """
 
@@ -42,8 +42,8 @@ from mend.data import Counters
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
 from mend.methods.base import Method, prefix_kwargs
-from mend.metrics import task_metrics
-from mend.text import Demo
+from mend.evaluation.metrics import task_metrics
+from mend.core.text import Demo
 
 PERTURBATIONS = ("none", "no_label", "no_input", "random_label", "wrong_label")
 

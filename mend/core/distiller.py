@@ -5,7 +5,7 @@
         --(Linear+Tanh when hidden sizes differ)--(RMSNorm with vector_norm: match)-->
         (B, l, d_llm) vectors
 
-The vectors replace the demonstrations in front of the frozen LLM (:mod:`mend.prefix_lm`).
+The vectors replace the demonstrations in front of the frozen LLM (:mod:`mend.core.prefix_lm`).
 Compress once, then score or generate for as many queries as you like::
 
     distiller = Distiller.from_config(MendConfig(distiller="smollm2-135m", llm="smollm2-135m"))
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mend import checkpoint, kv_cache
-from mend.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
+from mend.core import checkpoint, kv_cache
+from mend.core.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
 from mend.config import MendConfig, from_dict, replace, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
-from mend.kv_cache import Prefill
-from mend.prefix_lm import PrefixLM
-from mend.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
+from mend.core.kv_cache import Prefill
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
 
 CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 
@@ -275,7 +275,7 @@ class Distiller(nn.Module):
 
         Returns:
             ``(B, l, d_llm)`` in the LLM's dtype; differentiable w.r.t. the trainable weights.
-            With ``output: kv``, a :class:`~mend.kv_cache.Prefill` of ``B`` rows instead: each
+            With ``output: kv``, a :class:`~mend.core.kv_cache.Prefill` of ``B`` rows instead: each
             layer's keys and values at bos and the ``l`` placeholders (differentiable too).
         """
         b, n = input_ids.shape[0], self.config.num_placeholders  # n is the paper's l

@@ -6,7 +6,7 @@ query alone, trained with LoRA or BitFit on
 
     alpha * KL(p_teacher || p_student) + (1 - alpha) * CE(y, p_student)
 
-over the label tokens (:func:`mend.losses.label_distill_loss`). Each model reads the
+over the label tokens (:func:`mend.core.losses.label_distill_loss`). Each model reads the
 verbalizer through its own tokenizer, so teacher and student may tokenize differently.
 
 The teacher's label-token logits are computed once and kept on disk (:class:`TeacherCache`).
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mend.losses import label_distill_loss
-from mend.methods.pattern import PatternLM
-from mend.nli import LABELS, NLIExample
-from mend.patterns import Pattern, context_text
-from mend.prefix_lm import PrefixLM
+from mend.core.losses import label_distill_loss
+from mend.baselines.nli.model import PatternLM
+from mend.baselines.nli.data import LABELS, NLIExample
+from mend.baselines.nli.patterns import Pattern, context_text
+from mend.core.prefix_lm import PrefixLM
 
 DEFAULT_INSTRUCTION = ("Based on the premise and the label of the hypothesis, please deduce "
                        "whether the hypothesis is right or wrong.")

@@ -30,8 +30,8 @@ from torch import nn
 from mend.config import Dtype, from_dict, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError
-from mend.rationales import RationaleExample
-from mend.text import bos_ids, pad
+from mend.baselines.step_by_step.data import RationaleExample
+from mend.core.text import bos_ids, pad
 
 PREFIXES = {"brackets": ("[label] ", "[rationale] "), "words": ("predict: ", "explain: ")}
 CONFIG_FILE = "step_by_step_config.json"
@@ -63,7 +63,7 @@ class Student(nn.Module):
         """Load the student named in ``config`` (or the one saved at ``path``)."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        from mend.backbones import DTYPES, load_model, load_tokenizer, resolve
+        from mend.core.backbones import DTYPES, load_model, load_tokenizer, resolve
         source = path or config.model
         directory, gguf = resolve(source)
         if gguf is None and AutoConfig.from_pretrained(directory).is_encoder_decoder:
@@ -91,7 +91,7 @@ class Student(nn.Module):
         os.replace(tmp, path / CONFIG_FILE)
 
     def gradient_checkpointing_enable(self) -> None:
-        from mend.backbones import enable_checkpointing
+        from mend.core.backbones import enable_checkpointing
         enable_checkpointing(self.model)
 
     @property

@@ -27,10 +27,10 @@ import numpy as np
 from mend.config import Dtype, replace, to_dict
 from mend.data import batches
 from mend.errors import ConfigError
-from mend.methods.pattern import PatternLM, PatternModelConfig, PatternObjective
-from mend.nli import NLIExample, balanced_sample, load_hans, load_task, split
+from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
+from mend.baselines.nli.data import NLIExample, balanced_sample, load_hans, load_task, split
 from mend.recipes import write_config, write_results
-from mend.train import TrainConfig, TrainResult, train
+from mend.training.loop import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,10 @@ def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
     """Pattern-based ICL over k and data seeds, in domain and on HANS."""
     from tqdm.auto import tqdm
 
-    from mend.backbones import load_model, load_tokenizer
-    from mend.nli_eval import evaluate_icl
-    from mend.patterns import get_pattern
-    from mend.prefix_lm import PrefixLM
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.baselines.nli.evaluation import evaluate_icl
+    from mend.baselines.nli.patterns import get_pattern
+    from mend.core.prefix_lm import PrefixLM
 
     pool, sets = nli_data(cfg.data)
     llm = PrefixLM(load_model(cfg.llm, dtype=cfg.llm_dtype, device=_device()),
@@ -184,12 +184,12 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     import torch
     from accelerate.utils import set_seed
 
-    from mend.backbones import load_model, load_tokenizer
-    from mend.efficiency import PeakMemory
-    from mend.methods.context_distillation import (DistillObjective, TeacherCache,
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.evaluation.efficiency import PeakMemory
+    from mend.baselines.nli.context_distillation import (DistillObjective, TeacherCache,
                                                    teacher_logits)
-    from mend.patterns import get_pattern
-    from mend.prefix_lm import PrefixLM
+    from mend.baselines.nli.patterns import get_pattern
+    from mend.core.prefix_lm import PrefixLM
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
@@ -236,7 +236,7 @@ def _fit(cfg, objective, examples: list[NLIExample], sets, extra: dict) -> Train
                        rank=rank, world=world, counters=objective.counters)
 
     def evaluate(model) -> dict[str, Any]:
-        from mend.nli_eval import evaluate_model
+        from mend.baselines.nli.evaluation import evaluate_model
         report = evaluate_model(model, sets, cfg.eval_batch_size)
         return {"score": report["in_domain"], **report}
 
@@ -277,7 +277,7 @@ class PatternEvalConfig:
 
 def main_pattern_eval(cfg: PatternEvalConfig) -> dict[str, Any]:
     """A trained pattern model (PBFT or CD) in domain and on HANS."""
-    from mend.nli_eval import evaluate_model
+    from mend.baselines.nli.evaluation import evaluate_model
 
     _, sets = nli_data(cfg.data)
     model = PatternLM.from_pretrained(cfg.checkpoint, device=_device())

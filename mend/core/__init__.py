@@ -1,0 +1,2 @@
+"""The MEND model itself: backbones and the offline zoo, text layout, the distiller, the
+frozen LLM with a prefix (:mod:`~mend.core.prefix_lm`), its KV prefix, losses and checkpoints."""
