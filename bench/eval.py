@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
 def run(args) -> list[dict]:
     from mend.config import MendConfig
-    from mend.data.metaicl import ContextBuilder, load_partition
+    from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition
     from mend.core.distiller import Distiller
     from mend.evaluation.harness import DemoConfig, evaluate_task
     from mend.methods.icl import ICL
@@ -71,12 +71,12 @@ def run(args) -> list[dict]:
     chosen = args.methods.split(",")
 
     def new_builder() -> ContextBuilder:  # fresh counters for each timed pass
-        return ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 256, 900, d.llm.max_length)
+        return ContextBuilder.for_method(d, ContextConfig(k=args.k))
 
     for method, mode in ((ICL(d.llm, d.format), "fixed"), (Mend(d), "resample")):
         if method.name not in chosen:
             continue
-        demos = DemoConfig(k=args.k, mode=mode)
+        demos = DemoConfig(mode=mode)
         timing, preds, counts, context_s = {}, {}, {"rows": 0, "options": 0}, {}
         with torch.inference_mode():  # warm-up: first-call costs belong to neither path
             warm = new_builder()

@@ -69,7 +69,7 @@ NOTES = ["flops_vs_icl: LLM FLOPs per query over vanilla ICL's; total_flops_vs_i
 
 def run(args) -> list[dict]:
     from mend.config import MendConfig
-    from mend.data.metaicl import ContextBuilder, load_task
+    from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
     from mend.core.distiller import Distiller
     from mend.evaluation.harness import demo_pool
 
@@ -88,7 +88,7 @@ def run(args) -> list[dict]:
         output=args.output),
         device=args.device).eval()
     llm = d.llm
-    builder = ContextBuilder(llm.tokenizer, d.format, llm.bos, 256, 8192, llm.max_length)
+    builder = ContextBuilder.for_method(d, ContextConfig(max_context_tokens=8192))
     groups = [[(builder.query(r["input"]), builder.option(o)) for o in r["options"]]
               for r in queries]
     zero_groups = [[(builder.query(r["input"], False), builder.option(o)) for o in r["options"]]

@@ -25,6 +25,7 @@ def bench(tmp_path, script: str, *args: str) -> dict:
 
 
 @needs_data
+@pytest.mark.slow  # a subprocess per benchmark
 def test_inference_bench_reports_every_method_and_the_targets(tmp_path):
     result = bench(tmp_path, "inference.py", "--ks", "1,16", "--queries", "3",
                    "--latency-queries", "1", "--batch-sizes", "2", "--placeholders", "4")
@@ -39,6 +40,7 @@ def test_inference_bench_reports_every_method_and_the_targets(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow  # a subprocess per benchmark
 def test_eval_bench_fast_and_naive_paths_agree(tmp_path):
     result = bench(tmp_path, "eval.py", "--limit", "2", "--k", "2", "--placeholders", "4",
                    "--max-tasks", "3")
@@ -46,6 +48,7 @@ def test_eval_bench_fast_and_naive_paths_agree(tmp_path):
     assert all(r["agreement"] == 1.0 and r["rows"] > 0 for r in result["rows"])
 
 
+@pytest.mark.slow  # a subprocess per benchmark
 def test_train_bench_counts_model_flops_and_skips_8bit_without_cuda(tmp_path):
     result = bench(tmp_path, "train.py", "--steps", "1", "--batch", "1", "--demo-tokens", "32",
                    "--input-tokens", "16", "--placeholders", "2",

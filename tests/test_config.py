@@ -1,9 +1,13 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from mend.config import MendConfig, from_dict, load_config, parse_overrides, replace, to_dict
 from mend.errors import ConfigError
+from mend.recipes.pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def test_literal_choices_and_cross_field_checks():
 
 def test_yaml_booleans_map_back_to_word_choices():
     # YAML 1.1 reads `mixed_precision: no` as False; the choice "no" is what was meant.
-    from mend.training.loop import TrainConfig
+    from mend.training.config import TrainConfig
     assert from_dict(TrainConfig, {"mixed_precision": False}).mixed_precision == "no"
     assert load_config(Outer, None, ["name=x"]).name == "x"
     with pytest.raises(ConfigError, match="must be one of"):
@@ -89,3 +93,31 @@ def test_override_values_are_parsed_as_yaml_strings_included():
     # Unquoted, backslash-n stays two characters, as in YAML, and the user is told to quote.
     with pytest.warns(UserWarning, match='model.demo_sep="\\\\n\\\\n"'):
         assert parse_overrides(["model.demo_sep=\\n\\n"]) == {"model": {"demo_sep": "\\n\\n"}}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*/**/*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_parses_and_opens_with_its_command(path):
+    from mend.baselines.nli.recipes import VERBS as NLI
+    from mend.baselines.step_by_step.recipe import VERBS as SBS
+    from mend.config import from_dict, read_yaml
+    from mend.recipes.efficiency import EfficiencyConfig
+    from mend.recipes.evaluate import EvalConfig
+    from mend.recipes.finetune import recipe_for
+    stage = path.relative_to(ROOT / "configs").parts[0]
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), "every config opens with a comment"
+    if stage in ("base", "accelerate") or "not runnable alone" in first:
+        return
+    data = read_yaml(path)
+    words = first.split()
+    job = words[words.index("mend") + 1] if "mend" in words else next(
+        w.split("/")[0] for w in words if w.endswith("/run.py"))
+    verb = words[words.index(job) + 1] if job in ("nli", "sbs") else None
+    cls = {"pretrain": lambda: PretrainConfig, "finetune": lambda: recipe_for(data).config,
+           "eval": lambda: EvalConfig, "efficiency": lambda: EfficiencyConfig,
+           "nli": lambda: NLI[verb].config, "sbs": lambda: SBS[verb].config}[job]()
+    cfg = from_dict(cls, data)
+    assert str(path.relative_to(ROOT)) in first
+    assert any(word in first for word in ("run.py", "mend "))
+    assert cfg.output_dir.startswith("out/")

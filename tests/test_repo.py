@@ -22,3 +22,12 @@ def test_ci_runs_both_readme_quickstart_lines_verbatim():
     lines = readme_quickstart()
     assert len(lines) == 2 and "mend demo" in lines[0] and "pytest" in lines[1]
     assert ran == lines
+
+
+def test_the_readme_layout_names_every_package_of_mend():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    packages = sorted(p.parent.name for p in (ROOT / "mend").glob("*/__init__.py"))
+    assert packages and [p for p in packages if f"  {p}/" not in layout] == []
+    mirrored = {p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").is_file()}
+    assert mirrored <= set(packages), "tests/ folders mirror mend/'s packages"

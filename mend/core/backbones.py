@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -108,6 +109,45 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
     if device is not None and not load_in_8bit:
         model.to(device)
     return model
+
+
+def init_vectors(embeddings: nn.Module, vocab_size: int, n: int, how: str,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``(n, d)`` learned vectors' starting values (MEND's placeholders, prompt tuning's
+    prompt): the embeddings of ``n`` random tokens among the first ``vocab_size`` (``vocab``,
+    Lester et al.), read through the module so that scaled embeddings (Gemma) stay right; or
+    N(0, 0.02^2) (``random``)."""
+    weight = embeddings.weight
+    if how == "vocab":
+        ids = torch.randperm(vocab_size)[:n] if n <= vocab_size else torch.randint(
+            vocab_size, (n,))
+        with torch.no_grad():
+            return embeddings(ids.to(weight.device)).detach().clone().to(dtype)
+    return torch.randn(n, weight.shape[1], dtype=dtype, device=weight.device) * 0.02
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float,
+             target_modules: str | Sequence[str]) -> nn.Module:
+    """``model`` wrapped with peft's LoRA adapters on ``target_modules`` (a name list, or
+    peft's regex string); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    return get_peft_model(model, LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(
+            target_modules),
+        # GPT-2 stores its linear layers transposed, as Conv1D.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules())))
+
+
+def pick_device(requested: str | None = None) -> str:
+    """``requested``, else this process's device as accelerate sees it: the rank's GPU under
+    a launcher, else CUDA when available, else the CPU."""
+    if requested:
+        return requested
+    from accelerate import PartialState
+    return str(PartialState().device)
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from mend.core import checkpoint, kv_cache
-from mend.core.backbones import enable_checkpointing, hidden_size, load_model, load_tokenizer
+from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
+                                 load_model, load_tokenizer)
 from mend.config import MendConfig, from_dict, replace, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
@@ -98,26 +99,16 @@ class Distiller(nn.Module):
         if config.vector_norm == "match":
             self.projection = nn.Sequential(*_layers(self.projection), _matched_norm(llm, weight))
         if config.train_mode == "lora":
-            from peft import LoraConfig, get_peft_model
-            from transformers.pytorch_utils import Conv1D
-            target = config.lora_target_modules
-            encoder = get_peft_model(encoder, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=target if isinstance(target, str) else list(target),
-                # GPT-2 stores its linear layers transposed, as Conv1D.
-                fan_in_fan_out=any(isinstance(m, Conv1D) for m in encoder.modules())))
+            encoder = add_lora(encoder, config.lora_r, config.lora_alpha, config.lora_dropout,
+                               config.lora_target_modules)
         self.encoder = encoder
         self.merged = False
         """True once :meth:`merge_adapters` has folded the LoRA adapters in (inference only)."""
 
     def _init_placeholders(self, encoder: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        n, emb = self.config.num_placeholders, encoder.get_input_embeddings()
-        if self.config.placeholder_init == "vocab":
-            vocab = min(len(self.tokenizer), emb.num_embeddings)
-            ids = torch.randperm(vocab)[:n] if n <= vocab else torch.randint(vocab, (n,))
-            with torch.no_grad():  # through the module, so scaled embeddings (Gemma) stay right
-                return emb(ids.to(emb.weight.device)).detach().clone().to(dtype)
-        return torch.randn(n, emb.embedding_dim, dtype=dtype, device=emb.weight.device) * 0.02
+        emb = encoder.get_input_embeddings()
+        return init_vectors(emb, min(len(self.tokenizer), emb.num_embeddings),
+                            self.config.num_placeholders, self.config.placeholder_init, dtype)
 
     # ----------------------------------------------------------------------------------------
     # Building and saving
@@ -278,12 +269,12 @@ class Distiller(nn.Module):
             With ``output: kv``, a :class:`~mend.core.kv_cache.Prefill` of ``B`` rows instead: each
             layer's keys and values at bos and the ``l`` placeholders (differentiable too).
         """
-        b, n = input_ids.shape[0], self.config.num_placeholders  # n is the paper's l
-        if n == 0:
+        b, num_placeholders = input_ids.shape[0], self.config.num_placeholders  # the paper's l
+        if num_placeholders == 0:
             return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)
         embeds = self.encoder.get_input_embeddings()(input_ids)
         embeds = torch.cat([embeds, self.placeholders.to(embeds.dtype).expand(b, -1, -1)], 1)
-        mask = torch.cat([attention_mask, attention_mask.new_ones(b, n)], dim=1)
+        mask = torch.cat([attention_mask, attention_mask.new_ones(b, num_placeholders)], dim=1)
         # Left padding keeps the placeholders in the last l columns for every row, and the
         # position ids skip the padding, so a set gives the same vectors alone or in a batch.
         kv = self.config.output == "kv"
@@ -291,8 +282,9 @@ class Distiller(nn.Module):
                            position_ids=positions(mask), use_cache=kv)
         if kv:
             return kv_cache.from_distiller(out.past_key_values, mask,
-                                           out.last_hidden_state[:, -1], n, self.llm.dtype)
-        return self.projection(out.last_hidden_state[:, -n:]).to(self.llm.dtype)
+                                           out.last_hidden_state[:, -1], num_placeholders,
+                                           self.llm.dtype)
+        return self.projection(out.last_hidden_state[:, -num_placeholders:]).to(self.llm.dtype)
 
     @torch.no_grad()
     def compress(self, demos: Demos) -> DistilledContext:

@@ -97,8 +97,9 @@ def shapes(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv, dim
 
 
-def from_distiller(cache, mask: torch.Tensor, last: torch.Tensor, n: int, dtype) -> Prefill:
-    """The distiller's cache of a left-padded ``[pad.. bos demos | n placeholders]`` batch as a
+def from_distiller(cache, mask: torch.Tensor, last: torch.Tensor, num_placeholders: int,
+                   dtype) -> Prefill:
+    """The distiller's cache of a left-padded ``[pad.. bos demos | placeholders]`` batch as a
     prefix: each layer's keys and values at bos (where the tokenizer puts one) and at the
     placeholders, and the position after the row's last token as ``offset``.
 
@@ -106,11 +107,12 @@ def from_distiller(cache, mask: torch.Tensor, last: torch.Tensor, n: int, dtype)
         cache: the distiller's transformers cache of the whole batch.
         mask: ``(B, S)`` the distiller's attention mask (placeholders included).
         last: ``(B, d)`` its final hidden state at the last placeholder.
-        n: placeholders (the last ``n`` columns).
+        num_placeholders: the paper's l, the batch's last columns.
     """
     width = mask.shape[1]
     first = mask.argmax(-1)  # the first real column: bos when there is one
-    cols = torch.arange(width - n, width, device=mask.device).expand(mask.shape[0], -1)
+    cols = torch.arange(width - num_placeholders, width, device=mask.device).expand(
+        mask.shape[0], -1)
     cols = torch.cat([first.unsqueeze(1), cols], 1)
     layers = []
     for layer in cache.layers:

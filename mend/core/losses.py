@@ -10,7 +10,8 @@ ever formed for positions that do not count.
 - ``L_distill`` = :func:`kl_distill` at the input positions (MEND meta-distillation).
 - ``L_pred``    = :func:`ce_loss` with the mask on output tokens.
 - CLM           = :func:`ce_loss` with the mask on every input token (HyperTuning).
-- ``L_pred + lambda * L_distill`` (and ``CLM + gamma * L_distill``) = :func:`mend_loss`.
+- ``L_pred + lambda * L_distill`` (and ``CLM + gamma * L_distill``): the weighted sum
+  :class:`~mend.methods.mend.MendObjective` forms from these terms.
 
 :func:`chunked_kl_distill` and :func:`chunked_ce` take final hidden states and the LLM's
 projection instead of logits. They give the same values and gradients while forming float32
@@ -128,11 +129,6 @@ def chunked_ce(project: Project, hidden: torch.Tensor, targets: torch.Tensor,
     total = sum(checkpoint(piece, x[i:i + chunk], y[i:i + chunk], use_reentrant=False)
                 for i in range(0, x.shape[0], chunk))
     return total / x.shape[0]
-
-
-def mend_loss(pred: torch.Tensor, distill: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
-    """``L_pred + lambda * L_distill`` (finetuning), or ``CLM + gamma * L_distill`` (ablation)."""
-    return pred + lam * distill
 
 
 def label_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,

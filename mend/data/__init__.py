@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +46,15 @@ class Counters:
     def add(self, key: str, n: int = 1) -> None:
         if n and not self.paused:
             self.counts[key] = self.counts.get(key, 0) + n
+
+
+def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Several counters' counts added key by key (ranks, tasks), sorted by name."""
+    total = Counters()
+    for part in counts:
+        for key, value in part.items():
+            total.add(key, value)
+    return dict(sorted(total.counts.items()))
 
 
 def batches(epoch_items: Callable[[int], Iterable[T]], batch_size: int,

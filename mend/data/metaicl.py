@@ -37,20 +37,30 @@ SEEDS = (100, 13, 21, 42, 87)
 
 
 @dataclass(frozen=True)
+class ContextConfig:
+    """How many demonstrations a context holds and how much of them is read: one section,
+    ``context:``, of every config that builds contexts (stage 2 and its model selection,
+    evaluation, efficiency, the demo)."""
+
+    k: int = 16
+    """Demonstrations per context (a training example's are drawn from its own task)."""
+    max_input_tokens: int = 256
+    """Rule 1: each demonstration input and each query keeps its first this many tokens."""
+    max_context_tokens: int = 900
+    """Rule 2: whole demonstrations are dropped beyond this many tokens."""
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.max_input_tokens < 1 or self.max_context_tokens < 1:
+            raise ConfigError(f"context.k must be >= 0 and context.max_input_tokens and "
+                              f"context.max_context_tokens positive, got {self}.")
+
+
+@dataclass(frozen=True)
 class MetaICLConfig:
     root: str = "../shared/data/metaicl"
     partition: str = "class_to_class"
-    k: int = 16
-    """Demonstrations per training example, drawn from the same task."""
-    max_input_tokens: int = 256
-    max_context_tokens: int = 900
     max_examples_per_task: int | None = None
     """Cap on each meta-train task's pool (None: all of it)."""
-
-    def __post_init__(self) -> None:
-        if self.k < 1 or self.max_input_tokens < 1 or self.max_context_tokens < 1:
-            raise ConfigError("data.k, data.max_input_tokens and data.max_context_tokens "
-                              "must be positive.")
 
 
 @dataclass
@@ -152,12 +162,20 @@ class ContextBuilder:
     """Applies the truncation rules and builds LLM-token contexts and inputs."""
 
     def __init__(self, llm_tokenizer, fmt: DemoFormat, bos: Sequence[int],
-                 max_input_tokens: int, max_context_tokens: int, max_positions: int | None,
+                 context: ContextConfig, max_positions: int | None,
                  counters: Counters | None = None):
         self.tok, self.fmt, self.bos = llm_tokenizer, fmt, list(bos)
-        self.max_input, self.max_context = max_input_tokens, max_context_tokens
+        self.config = context
+        self.max_input, self.max_context = context.max_input_tokens, context.max_context_tokens
         self.max_positions = max_positions
         self.counters = counters if counters is not None else Counters()
+
+    @classmethod
+    def for_method(cls, method, context: ContextConfig,
+                   counters: Counters | None = None) -> ContextBuilder:
+        """The builder for a method (or trainable module) that holds ``llm`` and ``format``."""
+        llm = method.llm
+        return cls(llm.tokenizer, method.format, llm.bos, context, llm.max_length, counters)
 
     def cut_input(self, text: str, what: str) -> str:
         """Rule 1: keep the first ``max_input_tokens`` LLM tokens of an input."""
@@ -212,6 +230,10 @@ class FinetuneData:
     def __init__(self, cfg: MetaICLConfig, tasks: Sequence[Task], builder: ContextBuilder,
                  seed: int):
         self.cfg, self.builder, self.seed = cfg, builder, seed
+        self.k = builder.config.k
+        if self.k < 1:
+            raise ConfigError("context.k must be >= 1 to train: every example reads its "
+                              "demonstrations.")
         self.pools = {t.name: t.pool(cfg.max_examples_per_task) for t in tasks}
         self.pools = {name: rows for name, rows in self.pools.items() if len(rows) > 1}
         if not self.pools:
@@ -232,6 +254,6 @@ class FinetuneData:
         task, i, epoch = key
         rows = self.pools[task]
         rng = random.Random(f"{self.seed}-{epoch}-{task}-{i}")  # independent of batch order
-        picked = sample_demos(len(rows), self.cfg.k, exclude=i, rng=rng)
+        picked = sample_demos(len(rows), self.k, exclude=i, rng=rng)
         return self.builder.example([(rows[j]["input"], rows[j]["output"]) for j in picked],
                                     rows[i]["input"], rows[i]["output"])

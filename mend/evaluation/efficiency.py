@@ -110,6 +110,17 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def measure(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, float, int]:
+    """``fn()``'s result, its wall seconds (the device synchronised before the clock stops)
+    and its peak memory in bytes (:class:`PeakMemory`)."""
+    with PeakMemory(device) as memory:
+        began = time.perf_counter()
+        out = fn()
+        _sync(device)
+        seconds = time.perf_counter() - began
+    return out, seconds, memory.peak
+
+
 @torch.no_grad()
 def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[list],
                 rows: Sequence[dict], device: torch.device | str) -> dict[str, float]:
@@ -136,14 +147,10 @@ def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[lis
 
         prefix, context_flops = count_flops(context)
         _, llm_flops = count_flops(functools.partial(score, prefix))
-        with PeakMemory(device) as memory:
-            began = time.perf_counter()
-            score(context())
-            _sync(device)
-            seconds = time.perf_counter() - began
+        _, seconds, peak = measure(lambda: score(context()), device)
         records.append({"context_flops": context_flops, "llm_flops": llm_flops,
                         "flops": context_flops + llm_flops, "seconds": seconds,
-                        "peak_bytes": memory.peak})
+                        "peak_bytes": peak})
     records = records[1:]  # the first query warms up kernels and caches
     return {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
 
@@ -184,13 +191,9 @@ def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Se
                   for o in row["options"]]]
         score = functools.partial(method.llm.score_pairs, pairs, prefill=prefill)
         _, flops = count_flops(score)
-        with PeakMemory(device) as memory:
-            began = time.perf_counter()
-            score()
-            _sync(device)
-            seconds = time.perf_counter() - began
+        _, seconds, peak = measure(score, device)
         records.append({"context_flops": 0, "llm_flops": flops, "flops": flops,
-                        "seconds": seconds, "peak_bytes": memory.peak})
+                        "seconds": seconds, "peak_bytes": peak})
     records = records[1:]
     per_query = {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
     return {"once": once, "per_query": {**per_query, "cache_bytes": once["cache_bytes"]}}

@@ -38,7 +38,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mend.data import Counters
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
 from mend.methods.base import Method, prefix_kwargs
@@ -59,8 +58,6 @@ class EvalDataConfig:
     seeds: tuple[int, ...] = SEEDS
     limit: int | None = None
     """Score only the first ``limit`` rows of each task (None: all)."""
-    max_input_tokens: int = 256
-    max_context_tokens: int = 900
 
     def __post_init__(self) -> None:
         if not self.partition and not self.tasks:
@@ -71,7 +68,9 @@ class EvalDataConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    k: int = 16
+    """How the ``context.k`` demonstrations are chosen (:class:`~mend.data.metaicl.ContextConfig`
+    says how many)."""
+
     mode: Literal["fixed", "resample"] = "fixed"
     selection: Literal["random", "bm25", "dense"] = "random"
     """How the k demonstrations are chosen; bm25 and dense retrieve per query."""
@@ -85,10 +84,6 @@ class DemoConfig:
     scoring: Literal["direct", "channel"] = "direct"
     retriever_model: str | None = None
     """Sentence-transformers model for dense retrieval (None: all-MiniLM-L6-v2, offline)."""
-
-    def __post_init__(self) -> None:
-        if self.k < 0:
-            raise ConfigError(f"demos.k must be >= 0, got {self.k}.")
 
     @property
     def per_query(self) -> bool:
@@ -146,12 +141,12 @@ def demo_pool(task: Task, seed: int, pool: str) -> list[dict]:
     return rows
 
 
-def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig,
+def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig, k: int,
                  retriever=None) -> list[list[tuple[str, str]]]:
-    """One demonstration set (fixed) or one per query (resample, retrieval), from ``task``'s
-    pool (the query's task, or the donor under the swap control)."""
+    """One set of ``k`` demonstrations (fixed) or one per query (resample, retrieval), from
+    ``task``'s pool (the query's task, or the donor under the swap control)."""
     if not cfg.per_query:
-        return [[(r["input"], r["output"]) for r in task.rows("train", seed)[:cfg.k]]]
+        return [[(r["input"], r["output"]) for r in task.rows("train", seed)[:k]]]
     pool = demo_pool(task, seed, cfg.pool)
     sets = []
     for qi, query in enumerate(queries):
@@ -159,9 +154,9 @@ def choose_demos(task: Task, seed: int, queries: Sequence[dict], cfg: DemoConfig
         if cfg.selection == "random":
             rng = random.Random(f"{seed}-{task.name}-{qi}")
             allowed = [i for i in range(len(pool)) if i not in banned]
-            picked = rng.sample(allowed, min(cfg.k, len(allowed)))
+            picked = rng.sample(allowed, min(k, len(allowed)))
         else:
-            picked = retriever.neighbours(query["input"], cfg.k, exclude=banned)
+            picked = retriever.neighbours(query["input"], k, exclude=banned)
         sets.append([(pool[i]["input"], pool[i]["output"]) for i in picked])
     return sets
 
@@ -203,7 +198,8 @@ def _evaluate_task(method, task, seed, split, builder, demos, limit, batch_size,
                       f"supported, so it is skipped.", stacklevel=2)
         return None
     counts_before = dict(builder.counters.counts)
-    sets = choose_demos(source, seed, rows, demos, retriever) if method.reads_context else [[]]
+    sets = (choose_demos(source, seed, rows, demos, builder.config.k, retriever)
+            if method.reads_context else [[]])
     if not method.reads_demos:
         sets = sets[:1]  # one prefix serves every query, whatever demos.mode says
     labels = sorted({o for r in rows for o in r["options"]})
@@ -256,7 +252,7 @@ def _prefixes(method: Method, builder: ContextBuilder, sets: list[list[Demo]],
     if not all(contexts):
         raise InputError(f"No demonstration fits the context budget beside a query of "
                          f"{max(reserves)} tokens (the LLM takes {builder.max_positions}): "
-                         f"lower data.max_input_tokens or raise data.max_context_tokens.")
+                         f"lower context.max_input_tokens or raise context.max_context_tokens.")
     return method.prefix(kept, contexts)
 
 
@@ -344,14 +340,6 @@ def content_gap(own: dict[str, Any], swapped: dict[str, Any]) -> dict[str, Any]:
             per_seed.append(float(np.mean(gaps)))
     return {"mean": float(np.mean(list(per_task.values()))) if tasks else float("nan"),
             "std": float(np.std(per_seed)) if per_seed else float("nan"), "tasks": per_task}
-
-
-def sum_counts(results: Sequence[TaskResult]) -> dict[str, int]:
-    total = Counters()
-    for r in results:
-        for k, v in r.counts.items():
-            total.add(k, v)
-    return dict(sorted(total.counts.items()))
 
 
 def mean_score(results: Sequence[TaskResult]) -> float:

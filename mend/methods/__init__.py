@@ -1,29 +1,31 @@
 """Every method behind one protocol (see :mod:`mend.methods.base`), chosen by config.
 
-    method: mend            # zero_shot | icl | prompt_tuning | hypertuning | mend
+    method: mend            # any registered method: zero_shot | icl | prompt_tuning | ...
       checkpoint: out/finetune/class_to_class/smollm2
 
 Zero-shot and ICL name their ``llm``; the trained methods name a ``checkpoint``, which names
-its own models. Load-time settings (dtype, 8-bit, separators) apply to either.
+its own models. Load-time settings (dtype, 8-bit, separators) apply to either. Each method's
+module registers it (:mod:`mend.methods.registry`); importing this package registers them all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 from mend.config import Dtype
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
+from mend.methods.registry import get_method, method_names, register_method
 
-__all__ = ["METHODS", "Method", "MethodConfig", "Prefix", "Trainable", "build_method"]
-
-METHODS = ("zero_shot", "icl", "prompt_tuning", "hypertuning", "mend")
+__all__ = ["Method", "MethodConfig", "Prefix", "Trainable", "build_method", "get_method",
+           "method_names", "register_method"]
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    method: Literal["zero_shot", "icl", "prompt_tuning", "hypertuning", "mend"] = "mend"
+    method: str = "mend"
+    """A registered method (:func:`~mend.methods.registry.method_names`)."""
     checkpoint: str | None = None
     """A trained method's output directory (mend, hypertuning, prompt_tuning)."""
     llm: str | None = None
@@ -37,7 +39,7 @@ class MethodConfig:
     """Between demonstrations and before the query; None: the checkpoint's, or " "."""
 
     def __post_init__(self) -> None:
-        needs_llm = self.method in ("zero_shot", "icl")
+        needs_llm = get_method(self.method).needs == "llm"
         if needs_llm and not self.llm:
             raise ConfigError(f"method={self.method} needs llm (a model id, directory, "
                               f".gguf file or zoo name).")
@@ -47,33 +49,20 @@ class MethodConfig:
         if not needs_llm and self.llm:
             raise ConfigError(f"llm is read from the {self.method} checkpoint; remove it.")
 
+    @property
+    def load_time(self) -> dict[str, Any]:
+        """The settings a checkpoint is loaded with (None separators keep the saved ones)."""
+        out: dict[str, Any] = {"llm_dtype": self.llm_dtype, "llm_8bit": self.llm_8bit,
+                               "allow_8bit_fallback": self.allow_8bit_fallback}
+        out.update({k: v for k, v in (("io_sep", self.io_sep), ("demo_sep", self.demo_sep))
+                    if v is not None})
+        return out
+
 
 def build_method(cfg: MethodConfig, device=None) -> Method:
     """Load the models a method needs and wrap them in its evaluation interface."""
-    load_time = {"llm_dtype": cfg.llm_dtype, "llm_8bit": cfg.llm_8bit,
-                 "allow_8bit_fallback": cfg.allow_8bit_fallback}
-    load_time.update({k: v for k, v in (("io_sep", cfg.io_sep), ("demo_sep", cfg.demo_sep))
-                      if v is not None})
-    if cfg.method in ("zero_shot", "icl"):
-        from mend.core.backbones import load_model, load_tokenizer
-        from mend.methods.icl import ICL
-        from mend.methods.zero_shot import ZeroShot
-        from mend.core.prefix_lm import PrefixLM
-        from mend.core.text import DemoFormat
+    return get_method(cfg.method).load(cfg, device)
 
-        model = load_model(cfg.llm, dtype=cfg.llm_dtype, device=device,
-                           load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
-        llm = PrefixLM(model, load_tokenizer(cfg.llm))
-        fmt = DemoFormat(load_time.get("io_sep", " "), load_time.get("demo_sep", " "))
-        return (ZeroShot if cfg.method == "zero_shot" else ICL)(llm, fmt)
-    if cfg.method == "prompt_tuning":
-        from mend.methods.prompt_tuning import PromptTuning
-        return PromptTuning.from_pretrained(cfg.checkpoint, device=device, **load_time).eval()
-    from mend.core.distiller import Distiller
-    from mend.methods.hypertuning import HyperTuning
-    from mend.methods.mend import Mend
-    # Evaluation never trains, so LoRA adapters are folded into the weights (the same
-    # vectors, fewer matmuls).
-    distiller = Distiller.from_pretrained(cfg.checkpoint, device=device,
-                                          **load_time).eval().merge_adapters()
-    return HyperTuning(distiller) if cfg.method == "hypertuning" else Mend(distiller)
+
+# Each module registers its method when imported; the order is the order `method_names` lists.
+from mend.methods import zero_shot, icl, prompt_tuning, hypertuning, mend  # noqa: E402, F401, I001

@@ -34,6 +34,24 @@ Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
 or a key/value prefix of ``B`` rows the LLM continues from (MEND with ``output: kv``)."""
 
 
+class LLMOnly:
+    """A method whose only model is the frozen LLM a config names (zero-shot, ICL)."""
+
+    def __init__(self, llm: PrefixLM, fmt: DemoFormat):
+        self.llm, self.format = llm, fmt
+
+    @classmethod
+    def load(cls, cfg, device=None):
+        """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
+        from mend.core.backbones import load_model, load_tokenizer
+
+        model = load_model(cfg.llm, dtype=cfg.llm_dtype, device=device,
+                           load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
+        fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else " ",
+                         cfg.demo_sep if cfg.demo_sep is not None else " ")
+        return cls(PrefixLM(model, load_tokenizer(cfg.llm)), fmt)
+
+
 def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:
     """A method's prefix as the keyword arguments of :meth:`PrefixLM.score_pairs`."""
     if isinstance(prefix, Prefill):

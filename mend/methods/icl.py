@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mend.methods.base import Prefix
-from mend.core.prefix_lm import PrefixLM
-from mend.core.text import DemoFormat
+from mend.methods.base import LLMOnly, Prefix
+from mend.methods.registry import register_method
 
 
-class ICL:
+class ICL(LLMOnly):
     name = "icl"
     reads_context = True
     reads_demos = True
 
-    def __init__(self, llm: PrefixLM, fmt: DemoFormat):
-        self.llm, self.format = llm, fmt
-
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
         return self.llm.embed_context(contexts)
+
+
+register_method("icl", load=ICL.load, needs="llm")

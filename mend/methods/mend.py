@@ -30,6 +30,7 @@ from mend.core.distiller import Distiller
 from mend.errors import ConfigError
 from mend.core.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
+from mend.methods.registry import register_method
 from mend.core.text import pad
 
 
@@ -73,6 +74,14 @@ class Mend:
     def __init__(self, distiller: Distiller, name: str = "mend"):
         self.name, self.distiller = name, distiller
         self.llm, self.format = distiller.llm, distiller.format
+
+    @classmethod
+    def load(cls, cfg, device=None, name: str = "mend") -> Mend:
+        """The evaluation method a :class:`~mend.methods.MethodConfig` names. Evaluation never
+        trains, so LoRA adapters are folded into the weights (the same vectors, fewer
+        matmuls)."""
+        distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time)
+        return cls(distiller.eval().merge_adapters(), name=name)
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
@@ -143,3 +152,7 @@ class MendObjective:
 
     def save_pretrained(self, path: str | Path) -> None:
         self.module.save_pretrained(path)
+
+
+register_method("mend", load=Mend.load, needs="checkpoint",
+                finetune="mend.recipes.finetune:MEND")

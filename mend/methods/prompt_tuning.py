@@ -18,22 +18,27 @@ import torch
 from torch import nn
 
 from mend.core import checkpoint
-from mend.core.backbones import load_model, load_tokenizer
+from mend.core.backbones import init_vectors, load_model, load_tokenizer
 from mend.config import Dtype, from_dict, replace, to_dict
 from mend.data import Counters, Example
 from mend.errors import CheckpointError, ConfigError
 from mend.core.losses import ce_loss
 from mend.methods.base import Prefix
+from mend.methods.registry import register_method
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat, pad
+
+
+LEGACY_KEYS = {"num_vectors": "num_placeholders", "init": "placeholder_init"}
 
 
 @dataclass(frozen=True)
 class PromptTuningConfig:
     llm: str
     """The frozen LLM: a hub id, a local directory, a ``.gguf`` file or a zoo name."""
-    num_vectors: int = 100
-    init: Literal["vocab", "random"] = "vocab"
+    num_placeholders: int = 100
+    """The paper's l: learned vectors in front of every query (as MEND's placeholders)."""
+    placeholder_init: Literal["vocab", "random"] = "vocab"
     """``vocab``: embeddings of random vocabulary tokens (Lester et al.); ``random``:
     N(0, 0.02)."""
     io_sep: str = " "
@@ -44,8 +49,8 @@ class PromptTuningConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        if self.num_vectors < 1:
-            raise ConfigError(f"num_vectors must be >= 1, got {self.num_vectors}.")
+        if self.num_placeholders < 1:
+            raise ConfigError(f"num_placeholders must be >= 1, got {self.num_placeholders}.")
 
 
 class PromptTuning(nn.Module):
@@ -59,15 +64,10 @@ class PromptTuning(nn.Module):
         super().__init__()
         self.config, self.llm = config, llm
         self.format = DemoFormat(config.io_sep, config.demo_sep)
-        n, emb = config.num_vectors, llm.model.get_input_embeddings()
-        if config.init == "vocab":
-            vocab = min(len(llm.tokenizer), emb.num_embeddings)
-            ids = torch.randperm(vocab)[:n] if n <= vocab else torch.randint(vocab, (n,))
-            with torch.no_grad():
-                init = llm.embed(ids.unsqueeze(0))[0].float().clone()
-        else:
-            init = torch.randn(n, llm.hidden_size, device=llm.device) * 0.02
-        self.prompt = nn.Parameter(init)
+        emb = llm.model.get_input_embeddings()
+        self.prompt = nn.Parameter(init_vectors(
+            emb, min(len(llm.tokenizer), emb.num_embeddings), config.num_placeholders,
+            config.placeholder_init, torch.float32))
 
     @classmethod
     def from_config(cls, config: PromptTuningConfig, device=None) -> PromptTuning:
@@ -79,7 +79,11 @@ class PromptTuning(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, **overrides) -> PromptTuning:
-        config = from_dict(PromptTuningConfig, checkpoint.read_config(path, "prompt_tuning"))
+        saved = checkpoint.read_config(path, "prompt_tuning")
+        for old, new in LEGACY_KEYS.items():  # checkpoints written before the names were one
+            if old in saved:
+                saved[new] = saved.pop(old)
+        config = from_dict(PromptTuningConfig, saved)
         if overrides:
             config = replace(config, **overrides)
         model = cls.from_config(config, device=device)
@@ -90,6 +94,11 @@ class PromptTuning(nn.Module):
         with torch.no_grad():
             model.prompt.copy_(prompt)
         return model
+
+    @classmethod
+    def load(cls, cfg, device=None) -> PromptTuning:
+        """The evaluation method a :class:`~mend.methods.MethodConfig` names."""
+        return cls.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time).eval()
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         checkpoint.save(path, "prompt_tuning", to_dict(self.config), {"prompt": self.prompt})
@@ -130,3 +139,7 @@ class PromptTuningObjective:
 
     def save_pretrained(self, path) -> None:
         self.module.save_pretrained(path)
+
+
+register_method("prompt_tuning", load=PromptTuning.load, needs="checkpoint",
+                finetune="mend.recipes.finetune:PROMPT_TUNING")

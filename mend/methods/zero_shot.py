@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mend.methods.base import Prefix
-from mend.core.prefix_lm import PrefixLM
-from mend.core.text import DemoFormat
+from mend.methods.base import LLMOnly, Prefix
+from mend.methods.registry import register_method
 
 
-class ZeroShot:
+class ZeroShot(LLMOnly):
     name = "zero_shot"
     reads_context = False
     reads_demos = False
 
-    def __init__(self, llm: PrefixLM, fmt: DemoFormat):
-        self.llm, self.format = llm, fmt
-
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
         return None, None
+
+
+register_method("zero_shot", load=ZeroShot.load, needs="llm")

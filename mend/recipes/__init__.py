@@ -13,14 +13,12 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 import yaml
 
-from mend.config import MendConfig, load_config, to_dict
+from mend.config import MendConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
 from mend.errors import ConfigError, MendError
-
-C = TypeVar("C")
 
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
 # must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
@@ -28,49 +26,49 @@ IDENTITY = ("distiller", "llm", "num_placeholders", "projection", "train_mode", 
             "lora_target_modules")
 
 
-def run(config_cls: type[C], main: Callable[[C], Any], argv: Sequence[str] | None = None,
+class Recipe(NamedTuple):
+    """One job: the config dataclass it reads, and the ``main(cfg)`` that runs it."""
+    config: type
+    main: Callable[[Any], Any]
+
+
+def run(recipe: Recipe | Callable[[dict[str, Any]], Recipe], argv: Sequence[str] | None = None,
         prog: str | None = None) -> int:
-    """Parse ``--config FILE key=value ...``, check the config, and call ``main(cfg)``."""
-    parser = argparse.ArgumentParser(prog=prog, description=(main.__doc__ or "").split("\n")[0])
+    """Parse ``--config FILE key=value ...``, check the config, and call the recipe's main.
+
+    ``recipe`` may instead choose the recipe from the config's keys (``mend finetune`` picks
+    by ``method``); the YAML file is read once either way.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=_description(recipe))
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
-        result = main(cfg)
+        data = merge(read_yaml(args.config) if args.config else {},
+                     parse_overrides(args.overrides))
+        chosen = recipe if isinstance(recipe, Recipe) else recipe(data)
+        result = chosen.main(from_dict(chosen.config, data))
     except MendError as e:
         print(f"mend: error: {e}", file=sys.stderr)
         return 2
     return 143 if getattr(result, "status", None) == "interrupted" else 0
 
 
-def run_by_method(recipes: dict[str, tuple[type, Callable[[Any], Any]]], argv, prog: str,
-                  default: str) -> int:
-    """Dispatch on the config's ``method`` key (or a ``method=`` override) to its recipe."""
+def run_verb(verbs: dict[str, Recipe], argv: Sequence[str] | None, prog: str) -> int:
+    """``PROG VERB --config FILE key=value ...``: the recipe named by the first word."""
     args = list(sys.argv[1:] if argv is None else argv)
-    name = method_name(args, default)
-    if name not in recipes:
-        print(f"{prog}: error: unknown method `{name}`; choose from {', '.join(recipes)}.",
-              file=sys.stderr)
-        return 2
-    config_cls, entry = recipes[name]
-    return run(config_cls, entry, args, prog=f"{prog} ({name})")
+    if not args or args[0] not in verbs:
+        what = f"unknown command `{args[0]}`" if args and not args[0].startswith("-") else \
+            "name a command"
+        print(f"usage: {prog} {{{','.join(verbs)}}} --config FILE [key=value ...]\n"
+              f"{prog}: error: {what}; choose from {', '.join(verbs)}.", file=sys.stderr)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
+    return run(verbs[args[0]], args[1:], prog=f"{prog} {args[0]}")
 
 
-def method_name(args: list[str], default: str) -> str:
-    """The method an invocation asks for: a ``method=`` override, else its config's key."""
-    from mend.config import read_yaml
-
-    for arg in args:
-        if arg.startswith("method="):
-            return arg.split("=", 1)[1]
-    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if path is None and "--config" in args[:-1]:
-        path = args[args.index("--config") + 1]
-    try:
-        return read_yaml(path).get("method", default) if path else default
-    except ConfigError:
-        return default  # run() reports the missing or malformed file
+def _description(recipe) -> str:
+    main = recipe.main if isinstance(recipe, Recipe) else recipe
+    return (main.__doc__ or "").split("\n")[0]
 
 
 def load_distiller(model: MendConfig, init_from: str | None, device):
@@ -90,10 +88,12 @@ def load_distiller(model: MendConfig, init_from: str | None, device):
     return Distiller.from_pretrained(init_from, device=device, **load_time)
 
 
-def write_results(cfg: Any, result: dict[str, Any],
-                  name: str = "results.json") -> dict[str, Any]:
+def write_results(cfg: Any, result: dict[str, Any], name: str = "results.json",
+                  echo: Sequence[str] = ()) -> dict[str, Any]:
     """Add provenance to ``result`` and write it to ``cfg.output_dir/name`` (on the main
-    process only); returns ``result``."""
+    process only), printing its ``echo`` keys as JSON; returns ``result``."""
+    import json
+
     from accelerate import PartialState
 
     from mend.reporting.results import provenance, write_json
@@ -101,6 +101,8 @@ def write_results(cfg: Any, result: dict[str, Any],
     result["provenance"] = provenance(to_dict(cfg))
     if PartialState().is_main_process:
         write_json(Path(cfg.output_dir) / name, result)
+        if echo:
+            print(json.dumps({k: v for k, v in result.items() if k in echo}, indent=1))
     return result
 
 

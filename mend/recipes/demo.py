@@ -20,12 +20,12 @@ meta-training tasks, and says so.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.data import Counters
-from mend.data.metaicl import ContextBuilder, load_partition
+from mend.core.backbones import pick_device
+from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import NUM_DEMOS
 from mend.errors import ConfigError
 from mend.evaluation.harness import DemoConfig
@@ -33,8 +33,6 @@ from mend.methods import MethodConfig, build_method
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
-MAX_INPUT_TOKENS, MAX_CONTEXT_TOKENS = 256, 900
-"""The MetaICL truncation rules (the evaluation defaults); the demo's tasks never reach them."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +47,14 @@ class DemoJobConfig:
     """Test queries per task."""
     cost_queries: int = 6
     """Queries per task (after one warm-up) whose FLOPs, memory and time are measured."""
+    context: ContextConfig = field(default_factory=lambda: ContextConfig(k=NUM_DEMOS))
+    """Each task's demonstrations and the MetaICL truncation rules (the evaluation defaults;
+    the demo's tasks never reach them)."""
     output_dir: str = "out/demo"
 
 
 def main(cfg: DemoJobConfig) -> dict[str, Any]:
     """Zero-shot vs ICL vs MEND on the built-in tasks, with their costs."""
-    import torch
     from tqdm.auto import tqdm
 
     from mend.data.demo import PARTITION, materialize
@@ -71,14 +71,12 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
                MethodConfig("icl", llm=llm, io_sep=fmt.io_sep, demo_sep=fmt.demo_sep),
                MethodConfig("mend", checkpoint=str(checkpoint))]
     tasks = load_partition(root, PARTITION)[1]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     table = []
     bar = tqdm(total=len(methods) * (2 * len(tasks) + 1), desc="demo", dynamic_ncols=True)
     for method_cfg in methods:
         method = build_method(method_cfg, device=device)
-        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
-                                 MAX_INPUT_TOKENS, MAX_CONTEXT_TOKENS, method.llm.max_length,
-                                 Counters())
+        builder = ContextBuilder.for_method(method, cfg.context)
         accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
         for label, reuse in SERVING[method.name]:
             bar.set_postfix(method=label, step="costs")
@@ -91,10 +89,10 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     result = write_results(cfg, {
         "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
                    "checkpoint_origin": origin},
-        "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": NUM_DEMOS,
+        "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": cfg.context.k,
         "cost_queries_per_task": cfg.cost_queries,
         "wall_time_s": time.perf_counter() - started})
-    _plot(table, even, out / "demo.png")
+    _plot(table, even, cfg.context.k, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")
     print(markdown(table, even))
     print(f"written: {out / 'results.json'}, {out / 'demo.png'} "
@@ -119,7 +117,7 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
     for source in ("own", "swapped"):
         if source == "own" or method.reads_demos:
             bar.set_postfix(method=method.name, demos=source)
-            demos = DemoConfig(k=NUM_DEMOS, source="own" if source == "own" else "other_task")
+            demos = DemoConfig(source="own" if source == "own" else "other_task")
             results, _ = evaluate_tasks(method, tasks, [SEED], "test", builder, demos,
                                         limit=queries)
             scores[source] = {r.task: r.metrics["accuracy"] for r in results}
@@ -222,26 +220,25 @@ def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tup
 
 def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out: Path) -> None:
     from mend.config import MendConfig
-    from mend.data.metaicl import MetaICLConfig
     from mend.data.demo import PARTITION
     from mend.methods.mend import ObjectiveConfig
     from mend.recipes.finetune import FinetuneConfig
     from mend.recipes.finetune import main as finetune
-    from mend.training.loop import TrainConfig
+    from mend.training.config import TrainConfig
 
     if cfg.train_steps < 1:
         raise ConfigError("train_steps must be >= 1 when no checkpoint is available.")
     finetune(FinetuneConfig(
         model=MendConfig(distiller=distiller, llm=llm, num_placeholders=16,
                          max_distiller_length=512),
-        data=MetaICLConfig(root=str(root), partition=PARTITION, k=8, max_input_tokens=64,
-                           max_context_tokens=512),
+        data=MetaICLConfig(root=str(root), partition=PARTITION),
+        context=ContextConfig(k=8, max_input_tokens=64, max_context_tokens=512),
         train=TrainConfig(max_steps=cfg.train_steps, batch_size=4, lr=1e-4, warmup_steps=5,
                           log_every=5, save_every=cfg.train_steps),
         objective=ObjectiveConfig(pred=1.0, distill=1.0), output_dir=str(out)))
 
 
-def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]],
+def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]], k: int,
           path: Path) -> None:
     """Accuracy (own and swapped demonstrations), per-query FLOPs, latency and peak memory,
     and the total FLOPs of n queries, where the break-even points are."""
@@ -282,7 +279,7 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]],
     ax.set_xlabel("queries served by one demonstration set")
     ax.set_title("total GFLOPs (dotted: break-even)")
     ax.legend(fontsize=7)
-    fig.suptitle(f"mend demo: built-in tasks, k = {NUM_DEMOS}")
+    fig.suptitle(f"mend demo: built-in tasks, k = {k}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -292,7 +289,7 @@ def cli(argv=None) -> int:
     """``mend demo [--tiny] [--checkpoint DIR] [key=value ...]``."""
     import sys
 
-    from mend.recipes import run
+    from mend.recipes import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     flags = {"--tiny": "tiny=true"}
@@ -301,4 +298,4 @@ def cli(argv=None) -> int:
         if flag in args[:-1]:
             i = args.index(flag)
             args[i:i + 2] = [f"{key}={args[i + 1]}"]
-    return run(DemoJobConfig, main, args, prog="mend demo")
+    return run(Recipe(DemoJobConfig, main), args, prog="mend demo")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mend.core.backbones import pick_device
 from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
 
 
@@ -32,12 +33,11 @@ class DiagnoseConfig:
 
 def main(cfg: DiagnoseConfig) -> dict[str, Any]:
     """Content controls of a MEND checkpoint on held-out text."""
-    import torch
 
     from mend.core.distiller import Distiller
     from mend.reporting.results import provenance, write_json
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     distiller = Distiller.from_pretrained(cfg.checkpoint, device=device).eval()
     examples = held_out_examples(cfg.content, distiller.llm.tokenizer, distiller.llm.bos)
     result = content_gain(distiller, examples, cfg.content.batch_size)
@@ -65,9 +65,9 @@ def cli(argv=None) -> int:
     """``mend diagnose CHECKPOINT [key=value ...]`` (or ``checkpoint=...``)."""
     import sys
 
-    from mend.recipes import run
+    from mend.recipes import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):
         args[0] = f"checkpoint={args[0]}"
-    return run(DiagnoseConfig, main, args, prog="mend diagnose")
+    return run(Recipe(DiagnoseConfig, main), args, prog="mend diagnose")

@@ -9,16 +9,16 @@ Writes ``efficiency.json`` (with provenance), ``efficiency.md`` and ``efficiency
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.data import Counters
-from mend.data.metaicl import ContextBuilder, load_task
+from mend.core.backbones import pick_device
+from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
 from mend.errors import ConfigError
 from mend.evaluation.harness import demo_pool
 from mend.methods import MethodConfig, build_method
-from mend.recipes import run, write_results
+from mend.recipes import Recipe, run, write_results
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,9 @@ class EfficiencyConfig:
     root: str = "../shared/data/metaicl"
     task: str = "glue-sst2"
     seed: int = 100
-    k: int = 16
+    context: ContextConfig = field(default_factory=ContextConfig)
     queries: int = 20
     """Queries measured (the first is a warm-up and not reported)."""
-    max_input_tokens: int = 256
-    max_context_tokens: int = 900
     device: str | None = None
     output_dir: str = "out/efficiency"
 
@@ -42,29 +40,26 @@ class EfficiencyConfig:
 
 def main(cfg: EfficiencyConfig) -> dict[str, Any]:
     """Measure FLOPs, peak memory and time per query of each method on one task."""
-    import torch
 
     from mend.evaluation.efficiency import query_costs
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     task = load_task(cfg.root, cfg.task)
     if task is None:
         raise ConfigError(f"Task {cfg.task} is not under {cfg.root}.")
     rows = [r for r in task.rows("test") if r.get("options")][:cfg.queries]
     pool = demo_pool(task, cfg.seed, "all")
     rng = random.Random(cfg.seed)
-    demo_sets = [[(d["input"], d["output"]) for d in rng.sample(pool, min(cfg.k, len(pool)))]
-                 for _ in rows]
+    k = min(cfg.context.k, len(pool))
+    demo_sets = [[(d["input"], d["output"]) for d in rng.sample(pool, k)] for _ in rows]
     table = []
     for method_cfg in cfg.methods:
         method = build_method(method_cfg, device=device)
-        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
-                                 cfg.max_input_tokens, cfg.max_context_tokens,
-                                 method.llm.max_length, Counters())
+        builder = ContextBuilder.for_method(method, cfg.context)
         costs = query_costs(method, builder, demo_sets, rows, device)
         table.append({"method": method.name, "checkpoint": method_cfg.checkpoint, **costs})
         del method
-    result = write_results(cfg, {"task": cfg.task, "k": cfg.k, "queries": len(rows) - 1,
+    result = write_results(cfg, {"task": cfg.task, "k": cfg.context.k, "queries": len(rows) - 1,
                                  "device": device, "methods": table}, "efficiency.json")
     out = Path(cfg.output_dir)
     (out / "efficiency.md").write_text(markdown(result))
@@ -111,4 +106,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def cli(argv=None) -> int:
-    return run(EfficiencyConfig, main, argv, prog="mend efficiency")
+    return run(Recipe(EfficiencyConfig, main), argv, prog="mend efficiency")

@@ -5,7 +5,7 @@
 
 Writes ``results.json`` (per-task, per-seed scores, the partition average, the truncation
 counts, and the provenance) and ``results.md`` to ``output_dir``. With ``sweep``, one run per
-value of one dotted key (e.g. ``demos.k`` over 1, 2, 4, 8, 16, or ``checkpoint`` over
+value of one dotted key (e.g. ``context.k`` over 1, 2, 4, 8, 16, or ``checkpoint`` over
 distillers trained with different ``l``), gathered in one results file with ``sweep.png``.
 """
 
@@ -17,20 +17,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mend.core.backbones import pick_device
 from mend.config import replace, to_dict
-from mend.data import Counters
-from mend.data.metaicl import ContextBuilder, load_partition, load_task
+from mend.data import sum_counts
+from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition, load_task
 from mend.errors import ConfigError
 from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
-                           evaluate_tasks, sum_counts)
+                           evaluate_tasks)
 from mend.methods import MethodConfig, build_method
-from mend.recipes import run_by_method, write_results
+from mend.recipes import Recipe, run, write_results
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     key: str
-    """A dotted config key, e.g. ``demos.k`` or ``checkpoint``."""
+    """A dotted config key, e.g. ``context.k`` or ``checkpoint``."""
     values: tuple[Any, ...]
     labels: tuple[str, ...] = ()
     """Names of the values on the plot's axis (default: the values)."""
@@ -42,6 +43,7 @@ class EvalConfig(MethodConfig):
     :class:`~mend.methods.MethodConfig`), and what to evaluate it on."""
 
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sweep: SweepConfig | None = None
     swap_control: bool = True
@@ -57,7 +59,7 @@ class EvalConfig(MethodConfig):
 
     @property
     def method_config(self) -> MethodConfig:
-        """Only the method's fields (a key that does not change across a ``demos.k`` sweep)."""
+        """Only the method's fields (a key that does not change across a ``context.k`` sweep)."""
         return MethodConfig(**{f.name: getattr(self, f.name) for f in fields(MethodConfig)})
 
 
@@ -89,10 +91,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
 def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     """One evaluation; ``methods`` caches loaded methods across the points of a sweep."""
-    import torch
 
     started = time.perf_counter()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     key = repr(cfg.method_config)
     methods = {} if methods is None else methods
     if key not in methods:
@@ -100,16 +101,15 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
         methods[key] = build_method(cfg.method_config, device=device)
     method = methods[key]
     tasks = _tasks(cfg.data)
-    llm = method.llm
-    builder = ContextBuilder(llm.tokenizer, method.format, llm.bos, cfg.data.max_input_tokens,
-                             cfg.data.max_context_tokens, llm.max_length, Counters())
+    builder = ContextBuilder.for_method(method, cfg.context)
     own, skipped = _score(method, tasks, cfg, cfg.demos, builder)
     if not own:
         raise ConfigError("No task could be scored: check data.root, data.partition and "
                           "data.tasks.")
     result = {"label": _label(cfg), "method": cfg.method, "models": _models(method, cfg),
-              "k": cfg.demos.k, "demos": to_dict(cfg.demos), "data": to_dict(cfg.data),
-              "results": aggregate(own), "counts": sum_counts(own), "skipped_tasks": skipped,
+              "k": cfg.context.k, "context": to_dict(cfg.context), "demos": to_dict(cfg.demos),
+              "data": to_dict(cfg.data), "results": aggregate(own),
+              "counts": sum_counts(r.counts for r in own), "skipped_tasks": skipped,
               "predictions": {f"{r.task}/{r.seed}": r.predictions for r in own}}
     if cfg.swap_control and method.reads_demos and cfg.demos.source == "own":
         if len({r.task for r in own}) < 2:
@@ -178,7 +178,7 @@ def _models(method, cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _nested(key: str, value: Any) -> dict[str, Any]:
-    """``("demos.k", 4)`` -> ``{"demos": {"k": 4}}``."""
+    """``("context.k", 4)`` -> ``{"context": {"k": 4}}``."""
     head, *rest = key.split(".")
     for part in reversed(rest):
         value = {part: value}
@@ -207,18 +207,5 @@ def plot_sweep(results: list[dict[str, Any]], path: str | Path) -> None:
     plt.close(fig)
 
 
-def recipes() -> dict:
-    """Every evaluation recipe by ``method``: the MetaICL methods here, and the pattern-based
-    and step-by-step evaluations (imported when asked for)."""
-    from mend.methods import METHODS
-    from mend.baselines.nli.recipes import (PatternEvalConfig, PatternICLConfig, main_icl,
-                                  main_pattern_eval)
-    from mend.baselines.step_by_step.recipe import StepByStepEvalConfig, main_eval
-    return {**{m: (EvalConfig, main) for m in METHODS},
-            "pattern_icl": (PatternICLConfig, main_icl),
-            "pattern_lm": (PatternEvalConfig, main_pattern_eval),
-            "step_by_step": (StepByStepEvalConfig, main_eval)}
-
-
 def cli(argv=None) -> int:
-    return run_by_method(recipes(), argv, "mend eval", "mend")
+    return run(Recipe(EvalConfig, main), argv, prog="mend eval")

@@ -15,16 +15,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mend.core.backbones import pick_device
 from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
-from mend.data.metaicl import ContextBuilder, FinetuneData, MetaICLConfig, load_partition
+from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
+                               load_partition)
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
-from mend.recipes import load_distiller, run_by_method, write_config
-from mend.training.loop import TrainConfig, TrainResult, train
+from mend.methods import get_method
+from mend.recipes import Recipe, load_distiller, run, write_config
+from mend.training.config import TrainConfig, TrainResult
+from mend.training.loop import train
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,8 @@ class SelectionConfig:
     split: str = "dev"
     """Which files of the meta-test tasks select the model (their ``dev`` files)."""
     seeds: tuple[int, ...] = (100,)
-    """Seeds whose train files give the demonstrations and whose dev files are scored."""
-    k: int | None = None
-    """Demonstrations per query; None: the run's own ``data.k`` (resolved in config.yaml)."""
+    """Seeds whose train files give the demonstrations and whose dev files are scored, with
+    the run's own ``context`` (its k and truncation)."""
     mode: Literal["fixed", "resample"] = "fixed"
     """``fixed``: the first k rows of the seed's train file; ``resample``: k drawn per query."""
     swap_control: bool = True
@@ -44,7 +47,7 @@ class SelectionConfig:
 
     @property
     def demos(self) -> DemoConfig:
-        return DemoConfig(k=self.k, mode=self.mode, pool="seed")
+        return DemoConfig(mode=self.mode, pool="seed")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class FinetuneConfig:
     model: MendConfig
     method: Literal["mend"] = "mend"
     data: MetaICLConfig = field(default_factory=MetaICLConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(
         default_factory=lambda: ObjectiveConfig(pred=1.0, distill=1.0))
@@ -68,7 +72,8 @@ class FinetuneConfig:
 class PromptTuningFinetuneConfig:
     model: PromptTuningConfig
     method: Literal["prompt_tuning"] = "prompt_tuning"
-    data: MetaICLConfig = field(default_factory=lambda: MetaICLConfig(k=1))
+    data: MetaICLConfig = field(default_factory=MetaICLConfig)
+    context: ContextConfig = field(default_factory=lambda: ContextConfig(k=1))
     """Prompt tuning reads no demonstrations; k only shapes the examples' unused contexts."""
     train: TrainConfig = field(default_factory=TrainConfig)
     select: SelectionConfig = field(default_factory=SelectionConfig)
@@ -77,13 +82,11 @@ class PromptTuningFinetuneConfig:
 
 def main(cfg: FinetuneConfig) -> TrainResult:
     """Meta-distillation finetuning of a MEND distiller on MetaICL tasks."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
-    cfg = resolve(cfg)
     write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, PartialState().device)
+    distiller = load_distiller(cfg.model, cfg.init_from, pick_device())
     counters = Counters()
     return _finetune(cfg, MendObjective(distiller, cfg.objective, counters), counters,
                      lambda module: Mend(module),
@@ -92,22 +95,13 @@ def main(cfg: FinetuneConfig) -> TrainResult:
 
 def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
     """Prompt tuning on the meta-train tasks of a MetaICL partition."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    cfg = resolve(cfg)
     write_config(cfg, cfg.output_dir)
-    prompt = PromptTuning.from_config(cfg.model, device=PartialState().device)
+    prompt = PromptTuning.from_config(cfg.model, device=pick_device())
     counters = Counters()
     return _finetune(cfg, PromptTuningObjective(prompt, counters), counters, lambda m: m)
-
-
-def resolve(cfg):
-    """Fill what the config leaves to the run: selection's k is the run's own ``data.k``."""
-    if cfg.select.k is None:
-        cfg = replace(cfg, select={"k": cfg.data.k})
-    return cfg
 
 
 def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> TrainResult:
@@ -117,7 +111,9 @@ def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> Tr
         raise ConfigError(f"Partition {cfg.data.partition} has no meta-train task under "
                           f"{cfg.data.root}.")
     module = objective.module
-    data = FinetuneData(cfg.data, train_tasks, _builder(cfg, module, counters), cfg.train.seed)
+    data = FinetuneData(cfg.data, train_tasks, ContextBuilder.for_method(module, cfg.context,
+                                                                         counters),
+                        cfg.train.seed)
 
     def examples(epoch: int):
         return (e for e in map(data.example, data.keys(epoch)) if e is not None)
@@ -126,7 +122,7 @@ def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> Tr
         return batches(examples, cfg.train.batch_size, objective.collate, start=start,
                        rank=rank, world=world, counters=counters)
 
-    builder = _builder(cfg, module, Counters())
+    builder = ContextBuilder.for_method(module, cfg.context)  # selection's counts kept apart
 
     def evaluate(unwrapped) -> dict[str, float]:
         method = as_method(unwrapped)
@@ -149,24 +145,15 @@ def _select_scores(method, tasks, select: SelectionConfig, demos: DemoConfig, bu
                           batch_size=select.batch_size)[0]
 
 
-def _builder(cfg, module, counters: Counters) -> ContextBuilder:
-    llm = module.llm
-    return ContextBuilder(llm.tokenizer, module.format, llm.bos, cfg.data.max_input_tokens,
-                          cfg.data.max_context_tokens, llm.max_length, counters)
+MEND = Recipe(FinetuneConfig, main)
+PROMPT_TUNING = Recipe(PromptTuningFinetuneConfig, main_prompt_tuning)
 
 
-def recipes() -> dict:
-    """Every finetuning recipe by ``method``: MEND, prompt tuning, and the pattern-based and
-    step-by-step methods (imported when asked for)."""
-    from mend.baselines.nli.recipes import CDConfig, PBFTConfig, main_cd, main_pbft
-    from mend.baselines.step_by_step.recipe import StepByStepConfig
-    from mend.baselines.step_by_step.recipe import main as main_sbs
-    return {"mend": (FinetuneConfig, main),
-            "prompt_tuning": (PromptTuningFinetuneConfig, main_prompt_tuning),
-            "pbft": (PBFTConfig, main_pbft), "context_distillation": (CDConfig, main_cd),
-            "step_by_step": (StepByStepConfig, main_sbs)}
+def recipe_for(data: dict) -> Recipe:
+    """Stage 2 of MEND and its ablations, or of prompt tuning: the registered recipe of the
+    config's ``method`` (mend by default)."""
+    return get_method(str(data.get("method", "mend"))).recipe()
 
 
 def cli(argv=None) -> int:
-    """``method:`` in the config (or ``method=...``) picks the recipe; mend by default."""
-    return run_by_method(recipes(), argv, "mend finetune", "mend")
+    return run(recipe_for, argv, prog="mend finetune")

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mend.core.backbones import pick_device
 from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.recipes import load_distiller, run, write_config
-from mend.training.loop import TrainConfig, TrainResult, train
+from mend.recipes import load_distiller, Recipe, run, write_config
+from mend.training.config import TrainConfig, TrainResult
+from mend.training.loop import train
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,11 @@ class PretrainConfig:
 
 def main(cfg: PretrainConfig) -> TrainResult:
     """Meta-distillation pretraining of a MEND distiller."""
-    from accelerate import PartialState
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
     write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, PartialState().device)
+    distiller = load_distiller(cfg.model, cfg.init_from, pick_device())
     counters = Counters()
     data = PretrainData(cfg.data, distiller.llm.tokenizer, distiller.llm.bos, cfg.train.seed,
                         counters)
@@ -58,4 +59,4 @@ def main(cfg: PretrainConfig) -> TrainResult:
 
 
 def cli(argv=None) -> int:
-    return run(PretrainConfig, main, argv, prog="mend pretrain")
+    return run(Recipe(PretrainConfig, main), argv, prog="mend pretrain")

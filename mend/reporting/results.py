@@ -140,3 +140,23 @@ def compare(paths: Sequence[str | Path]) -> str:
     if any(c != common[0] for c in common):
         lines.append("\nThe runs cover different tasks, so their averages are not comparable.")
     return "\n".join(lines) + "\n"
+
+
+def emit(text: str, output: str | Path | None) -> None:
+    """Print a table, and also write it to ``output`` when one is given."""
+    print(text)
+    if output:
+        Path(output).write_text(text)
+
+
+def cli(argv=None) -> int:
+    """``mend compare RESULTS.json ... [--output FILE]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mend compare",
+                                     description="one markdown table of several results.json")
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--output", help="also write the table to this file")
+    args = parser.parse_args(argv)
+    emit(compare(args.results), args.output)
+    return 0

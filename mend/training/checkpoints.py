@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mend.data import Counters
 from mend.errors import CheckpointError
-from mend.training.run_log import sum_counts
+from mend.data import sum_counts
 
 
 def resume(accelerator, checkpoints: Path, state) -> Path | None:

@@ -30,10 +30,10 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -42,66 +42,10 @@ from mend.training import precision
 from mend.data import Counters
 from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
+from mend.training.config import BatchFactory, TrainConfig, TrainResult
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 1000
-    """Optimizer steps."""
-    batch_size: int = 8
-    """Examples per device per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (the global batch is batch_size x grad_accum x GPUs)."""
-    lr: float = 5e-5
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
-    """Per-parameter-group LR factors, keyed by the start of the parameter's name, e.g.
-    ``{placeholders: 10, projection: 10}`` trains MEND's placeholders and projection 10x
-    faster than the distiller (a name matching none keeps ``lr``)."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    """Warmup as a fraction of max_steps; used when warmup_steps is 0."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this (null: no clipping)."""
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
-    """``auto``: bf16 where this machine computes it natively, measured on a CPU, else fp32
-    (:mod:`mend.training.precision`); the choice and its reason are printed and kept in
-    ``provenance.jsonl``."""
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    """``torch.compile`` the trained module and the frozen LLM's body, in place (checkpoint keys
-    are unchanged); ``bench/train.py`` measures when it pays."""
-    seed: int = 42
-    deterministic: bool = False
-    """Also ask torch for deterministic kernels (slower on GPU)."""
-    log_every: int = 10
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    """Steps between model-selection evaluations (0: never)."""
-    patience: int = 5
-    """Stop after this many evaluations without improvement."""
-    tensorboard: bool = False
-    resume: Literal["auto", "never"] = "auto"
-    """``auto``: continue from the last checkpoint in the output directory, if any."""
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "save_every",
-                     "keep_checkpoints", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
-        if any(v <= 0 for v in self.lr_multipliers.values()):
-            raise ConfigError(f"train.lr_multipliers must all be > 0, got {self.lr_multipliers}.")
-        if self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
-            raise ConfigError("train.lr must be > 0, train.warmup_ratio in [0, 1) and "
-                              "train.warmup_steps >= 0.")
 
 
 class TrainingError(MendError, RuntimeError):
@@ -127,19 +71,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-
-
-@dataclass
-class TrainResult:
-    step: int
-    status: str
-    """``finished``, ``early_stopped`` or ``interrupted`` (SIGTERM: run again to resume)."""
-    best_score: float | None
-    best_step: int | None
-
-
-BatchFactory = Callable[[int, int, int], Iterator[dict[str, Any]]]
-"""``(global batches to skip, rank, world size) -> this rank's batches``."""
 
 
 def compile_modules(module: torch.nn.Module) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from mend.data import Counters
+from mend.data import Counters, sum_counts
 
 
 class Window:
@@ -52,14 +52,6 @@ def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, cou
     record["counts"] = sum_counts(gather_object([counters.counts]))
     window.reset()
     return record
-
-
-def sum_counts(dicts: list[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return dict(sorted(total.items()))
 
 
 def write_record(accelerator, output_dir: Path, record: dict[str, Any], tensorboard: bool

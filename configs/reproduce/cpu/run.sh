@@ -108,9 +108,9 @@ efficiency() {
 sweeps() {
   local p=class_to_class
   evaluate "$OUT/$p/eval/sweep-k-icl" method=icl data.partition=$p data.limit="$ALIMIT" \
-    sweep.key=demos.k "sweep.values=[1,2,4]"
+    sweep.key=context.k "sweep.values=[1,2,4]"
   evaluate "$OUT/$p/eval/sweep-k-mend" method=mend data.partition=$p data.limit="$ALIMIT" \
-    checkpoint="$OUT/$p/mend" sweep.key=demos.k "sweep.values=[1,2,4]"
+    checkpoint="$OUT/$p/mend" sweep.key=context.k "sweep.values=[1,2,4]"
 }
 
 analysis() {
@@ -163,7 +163,7 @@ budget() {
     init_from="$OUT/pretrain" train.max_steps=400 train.warmup_steps=20 train.save_every=50
   evaluate "$OUT/$p/eval/long-mend" method=mend data.partition=$p checkpoint="$run"
   evaluate "$OUT/$p/eval/long-sweep-k-mend" method=mend data.partition=$p \
-    data.limit="$ALIMIT" checkpoint="$run" sweep.key=demos.k "sweep.values=[1,2,4]"
+    data.limit="$ALIMIT" checkpoint="$run" sweep.key=context.k "sweep.values=[1,2,4]"
   evaluate "$OUT/$p/eval/long-perturb-wrong_label-mend" method=mend data.partition=$p \
     data.limit="$ALIMIT" checkpoint="$run" demos.perturbation=wrong_label
 }

@@ -1,6 +1,6 @@
 """Peak memory and time against context size (k demonstrations) for ICL, PBFT and CD.
 
-    mend nli-cost --config configs/nli/cost.yaml
+    mend nli cost --config configs/nli/cost.yaml
 
 For each k:
 
@@ -19,14 +19,14 @@ import gc
 import math
 import random
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mend.core.backbones import pick_device
 from mend.config import Dtype
-from mend.recipes import run, write_results
-from mend.baselines.nli.recipes import NLIDataConfig, nli_data
+from mend.recipes import write_results
+from mend.baselines.nli.data import NLIDataConfig, nli_data
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,10 @@ class NLICostConfig:
 
 def main(cfg: NLICostConfig) -> dict[str, Any]:
     """Measure ICL, PBFT and CD memory and time for each context size."""
-    import torch
 
     from mend.baselines.nli.patterns import get_pattern
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     pool, sets = nli_data(cfg.data)
     queries = sets["in_domain"][:cfg.queries + 1]
     pattern = get_pattern(cfg.pattern, cfg.patterns_file)
@@ -78,20 +77,11 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
 
 def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
     """Median seconds and peak bytes of ``fn()`` over ``repeats`` calls, after a warm-up."""
-    import torch
+    from mend.evaluation.efficiency import measure
 
-    from mend.evaluation.efficiency import PeakMemory
     fn()
-    seconds, peaks = [], []
-    for _ in range(repeats):
-        with PeakMemory(device) as memory:
-            began = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - began)
-        peaks.append(memory.peak)
-    return statistics.median(seconds), max(peaks)
+    runs = [measure(fn, device)[1:] for _ in range(repeats)]
+    return statistics.median(s for s, _ in runs), max(p for _, p in runs)
 
 
 def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -> None:
@@ -160,7 +150,3 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['cd_teacher_peak_mib']:.0f} | {r['cd_teacher_ms']:.0f} | "
                      f"{r['cd_student_peak_mib']:.0f} | {r['cd_student_step_ms']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def cli(argv=None) -> int:
-    return run(NLICostConfig, main, argv, prog="mend nli-cost")

@@ -19,6 +19,7 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from mend.errors import ConfigError
@@ -108,3 +109,22 @@ def balanced_sample(pool: Sequence[NLIExample], n: int, rng: random.Random
         picked += rng.sample(by_label[label], want)
     rng.shuffle(picked)
     return picked
+
+
+@dataclass(frozen=True)
+class NLIDataConfig:
+    root: str = "../shared/data/metaicl"
+    task: Literal["glue-mnli", "glue-rte"] = "glue-mnli"
+    hans: str = "../shared/data/hans/hans_regenerated.jsonl.gz"
+    eval_size: int = 500
+    """Held-out in-domain examples (disjoint from every training and demonstration example)."""
+    hans_per_subset: int | None = 200
+    """Examples of each of HANS's six heuristic x label subsets (None: all 5,000)."""
+    split_seed: int = 0
+
+
+def nli_data(cfg: NLIDataConfig) -> tuple[list[NLIExample], dict[str, list[NLIExample]]]:
+    """``(training pool, evaluation sets)``: in-domain and the HANS subsets."""
+    pool, in_domain = split(load_task(cfg.root, cfg.task), cfg.eval_size, cfg.split_seed)
+    return pool, {"in_domain": in_domain, **load_hans(cfg.hans, cfg.hans_per_subset,
+                                                      cfg.split_seed)}

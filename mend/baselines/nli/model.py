@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mend.core import checkpoint
-from mend.core.backbones import enable_checkpointing, load_model, load_tokenizer
+from mend.core.backbones import add_lora, enable_checkpointing, load_model, load_tokenizer
 from mend.config import Dtype, from_dict, to_dict
 from mend.data import Counters
 from mend.errors import CheckpointError, ConfigError
@@ -65,18 +65,13 @@ class PatternLM(nn.Module):
         self.bos = bos_ids(tokenizer)
         self.counters = Counters()
         if config.mode == "lora":
-            from peft import LoraConfig, get_peft_model
-            from transformers.pytorch_utils import Conv1D
             names = {n.rsplit(".", 1)[-1] for n, _ in lm.named_modules()}
             targets = [t for t in config.lora_target_modules if t in names] or (
                 ["c_attn"] if "c_attn" in names else [])
             if not targets:
                 raise ConfigError(f"None of lora_target_modules {config.lora_target_modules} "
                                   f"is a module of {config.model}.")
-            lm = get_peft_model(lm, LoraConfig(
-                r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                target_modules=targets,
-                fan_in_fan_out=any(isinstance(m, Conv1D) for m in lm.modules())))
+            lm = add_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
         elif config.mode == "bitfit":
             lm.requires_grad_(False)
             _add_biases(lm)

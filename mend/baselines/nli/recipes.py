@@ -1,10 +1,11 @@
 """The pattern-based NLI jobs (Mosbach et al., 2023 setting): ICL, PBFT and context
 distillation, on binary MNLI (or RTE) in domain and HANS out of domain.
 
-    mend eval --config configs/nli/icl.yaml                    # pattern-based ICL
-    mend finetune --config configs/nli/pbft-lora.yaml          # pattern-based fine-tuning
-    mend finetune --config configs/nli/cd-lora.yaml            # context distillation
-    mend eval --config configs/nli/eval.yaml checkpoint=...    # a trained PBFT or CD model
+    mend nli icl --config configs/nli/icl.yaml                   # pattern-based ICL
+    mend nli pbft --config configs/nli/pbft-lora.yaml            # pattern-based fine-tuning
+    mend nli cd --config configs/nli/cd-lora.yaml                # context distillation
+    mend nli eval --config configs/nli/eval.yaml checkpoint=...  # a trained PBFT or CD model
+    mend nli cost --config configs/nli/cost.yaml                 # memory and time against k
 
 Training runs are evaluated in domain and out of domain every epoch. The output directory
 holds the last model, ``best_in_domain/`` and ``best_ood/`` the selected ones, and
@@ -15,41 +16,24 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from mend.config import Dtype, replace, to_dict
-from mend.data import batches
+from mend.core.backbones import pick_device
+from mend.config import Dtype, to_dict
 from mend.errors import ConfigError
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
-from mend.baselines.nli.data import NLIExample, balanced_sample, load_hans, load_task, split
-from mend.recipes import write_config, write_results
-from mend.training.loop import TrainConfig, TrainResult, train
-
-
-@dataclass(frozen=True)
-class NLIDataConfig:
-    root: str = "../shared/data/metaicl"
-    task: Literal["glue-mnli", "glue-rte"] = "glue-mnli"
-    hans: str = "../shared/data/hans/hans_regenerated.jsonl.gz"
-    eval_size: int = 500
-    """Held-out in-domain examples (disjoint from every training and demonstration example)."""
-    hans_per_subset: int | None = 200
-    """Examples of each of HANS's six heuristic x label subsets (None: all 5,000)."""
-    split_seed: int = 0
-
-
-def nli_data(cfg: NLIDataConfig) -> tuple[list[NLIExample], dict[str, list[NLIExample]]]:
-    """``(training pool, evaluation sets)``: in-domain and the HANS subsets."""
-    pool, in_domain = split(load_task(cfg.root, cfg.task), cfg.eval_size, cfg.split_seed)
-    return pool, {"in_domain": in_domain, **load_hans(cfg.hans, cfg.hans_per_subset,
-                                                      cfg.split_seed)}
+from mend.baselines.nli import cost
+from mend.baselines.nli.context_distillation import DEFAULT_INSTRUCTION
+from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, nli_data
+from mend.recipes import Recipe, run_verb, write_config, write_results
+from mend.training.config import TrainConfig, TrainResult, by_epochs
+from mend.training.loop import train
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +43,6 @@ def nli_data(cfg: NLIDataConfig) -> tuple[list[NLIExample], dict[str, list[NLIEx
 @dataclass(frozen=True)
 class PatternICLConfig:
     llm: str
-    method: Literal["pattern_icl"] = "pattern_icl"
     llm_dtype: Dtype = "float32"
     pattern: str = "gpt-3"
     patterns_file: str | None = None
@@ -83,7 +66,7 @@ def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
     from mend.core.prefix_lm import PrefixLM
 
     pool, sets = nli_data(cfg.data)
-    llm = PrefixLM(load_model(cfg.llm, dtype=cfg.llm_dtype, device=_device()),
+    llm = PrefixLM(load_model(cfg.llm, dtype=cfg.llm_dtype, device=pick_device()),
                    load_tokenizer(cfg.llm))
     pattern = get_pattern(cfg.pattern, cfg.patterns_file)
     runs = {}
@@ -117,7 +100,6 @@ def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PBFTConfig:
     model: PatternModelConfig
-    method: Literal["pbft"] = "pbft"
     n: int = 16
     """Training examples, label-balanced, drawn with ``data_seed``."""
     data_seed: int = 0
@@ -135,13 +117,10 @@ class PBFTConfig:
 class CDConfig:
     student: PatternModelConfig
     teacher: str
-    method: Literal["context_distillation"] = "context_distillation"
     teacher_dtype: Dtype = "float32"
     teacher_pattern: str | None = None
     """The teacher's pattern (default: the student's)."""
-    instruction: str = (
-        "Based on the premise and the label of the hypothesis, please deduce whether the "
-        "hypothesis is right or wrong.")
+    instruction: str = DEFAULT_INSTRUCTION
     k: int = 16
     """Demonstrations in the teacher's context, label-balanced."""
     n: int = 64
@@ -175,8 +154,8 @@ def main_pbft(cfg: PBFTConfig) -> TrainResult:
     write_config(cfg, cfg.output_dir)
     pool, sets = nli_data(cfg.data)
     examples = balanced_sample(pool, cfg.n, random.Random(cfg.data_seed))
-    model = PatternLM.from_config(cfg.model, device=_device())
-    return _fit(cfg, PatternObjective(model), examples, sets, {})
+    model = PatternLM.from_config(cfg.model, device=pick_device())
+    return _fit(cfg, "pbft", PatternObjective(model), examples, sets, {})
 
 
 def main_cd(cfg: CDConfig) -> TrainResult:
@@ -197,7 +176,7 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     rng = random.Random(cfg.data_seed)
     demos = balanced_sample(pool, cfg.k, rng)
     examples = balanced_sample([e for e in pool if e not in set(demos)], cfg.n, rng)
-    device = _device()
+    device = pick_device()
     teacher = PrefixLM(load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device),
                        load_tokenizer(cfg.teacher))
     pattern = get_pattern(cfg.teacher_pattern or cfg.student.pattern,
@@ -217,23 +196,13 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     student = PatternLM.from_config(cfg.student, device=device)
     objective = DistillObjective(student, dict(zip(examples, logits)), cfg.alpha,
                                  cfg.temperature)
-    return _fit(cfg, objective, examples, sets, {"teacher": teacher_info})
+    return _fit(cfg, "context_distillation", objective, examples, sets, {"teacher": teacher_info})
 
 
-def _fit(cfg, objective, examples: list[NLIExample], sets, extra: dict) -> TrainResult:
-    steps = math.ceil(len(examples) / cfg.train.batch_size)
-    train_cfg = replace(cfg.train, max_steps=cfg.epochs * steps, eval_every=steps,
-                        patience=cfg.epochs + 1, save_every=steps)
-    seed = cfg.train.seed
-
-    def epoch_items(epoch: int) -> list[NLIExample]:
-        order = list(examples)
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        return order
-
-    def make_batches(start: int, rank: int, world: int):
-        return batches(epoch_items, train_cfg.batch_size, objective.collate, start=start,
-                       rank=rank, world=world, counters=objective.counters)
+def _fit(cfg, method: str, objective, examples: list[NLIExample], sets, extra: dict
+         ) -> TrainResult:
+    train_cfg, make_batches = by_epochs(cfg.train, examples, cfg.epochs, objective.collate,
+                                        objective.counters)
 
     def evaluate(model) -> dict[str, Any]:
         from mend.baselines.nli.evaluation import evaluate_model
@@ -243,7 +212,7 @@ def _fit(cfg, objective, examples: list[NLIExample], sets, extra: dict) -> Train
     result = train(train_cfg, objective, make_batches, cfg.output_dir, evaluate=evaluate,
                    keep_best={"best_in_domain": "in_domain", "best_ood": "ood"},
                    counters=objective.counters, tracker_config=to_dict(cfg))
-    _write(cfg, {"method": cfg.method, "selections": _selections(cfg.output_dir),
+    _write(cfg, {"method": method, "selections": _selections(cfg.output_dir),
                  "train_examples": len(examples), "steps": result.step, **extra})
     return result
 
@@ -269,7 +238,6 @@ def _selections(output_dir: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PatternEvalConfig:
     checkpoint: str
-    method: Literal["pattern_lm"] = "pattern_lm"
     data: NLIDataConfig = field(default_factory=NLIDataConfig)
     batch_size: int = 32
     output_dir: str = "out/nli/eval"
@@ -280,22 +248,21 @@ def main_pattern_eval(cfg: PatternEvalConfig) -> dict[str, Any]:
     from mend.baselines.nli.evaluation import evaluate_model
 
     _, sets = nli_data(cfg.data)
-    model = PatternLM.from_pretrained(cfg.checkpoint, device=_device())
+    model = PatternLM.from_pretrained(cfg.checkpoint, device=pick_device())
     return _write(cfg, {"method": "pattern_lm", "checkpoint": cfg.checkpoint,
                         **evaluate_model(model, sets, cfg.batch_size)})
 
 
-def _device() -> str:
-    from accelerate import PartialState
-    return str(PartialState().device)
-
-
 def _write(cfg, result: dict[str, Any]) -> dict[str, Any]:
-    from accelerate import PartialState
+    return write_results(cfg, result, echo=("table", "selections", "in_domain", "ood",
+                                            "teacher"))
 
-    write_results(cfg, result)
-    if PartialState().is_main_process:
-        print(json.dumps({k: v for k, v in result.items()
-                          if k in ("table", "selections", "in_domain", "ood", "teacher")},
-                         indent=1))
-    return result
+
+VERBS = {"icl": Recipe(PatternICLConfig, main_icl), "pbft": Recipe(PBFTConfig, main_pbft),
+         "cd": Recipe(CDConfig, main_cd), "eval": Recipe(PatternEvalConfig, main_pattern_eval),
+         "cost": Recipe(cost.NLICostConfig, cost.main)}
+
+
+def cli(argv=None) -> int:
+    """``mend nli {icl,pbft,cd,eval,cost} --config FILE [key=value ...]``."""
+    return run_verb(VERBS, argv, "mend nli")

@@ -34,7 +34,9 @@ import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from mend.data import Counters
 from mend.errors import ConfigError
 
 PHRASES = {"cqa": "So the answer is", "svamp": "The answer is", "esnli": "So the answer is"}
@@ -159,3 +161,55 @@ def _esnli(folder: Path, split: str) -> list[RationaleExample]:
     return [RationaleExample(f"premise: {p.strip()}\nhypothesis: {h.strip()}", y.strip(),
                              e.strip() or None, y.strip())
             for p, h, y, e in zip(premises, hypotheses, labels, expl)]
+
+
+@dataclass(frozen=True)
+class RationaleDataConfig:
+    dataset: Literal["cqa", "svamp", "esnli"] = "cqa"
+    root: str = "../shared/data"
+    fraction: float = 1.0
+    """Train on this fraction of the training set (a seeded subset)."""
+    eval_limit: int | None = 500
+    """Test examples scored (None: all)."""
+    rationale_source: Literal["file", "teacher"] = "file"
+    teacher: str | None = None
+    """The LLM that writes rationales when ``rationale_source: teacher``."""
+    teacher_shots: int = 4
+    teacher_max_new_tokens: int = 96
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"data.fraction must be in (0, 1], got {self.fraction}.")
+        if self.rationale_source == "teacher" and not self.teacher:
+            raise ConfigError("data.rationale_source=teacher needs data.teacher (a model).")
+
+
+def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExample],
+                       counters: Counters, device) -> list[RationaleExample]:
+    """Rationales and labels written by a teacher LLM from a few-shot chain-of-thought prompt
+    (its shots: the first training examples that have file rationales)."""
+    from tqdm.auto import tqdm
+
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.core.prefix_lm import PrefixLM
+
+    phrase = PHRASES[data.dataset]
+    shots = [e for e in examples if e.rationale and e.teacher_label][:data.teacher_shots]
+    prompt = "".join(f"Q: {e.input}\nA: {e.rationale} {phrase} {e.teacher_label}.\n\n"
+                     for e in shots)
+    teacher = PrefixLM(load_model(data.teacher, device=device), load_tokenizer(data.teacher))
+    tok = teacher.tokenizer
+    out = []
+    for i in tqdm(range(0, len(examples), 8), desc="teacher rationales"):
+        part = examples[i:i + 8]
+        ids = tok([prompt + f"Q: {e.input}\nA:" for e in part],
+                  add_special_tokens=False)["input_ids"]
+        texts = tok.batch_decode(teacher.generate(ids, max_new_tokens=data.teacher_max_new_tokens),
+                                 skip_special_tokens=True)
+        for e, text in zip(part, texts):
+            parsed = parse_cot(text, data.dataset)
+            if parsed is None:
+                counters.add("malformed_teacher_outputs")
+            out.append(RationaleExample(e.input, e.label, *(parsed or (None, None))))
+    return out

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from conftest import write_metaicl
+from tests.support import write_metaicl
 from mend.config import load_config
-from mend.data import Counters
-from mend.data.metaicl import ContextBuilder, load_task
+from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
 from mend.evaluation.efficiency import PeakMemory, count_flops, query_costs
 from mend.methods import MethodConfig, build_method
 from mend.recipes.efficiency import EfficiencyConfig
@@ -33,8 +32,7 @@ def test_icl_flops_grow_with_k_while_mends_llm_flops_do_not(setup):
     for name, cfg in [("icl", MethodConfig("icl", llm=llm)),
                       ("mend", MethodConfig("mend", checkpoint=str(tmp_path / "m")))]:
         method = build_method(cfg)
-        builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 64, 900,
-                                 method.llm.max_length, Counters())
+        builder = ContextBuilder.for_method(method, ContextConfig(max_input_tokens=64))
         for k in (1, 4, 16):
             demos = [[(r["input"], r["output"]) for r in pool[:k]]] * len(rows)
             costs[name, k] = query_costs(method, builder, demos, rows, "cpu")
@@ -59,8 +57,7 @@ def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatc
     rows = task.rows("dev", 100)[:3]
     demos = [(r["input"], r["output"]) for r in task.rows("train", 100)[:4]]
     method = build_method(MethodConfig("mend", checkpoint=str(tmp_path / "m")))
-    builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 64, 900,
-                             method.llm.max_length, Counters())
+    builder = ContextBuilder.for_method(method, ContextConfig(max_input_tokens=64))
     score = method.llm.score_pairs
 
     def hungry(*args, **kwargs):
@@ -108,7 +105,7 @@ def test_flop_counter_and_peak_memory_on_known_work():
 def test_efficiency_job_writes_the_side_by_side_table(setup):
     tmp_path, root, llm = setup
     cfg = load_config(EfficiencyConfig, None, [
-        f"root={root}", "task=t1", "k=4", "queries=3", f"output_dir={tmp_path / 'eff'}",
+        f"root={root}", "task=t1", "context.k=4", "queries=3", f"output_dir={tmp_path / 'eff'}",
         f"methods=[{{method: icl, llm: {llm}}}, {{method: mend, checkpoint: {tmp_path / 'm'}}}]"])
     result = efficiency(cfg)
     assert [r["method"] for r in result["methods"]] == ["icl", "mend"]

@@ -19,7 +19,7 @@ def _result(root, partition, name, scores, checkpoint=None, sweep=None, limit=8)
                 for seed, s in per_seed.items()]
         return {"label": name, "k": k, "data": {"limit": limit},
                 "models": {"checkpoint": checkpoint}, "results": aggregate(rows)}
-    result = ({"sweep": {"key": "demos.k", "labels": [str(v) for v in sweep]},
+    result = ({"sweep": {"key": "context.k", "labels": [str(v) for v in sweep]},
                "runs": [one(s, k) for s, k in zip(scores, sweep)], "label": name}
               if sweep else one(scores))
     result["provenance"] = {"config": {"checkpoint": checkpoint},

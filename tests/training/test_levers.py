@@ -10,7 +10,8 @@ from mend.data import Example
 from mend.errors import ConfigError
 from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.core.text import encode
-from mend.training.loop import TrainConfig, _param_groups
+from mend.training.config import TrainConfig
+from mend.training.loop import _param_groups
 
 
 @pytest.mark.parametrize("bf16, fp32, expected", [(400e9, 130e9, "bf16"), (1e9, 130e9, "no")])

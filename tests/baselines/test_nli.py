@@ -202,12 +202,11 @@ def test_pattern_icl_end_to_end(nli_data, tiny_model, tmp_path):
 
 def test_pbft_and_cd_train_and_select(nli_data, tiny_model, tmp_path):
     from mend.baselines.nli.model import PatternLM
-    from mend.recipes.finetune import cli
-    from mend.baselines.nli.recipes import PatternEvalConfig, main_pattern_eval
+    from mend.baselines.nli.recipes import PatternEvalConfig, cli, main_pattern_eval
     common = [f"model.patterns_file={nli_data}/patterns.yaml", "model.pattern=tiny",
               *_nli_args(nli_data, tiny_model), "epochs=3", "train.batch_size=4",
               "train.progress=false"]
-    assert cli(["method=pbft", f"model.model={tiny_model('llama')}", "model.mode=lora",
+    assert cli(["pbft", f"model.model={tiny_model('llama')}", "model.mode=lora",
                 "n=8", "train.lr=1e-3", f"output_dir={tmp_path / 'pbft'}", *common]) == 0
     result = json.loads((tmp_path / "pbft" / "results.json").read_text())
     assert set(result["selections"]) == {"last", "best_in_domain", "best_ood"}
@@ -223,10 +222,10 @@ def test_pbft_and_cd_train_and_select(nli_data, tiny_model, tmp_path):
           f"teacher={tiny_model('gpt2', 48)}", "k=4", "n=8", "train.lr=1e-3",
           f"cache={tmp_path / 'cache.sqlite'}", f"output_dir={tmp_path / 'cd'}",
           *[a for a in common if not a.startswith("model.")]]
-    assert cli(["method=context_distillation", *cd]) == 0
+    assert cli(["cd", *cd]) == 0
     result = json.loads((tmp_path / "cd" / "results.json").read_text())
     assert result["teacher"]["cache_misses"] == 8 and result["teacher"]["k"] == 4
-    assert cli(["method=context_distillation", *cd[:-1], f"output_dir={tmp_path / 'cd2'}"]) == 0
+    assert cli(["cd", *cd[:-1], f"output_dir={tmp_path / 'cd2'}"]) == 0
     assert json.loads((tmp_path / "cd2" / "results.json").read_text())["teacher"][
         "cache_hits"] == 8  # the second run reads the teacher from disk
 

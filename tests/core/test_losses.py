@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mend.core.losses import ce_loss, kl_distill, mend_loss
+from mend.core.losses import ce_loss, kl_distill
 
 P_T = [0.5, 0.25, 0.25]
 TEACHER = torch.tensor([[[math.log(p) for p in P_T]]])  # (1, 1, 3)
@@ -65,8 +65,3 @@ def test_ce_matches_hand_computation():
     everything = (math.log(3) + math.log(2) + math.log(4)) / 3
     assert ce_loss(logits, targets).item() == pytest.approx(everything, rel=1e-6)
 
-
-def test_mend_loss_weights_the_distillation_term():
-    pred, distill = torch.tensor(2.0), torch.tensor(3.0)
-    assert mend_loss(pred, distill).item() == 5.0
-    assert mend_loss(pred, distill, lam=0.5).item() == 3.5

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEMOS
+from tests.support import DEMOS
 from mend.core.backbones import load_model, load_tokenizer
 from mend.data import Example
 from mend.errors import InputError
@@ -83,6 +83,9 @@ def test_mend_objective_fast_paths_give_the_same_loss_and_gradients(make_distill
 
     plain, g_plain = run(None, False)
     assert set(plain) == {"loss", "distill", "pred", "clm"} and g_plain
+    # The objective is the weighted sum of its terms: L_pred + 1.0 L_distill + 0.5 CLM.
+    assert plain["loss"].item() == pytest.approx(
+        (plain["pred"] + plain["distill"] + 0.5 * plain["clm"]).item(), rel=1e-5)
     for chunk, checkpointing in ((None, True), (1024, False), (3, True)):
         fast, g_fast = run(chunk, checkpointing)
         for key in plain:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import DEMOS
+from tests.support import DEMOS
 from mend import Distiller, MendConfig
 from mend.core.distiller import CONFIG_FILE, WEIGHTS_FILE
 from mend.errors import BackboneError, CheckpointError, ConfigError, InputError, TruncationWarning

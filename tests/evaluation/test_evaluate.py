@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from conftest import write_metaicl
+from tests.support import write_metaicl
 from mend import Distiller, MendConfig
 from mend.config import load_config
-from mend.data.metaicl import load_task
+from mend.data.metaicl import ContextConfig, load_task
 from mend.evaluation.harness import (DemoConfig, TaskResult, aggregate, choose_demos, perturb)
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from mend.evaluation.metrics import accuracy, macro_f1, task_metrics
@@ -94,12 +94,12 @@ def test_demonstrations_never_include_the_query(tmp_path):
     root = write_metaicl(tmp_path, ["t1"], ["t1"], seeds=(100, 13))
     task = load_task(root, "t1")
     queries = task.rows("dev", 100)[:5] + task.rows("train", 100)[:3]  # some are in the pool
-    sets = choose_demos(task, 100, queries, DemoConfig(k=4, mode="resample"))
+    sets = choose_demos(task, 100, queries, DemoConfig(mode="resample"), 4)
     assert len(sets) == 8 and all(len(s) == 4 for s in sets)
     for q, s in zip(queries, sets):
         assert q["input"] not in [x for x, _ in s]
-    assert choose_demos(task, 100, queries, DemoConfig(k=4, mode="resample")) == sets
-    fixed = choose_demos(task, 100, queries, DemoConfig(k=3))
+    assert choose_demos(task, 100, queries, DemoConfig(mode="resample"), 4) == sets
+    fixed = choose_demos(task, 100, queries, DemoConfig(), 3)
     assert fixed == [[(r["input"], r["output"]) for r in task.rows("train", 100)[:3]]]
 
 
@@ -111,7 +111,7 @@ def eval_setup(tmp_path, tiny_model):
                                                  num_placeholders=4,
                                                  max_distiller_length=512))
     distiller.save_pretrained(tmp_path / "mend")
-    PromptTuning.from_config(PromptTuningConfig(llm=llm, num_vectors=3)).save_pretrained(
+    PromptTuning.from_config(PromptTuningConfig(llm=llm, num_placeholders=3)).save_pretrained(
         tmp_path / "pt")
     return tmp_path, root, llm
 
@@ -130,7 +130,7 @@ def test_each_method_evaluates_end_to_end(eval_setup, method, demos):
     out = tmp_path / f"out-{method}-{len(demos)}"
     cfg = load_config(EvalConfig, None, [
         f"method={method}", source, f"data.root={root}", "data.partition=part",
-        "data.seeds=[100, 13]", "data.limit=6", "demos.k=4", "data.max_input_tokens=16",
+        "data.seeds=[100, 13]", "data.limit=6", "context.k=4", "context.max_input_tokens=16",
         f"output_dir={out}", *demos])
     result = evaluate_main(cfg)
     saved = json.loads((out / "results.json").read_text())
@@ -149,9 +149,9 @@ def test_each_method_evaluates_end_to_end(eval_setup, method, demos):
 def test_sweep_and_compare(eval_setup):
     tmp_path, root, llm = eval_setup
     common = [f"data.root={root}", "data.partition=part", "data.seeds=[100]", "data.limit=4",
-              "data.max_input_tokens=16"]
+              "context.max_input_tokens=16"]
     icl = load_config(EvalConfig, None, ["method=icl", f"llm={llm}", *common,
-                                         "sweep.key=demos.k", "sweep.values=[1, 2, 4]",
+                                         "sweep.key=context.k", "sweep.values=[1, 2, 4]",
                                          f"output_dir={tmp_path / 'sweep'}"])
     result = evaluate_main(icl)
     assert [r["k"] for r in result["runs"]] == [1, 2, 4]
@@ -172,11 +172,11 @@ def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
     tmp_path, root, llm = eval_setup
     method = build_method(MethodConfig("icl", llm=llm))
     task = load_task(root, "t2")
-    cramped = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
-                             max_positions=12, counters=Counters())  # queries fill it
+    cramped = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
+                             ContextConfig(), max_positions=12, counters=Counters())  # full
     with pytest.warns(UserWarning, match="t2 \\(seed 100\\) is skipped: No demonstration fits"):
         assert evaluate_task(method, task, 100, "dev", cramped, limit=3) is None
-    roomy = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 256, 900,
+    roomy = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, ContextConfig(),
                            max_positions=2048, counters=Counters())
     assert evaluate_task(method, task, 100, "dev", roomy, limit=3) is not None
 
@@ -193,9 +193,10 @@ def test_a_prefix_that_ignores_demonstrations_is_made_once(eval_setup):
     make, score = method.prefix, method.llm.score_pairs
     method.prefix = lambda sets, contexts: calls.append(len(sets)) or make(sets, contexts)
     method.llm.score_pairs = lambda *a, **kw: nll.append(score(*a, **kw)) or nll[-1]
-    builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos, 16, 256,
+    builder = ContextBuilder(method.llm.tokenizer, method.format, method.llm.bos,
+                             ContextConfig(k=4, max_input_tokens=16, max_context_tokens=256),
                              max_positions=1024, counters=Counters())
-    demos = DemoConfig(k=4, mode="resample")
+    demos = DemoConfig(mode="resample")
     shared = evaluate_task(method, load_task(root, "t2"), 100, "dev", builder, demos, limit=6,
                            chunk=2)
     assert calls == [1]

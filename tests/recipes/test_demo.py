@@ -25,6 +25,7 @@ def test_builtin_tasks_materialize_as_a_metaicl_partition(tmp_path):
         "train", 100)} == {r["input"] for r in queries + demos}
 
 
+@pytest.mark.slow  # trains a tiny distiller end to end
 def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--tiny", "--output-dir", str(tmp_path / "demo")]) == 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import DEMOS, write_metaicl
+from tests.support import DEMOS, write_metaicl
 from mend import Distiller, MendConfig
 from mend.errors import ConfigError, InputError
 from mend.methods.mend import MendObjective, ObjectiveConfig
@@ -98,7 +98,7 @@ def test_kv_checkpoints_reload_and_serve_the_harness(kv_distiller, tmp_path):
     root = write_metaicl(tmp_path / "data", ["t1"], ["t1", "t2"])
     result = evaluate(load_config(EvalConfig, None, [
         f"data.root={root}", "data.partition=part", "data.seeds=[100]", "data.limit=3",
-        "demos.k=2", "demos.mode=resample", "demos.pool=seed", f"checkpoint={tmp_path / 'kv'}",
+        "context.k=2", "demos.mode=resample", "demos.pool=seed", f"checkpoint={tmp_path / 'kv'}",
         f"output_dir={tmp_path / 'e'}"]))  # resampled: one key/value prefix per query
     assert result["results"]["num_tasks"] == 2 and "content_gap" in result
 
@@ -112,8 +112,7 @@ def test_kv_output_needs_the_llms_architecture(tiny_model):
 
 
 def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_path):
-    from mend.data import Counters
-    from mend.data.metaicl import ContextBuilder, load_task
+    from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
     from mend.evaluation.efficiency import serving_costs
     from mend.methods.mend import Mend
 
@@ -121,8 +120,7 @@ def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_pa
     method = Mend(d.eval())
     root = write_metaicl(tmp_path / "data", ["t1"], ["t1"])
     task = load_task(root, "t1")
-    builder = ContextBuilder(d.llm.tokenizer, d.format, d.llm.bos, 64, 900, d.llm.max_length,
-                             Counters())
+    builder = ContextBuilder.for_method(d, ContextConfig(max_input_tokens=64))
     demos = [(r["input"], r["output"]) for r in task.rows("train", 100)[:4]]
     costs = serving_costs(method, builder, demos, task.rows("test")[:3], "cpu")
     once = costs["once"]

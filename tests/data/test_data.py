@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from conftest import SHARED, write_metaicl
+from tests.support import SHARED, write_metaicl
 from mend import tiny
 from mend.data import Counters, batches, shuffled
-from mend.data.metaicl import (ContextBuilder, FinetuneData, MetaICLConfig, load_partition,
-                               sample_demos)
+from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
+                               load_partition, sample_demos)
 from mend.data.pretrain import PretrainData, TextDataConfig, documents, wikitext_articles
 from mend.errors import ConfigError
 from mend.core.text import DemoFormat, encode
@@ -83,8 +83,8 @@ def test_k_shot_sampling_never_includes_the_query():
 
 
 def test_input_truncation_cuts_from_the_end_and_never_the_label(tok):
-    builder = ContextBuilder(tok, DemoFormat(), bos=[], max_input_tokens=3,
-                             max_context_tokens=1000, max_positions=None)
+    builder = ContextBuilder(tok, DemoFormat(), bos=[], max_positions=None,
+                             context=ContextConfig(max_input_tokens=3, max_context_tokens=1000))
     long_input = "the film was great and long"
     cut = builder.cut_input(long_input, "demo")
     assert encode(tok, [cut])[0] == encode(tok, [long_input])[0][:3]
@@ -99,14 +99,14 @@ def test_context_budget_drops_later_demonstrations(tok):
     fmt = DemoFormat()
     demos = [("a", "b"), ("c", "d"), ("e", "f")]
     sizes = [len(p) for p in encode(tok, fmt.pieces(demos))]
-    builder = ContextBuilder(tok, fmt, bos=[1], max_input_tokens=100,
-                             max_context_tokens=sizes[0] + sizes[1], max_positions=None)
+    builder = ContextBuilder(tok, fmt, bos=[1], max_positions=None, context=ContextConfig(
+        max_input_tokens=100, max_context_tokens=sizes[0] + sizes[1]))
     kept, ids = builder.context(demos, reserve=0)
     assert kept == demos[:2] and len(ids) == sizes[0] + sizes[1]
     assert builder.counters.counts["demos_dropped"] == 1
     # The LLM's positions lower the budget: bos + context + reserved input must fit.
-    tight = ContextBuilder(tok, fmt, bos=[1], max_input_tokens=100, max_context_tokens=1000,
-                           max_positions=1 + sizes[0] + 5)
+    tight = ContextBuilder(tok, fmt, bos=[1], max_positions=1 + sizes[0] + 5,
+                           context=ContextConfig(max_input_tokens=100, max_context_tokens=1000))
     assert tight.context(demos, reserve=5)[0] == demos[:1]
 
 
@@ -123,8 +123,8 @@ def test_partition_loading_warns_once_per_missing_task(tmp_path):
 def test_finetune_examples_are_deterministic_and_exclude_the_query(tmp_path, tok):
     root = write_metaicl(tmp_path, train=["t1", "t2"], test=["t3"])
     train, _ = load_partition(root, "part")
-    builder = ContextBuilder(tok, DemoFormat(), [], 256, 900, None)
-    data = FinetuneData(MetaICLConfig(root=str(root), k=4), train, builder, seed=1)
+    builder = ContextBuilder(tok, DemoFormat(), [], ContextConfig(k=4), None)
+    data = FinetuneData(MetaICLConfig(root=str(root)), train, builder, seed=1)
     assert data.keys(0) == data.keys(0) and data.keys(0) != data.keys(1)
     for key in data.keys(0)[:10]:
         ex = data.example(key)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mend import Distiller, MendConfig, zoo
+from mend import Distiller, MendConfig
+from mend.core import zoo
 
 pytestmark = pytest.mark.skipif(
     not zoo.is_installed("smollm2-135m"),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import write_metaicl
+from tests.support import write_metaicl
 from mend.cli import main as cli
 from mend.data.pretrain import TextDataConfig
 from mend.evaluation.diagnostics import ContentConfig, content_gain, held_out_examples
@@ -149,7 +149,7 @@ def test_task_swap_control_in_evaluation(tmp_path, tiny_model, monkeypatch):
                                          llm=tiny_model("gpt2", 48), num_placeholders=4))
     d.save_pretrained(tmp_path / "m")
     args = [f"data.root={root}", "data.partition=part", "data.seeds=[100]", "data.limit=4",
-            "demos.k=4", f"checkpoint={tmp_path / 'm'}"]
+            "context.k=4", f"checkpoint={tmp_path / 'm'}"]
     monkeypatch.setattr(Distiller, "forward", lambda self, ids, mask: self.projection(
         self.placeholders.expand(ids.shape[0], -1, -1)).to(self.llm.dtype))
     result = evaluate(load_config(EvalConfig, None, [*args, f"output_dir={tmp_path / 'e'}"]))

@@ -1,0 +1,33 @@
+"""Methods register themselves once, and every config's ``method:`` is checked against them."""
+
+import pytest
+
+from mend.errors import ConfigError
+from mend.methods import MethodConfig, get_method, method_names, register_method
+from mend.recipes.finetune import MEND, PROMPT_TUNING, recipe_for
+
+
+def test_every_method_registers_itself_once():
+    assert method_names() == ("zero_shot", "icl", "prompt_tuning", "mend", "hypertuning")
+    assert [get_method(n).needs for n in method_names()] == [
+        "llm", "llm", "checkpoint", "checkpoint", "checkpoint"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method("icl", load=lambda cfg, device: None, needs="llm")
+
+
+def test_an_unknown_method_is_a_config_error_listing_the_registered_ones():
+    with pytest.raises(ConfigError, match="Unknown method `icl2`; choose from zero_shot, icl, "
+                                          "prompt_tuning, mend, hypertuning"):
+        MethodConfig("icl2", llm="x")
+    with pytest.raises(ConfigError, match="`pbft` is a baseline with its own command: mend nli "
+                                          "pbft"):
+        recipe_for({"method": "pbft"})
+    with pytest.raises(ConfigError, match="needs a checkpoint"):
+        MethodConfig("hypertuning")
+
+
+def test_finetune_finds_a_methods_stage_two_recipe_in_the_registry():
+    assert recipe_for({}) is MEND and recipe_for({"method": "prompt_tuning"}) is PROMPT_TUNING
+    with pytest.raises(ConfigError, match="icl is not trained by mend finetune; it trains "
+                                          "prompt_tuning, mend"):
+        recipe_for({"method": "icl"})
