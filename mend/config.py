@@ -221,11 +221,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return merge(merged, data)
 
 
+def config_data(path: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file (optional) with dotted overrides applied, not yet checked into a class."""
+    data = read_yaml(path) if path is not None else {}
+    return merge(data, parse_overrides(overrides))
+
+
 def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: Sequence[str] = ()) -> T:
     """Read a YAML file (optional), apply dotted overrides, and check it into ``cls``."""
-    data = read_yaml(path) if path is not None else {}
-    return from_dict(cls, merge(data, parse_overrides(overrides)))
+    return from_dict(cls, config_data(path, overrides))
 
 
 def replace(cfg: T, **changes: Any) -> T:

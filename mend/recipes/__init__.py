@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from mend.config import MendConfig, from_dict, merge, parse_overrides, read_yaml, to_dict
+from mend.config import MendConfig, config_data, from_dict, to_dict
 from mend.errors import ConfigError, MendError
 
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
@@ -44,8 +44,7 @@ def run(recipe: Recipe | Callable[[dict[str, Any]], Recipe], argv: Sequence[str]
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
     args = parser.parse_args(argv)
     try:
-        data = merge(read_yaml(args.config) if args.config else {},
-                     parse_overrides(args.overrides))
+        data = config_data(args.config, args.overrides)
         chosen = recipe if isinstance(recipe, Recipe) else recipe(data)
         result = chosen.main(from_dict(chosen.config, data))
     except MendError as e:

@@ -121,20 +121,3 @@ def controls_section(root: Path, link: str) -> str:
         parts += ["Curves (loss, and held-out KL own / swapped / none): " + ", ".join(
             f"[{p.name}]({link}/{p.relative_to(root)}/loss.png)" for p in curves), ""]
     return "\n".join(parts).strip()
-
-
-def cli(argv=None) -> int:
-    """``mend controls RUN ... [--reference RESULTS.json] [--output FILE]``."""
-    import argparse
-
-    from mend.reporting.results import emit
-
-    parser = argparse.ArgumentParser(prog="mend controls",
-                                     description="one table of the content controls of runs")
-    parser.add_argument("runs", nargs="+", help="training output directories")
-    parser.add_argument("--reference", help="a results.json whose content gap is the reference "
-                                            "(ICL)")
-    parser.add_argument("--output", help="also write the table to this file")
-    args = parser.parse_args(argv)
-    emit(table(args.runs, args.reference), args.output)
-    return 0

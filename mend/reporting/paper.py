@@ -394,16 +394,3 @@ def _points(delta: float | None) -> str:
 
 def _delta(score: dict | None, base: dict | None) -> float | None:
     return None if score is None or base is None else (score["mean"] - base["mean"]) * 100
-
-
-def cli(argv=None) -> int:
-    """``mend report RESULTS_ROOT [--output FILE]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mend report",
-                                     description="the MEND paper's tables from a reproduction")
-    parser.add_argument("results", help="the results root, e.g. docs/results")
-    parser.add_argument("--output", help="default: the root with .md (docs/results.md)")
-    args = parser.parse_args(argv)
-    print(f"wrote {write(args.results, args.output)}")
-    return 0

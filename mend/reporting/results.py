@@ -147,16 +147,3 @@ def emit(text: str, output: str | Path | None) -> None:
     print(text)
     if output:
         Path(output).write_text(text)
-
-
-def cli(argv=None) -> int:
-    """``mend compare RESULTS.json ... [--output FILE]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mend compare",
-                                     description="one markdown table of several results.json")
-    parser.add_argument("results", nargs="+")
-    parser.add_argument("--output", help="also write the table to this file")
-    args = parser.parse_args(argv)
-    emit(compare(args.results), args.output)
-    return 0

@@ -1,0 +1,51 @@
+"""The reporting commands: ``mend compare``, ``mend controls`` and ``mend report``, each a
+table (or the report) built from results files that runs have already written."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--output", help=output_help)
+    return parser
+
+
+def compare(argv=None) -> int:
+    """``mend compare RESULTS.json ... [--output FILE]``."""
+    from mend.reporting.results import compare, emit
+
+    parser = _parser("mend compare", "one markdown table of several results.json",
+                     "also write the table to this file")
+    parser.add_argument("results", nargs="+")
+    args = parser.parse_args(argv)
+    emit(compare(args.results), args.output)
+    return 0
+
+
+def controls(argv=None) -> int:
+    """``mend controls RUN ... [--reference RESULTS.json] [--output FILE]``."""
+    from mend.reporting.controls import table
+    from mend.reporting.results import emit
+
+    parser = _parser("mend controls", "one table of the content controls of runs",
+                     "also write the table to this file")
+    parser.add_argument("runs", nargs="+", help="training output directories")
+    parser.add_argument("--reference",
+                        help="a results.json whose content gap is the reference (ICL)")
+    args = parser.parse_args(argv)
+    emit(table(args.runs, args.reference), args.output)
+    return 0
+
+
+def report(argv=None) -> int:
+    """``mend report RESULTS_ROOT [--output FILE]``."""
+    from mend.reporting.paper import write
+
+    parser = _parser("mend report", "the MEND paper's tables from a reproduction",
+                     "default: the root with .md (docs/results.md)")
+    parser.add_argument("results", help="the results root, e.g. docs/results")
+    args = parser.parse_args(argv)
+    print(f"wrote {write(args.results, args.output)}")
+    return 0
