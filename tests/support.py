@@ -45,3 +45,99 @@ def write_metaicl(root: Path, train: list[str], test: list[str], partition: str 
             (folder / f"{name}_16_{seed}_train.jsonl").write_text(lines(rows[8:24]))
             (folder / f"{name}_16_{seed}_dev.jsonl").write_text(lines(rows[24:40]))
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes on the CPU, through accelerate launch and the shipped accelerate configs
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP engine run in CPU processes over gloo, as torch's FSDP2 does.
+
+    accelerate (1.16) turns FSDP on only for accelerator devices: with ``ACCELERATE_USE_CPU``
+    its state stays ``MULTI_CPU`` even when the launch config asks for FSDP. This lifts that
+    one check, after accelerate has built the FSDP plugin from the launch config's
+    environment, so everything else (preparing, sharding, DCP checkpoints) is accelerate's
+    and torch's own code. Test scaffolding only: mend itself never patches accelerate.
+    """
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    init = state.AcceleratorState.__init__
+
+    def patched(self, mixed_precision=None, cpu=False, dynamo_plugin=None,
+                deepspeed_plugin=None, fsdp_plugin=None, *args, **kwargs):
+        init(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, *args,
+             **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            self.distributed_type = DistributedType.FSDP
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    state.AcceleratorState.__init__ = patched
+
+
+_SCRIPT = """
+import json, os, signal, sys
+sys.path.insert(0, {root!r})
+if {fsdp!r}:
+    from tests.support import allow_fsdp_on_cpu
+    allow_fsdp_on_cpu()
+import mend.training.loop as loop
+from mend.data import pretrain
+rank = int(os.environ.get("RANK", 0))
+trace = {trace!r}
+if trace:  # which documents each rank tokenizes, and which windows it trains on
+    documents = pretrain.documents
+    def traced_documents(*a, **k):
+        for doc in documents(*a, **k):
+            with open(f"{{trace}}/read-{{rank}}.jsonl", "a") as f:
+                f.write(json.dumps(doc) + "\\n")
+            yield doc
+    pretrain.documents = traced_documents
+    split = pretrain.PretrainData.split
+    def traced_split(self, window):
+        with open(f"{{trace}}/trained-{{rank}}.jsonl", "a") as f:
+            f.write(json.dumps(window) + "\\n")
+        return split(self, window)
+    pretrain.PretrainData.split = traced_split
+step = loop._step
+def killing_step(*a, **k):
+    out = step(*a, **k)
+    if a[-1] == {kill_at!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+loop._step = killing_step
+from mend.recipes.pretrain import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def launch(config: str, processes: int, args: list[str], workdir: Path, *,
+           kill_at: int | None = None, trace: Path | None = None, timeout: int = 600):
+    """Run stage 1 under ``accelerate launch --config_file configs/accelerate/<config>`` with
+    ``processes`` CPU processes (gloo). ``kill_at``: every process SIGKILLs itself right after
+    that step. ``trace``: a folder where each rank logs the documents it reads
+    (``read-<rank>.jsonl``) and the windows it splits into examples (``trained-<rank>.jsonl``).
+    Returns the ``subprocess.CompletedProcess``."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = workdir / f"launch-{config.split('.')[0]}-{processes}.py"
+    script.write_text(_SCRIPT.format(root=str(root), fsdp=config.startswith("fsdp"),
+                                     trace=str(trace) if trace else None, kill_at=kill_at))
+    with socket.socket() as s:  # a free port for this launch's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "configs" / "accelerate" / config), "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                          env=env)

@@ -146,8 +146,19 @@ def pick_device(requested: str | None = None) -> str:
     a launcher, else CUDA when available, else the CPU."""
     if requested:
         return requested
+    return str(process_state().device)
+
+
+def process_state():
+    """accelerate's ``PartialState`` of this process (rank, device, main or not).
+
+    The first one made fixes the process group for the whole run. accelerate's Accelerator
+    reads ``ACCELERATE_USE_CPU`` (several CPU processes, as the tests launch them), and so
+    must this, or CPU processes would each take themselves for the only one."""
     from accelerate import PartialState
-    return str(PartialState().device)
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def enable_checkpointing(model: nn.Module) -> None:

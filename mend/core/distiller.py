@@ -138,12 +138,15 @@ class Distiller(nn.Module):
         model.load_trainable_state_dict(checkpoint.load_weights(path, "mend"))
         return model
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the trainable weights (safetensors) and the config (JSON) to ``path``.
 
         ``dtype`` stores the weights in another floating dtype (``torch.bfloat16`` halves a
-        checkpoint that is shipped; loading casts them back to the model's dtype)."""
-        state = self.trainable_state_dict()
+        checkpoint that is shipped; loading casts them back to the model's dtype).
+        ``state_dict``: this module's weights as gathered from a sharded run (FSDP,
+        DeepSpeed), where the module itself holds only its shard; by default its own."""
+        state = self.trainable_state_dict(state_dict)
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         checkpoint.save(path, "mend", to_dict(self.config), state)
@@ -157,19 +160,22 @@ class Distiller(nn.Module):
             self.merged = True
         return self
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Placeholders, projection, and the distiller's weights (or only its LoRA adapters)."""
+    def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """Placeholders, projection, and the distiller's weights (or only its LoRA adapters),
+        taken from ``state_dict`` (this module's, gathered from a sharded run) or from the
+        module itself."""
         if self.merged:
             raise CheckpointError("This distiller's LoRA adapters were merged for inference "
                                   "(merge_adapters), so there is no adapter to save: save it "
                                   "before merging, or load the checkpoint again.")
-        state = {"placeholders": self.placeholders}
-        state.update({f"projection.{k}": v for k, v in self.projection.state_dict().items()})
+        own = self.state_dict() if state_dict is None else state_dict
+        state = {k: v for k, v in own.items() if k == "placeholders"
+                 or k.startswith("projection.")}
+        encoder = {k[len("encoder."):]: v for k, v in own.items() if k.startswith("encoder.")}
         if self.config.train_mode == "lora":
             from peft import get_peft_model_state_dict
-            encoder = get_peft_model_state_dict(self.encoder)
-        else:
-            encoder = self.encoder.state_dict()
+            encoder = get_peft_model_state_dict(self.encoder, state_dict=encoder)
         state.update({f"encoder.{k}": v for k, v in encoder.items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 

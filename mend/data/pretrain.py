@@ -12,10 +12,16 @@
 - **Split.** A window's first ``floor(beta * n)`` tokens are the demonstrations and the rest
   the input. The split is made on the LLM's tokens; the distiller gets the demonstrations as
   decoded text, so distiller and LLM may tokenize differently.
+- **By node.** With ``split_by_node`` and several processes, each reads and tokenizes only its
+  own share of the documents: whole files of the stream where their number divides among the
+  processes, else every ``world``-th row (``datasets.distributed.split_dataset_by_node``);
+  WikiText articles, which span many rows, are dealt out whole, article ``i`` to rank
+  ``i % world``. Each document is then read once, by one process, instead of by all.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +52,11 @@ class TextDataConfig:
     windows_per_document: int | None = None
     shuffle_buffer: int = 1000
     """Windows held in the seeded shuffle buffer (a full shuffle when the data fits)."""
+    split_by_node: bool = True
+    """Each process reads and tokenizes only its share of the documents (see the module doc),
+    and trains on the windows it read. false: every process reads the whole stream and keeps
+    every ``world``-th batch (round-robin), which costs ``world`` times the reading, but can
+    resume on a different number of processes."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.beta < 1.0:
@@ -114,9 +125,13 @@ def _join(paragraphs: list[str]) -> str:
     return text
 
 
-def documents(cfg: TextDataConfig) -> Iterator[str]:
-    """The documents of one pass over the source, in source order."""
+def documents(cfg: TextDataConfig, rank: int = 0, world: int = 1) -> Iterator[str]:
+    """The documents of one pass over the source, in source order; with ``world > 1``, only
+    rank ``rank``'s share of them (see the module doc)."""
     rows = load_rows(cfg)
+    if world > 1 and cfg.documents == "rows":
+        from datasets.distributed import split_dataset_by_node
+        rows = split_dataset_by_node(rows, rank=rank, world_size=world)
 
     def texts() -> Iterator[str]:
         for row in rows:
@@ -124,16 +139,21 @@ def documents(cfg: TextDataConfig) -> Iterator[str]:
                 raise ConfigError(f"The data rows have no field `{cfg.text_field}` (fields: "
                                   f"{', '.join(row)}); set data.text_field.")
             yield row[cfg.text_field]
-    yield from (wikitext_articles(texts()) if cfg.documents == "wikitext" else texts())
+    if cfg.documents == "wikitext":
+        yield from itertools.islice(wikitext_articles(texts()), rank, None, world)
+    else:
+        yield from texts()
 
 
 class PretrainData:
     """Stage-1 examples for each epoch, deterministic given the seed."""
 
     def __init__(self, cfg: TextDataConfig, llm_tokenizer, bos: list[int], seed: int,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, rank: int = 0, world: int = 1):
         self.cfg, self.tokenizer, self.bos, self.seed = cfg, llm_tokenizer, bos, seed
         self.counters = counters if counters is not None else Counters()
+        self.rank, self.world = rank, world
+        """This process's share of the documents: all of them with ``world`` 1."""
 
     def windows(self, epoch: int) -> Iterator[list[int]]:
         """This epoch's LLM-token windows, shuffled through a seeded buffer of windows (so a
@@ -143,7 +163,7 @@ class PretrainData:
     def in_order(self) -> Iterator[list[int]]:
         cfg = self.cfg
         n = cfg.max_length - len(self.bos)  # bos is read in front of every window
-        for doc in documents(cfg):
+        for doc in documents(cfg, self.rank, self.world):
             ids = self.tokenizer(doc, add_special_tokens=False)["input_ids"]
             self.counters.add("documents")
             cuts = range(0, len(ids), n)

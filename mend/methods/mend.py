@@ -150,8 +150,9 @@ class MendObjective:
         loss = sum(getattr(cfg, name) * value for name, value in terms.items())
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
-    def save_pretrained(self, path: str | Path) -> None:
-        self.module.save_pretrained(path)
+    def save_pretrained(self, path: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        self.module.save_pretrained(path, state_dict=state_dict)
 
 
 register_method("mend", load=Mend.load, needs="checkpoint",

@@ -100,8 +100,11 @@ class PromptTuning(nn.Module):
         """The evaluation method a :class:`~mend.methods.MethodConfig` names."""
         return cls.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time).eval()
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        checkpoint.save(path, "prompt_tuning", to_dict(self.config), {"prompt": self.prompt})
+    def save_pretrained(self, path: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """``state_dict``: the prompt as gathered from a sharded run (by default its own)."""
+        prompt = self.prompt if state_dict is None else state_dict["prompt"]
+        checkpoint.save(path, "prompt_tuning", to_dict(self.config), {"prompt": prompt})
 
     def gradient_checkpointing_enable(self) -> None:
         self.llm.gradient_checkpointing_enable()
@@ -137,8 +140,8 @@ class PromptTuningObjective:
         pred = ce_loss(logits, ids, batch["target_mask"])
         return {"loss": pred, "pred": pred.detach()}
 
-    def save_pretrained(self, path) -> None:
-        self.module.save_pretrained(path)
+    def save_pretrained(self, path, state_dict=None) -> None:
+        self.module.save_pretrained(path, state_dict=state_dict)
 
 
 register_method("prompt_tuning", load=PromptTuning.load, needs="checkpoint",

@@ -19,6 +19,7 @@ import yaml
 
 from mend.config import MendConfig, config_data, from_dict, to_dict
 from mend.errors import ConfigError, MendError
+from mend.training.engine import check_launch
 
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
 # must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
@@ -44,6 +45,7 @@ def run(recipe: Recipe | Callable[[dict[str, Any]], Recipe], argv: Sequence[str]
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-5")
     args = parser.parse_args(argv)
     try:
+        check_launch()  # before any model loads: a missing engine is named, with its install
         data = config_data(args.config, args.overrides)
         chosen = recipe if isinstance(recipe, Recipe) else recipe(data)
         result = chosen.main(from_dict(chosen.config, data))
@@ -93,12 +95,11 @@ def write_results(cfg: Any, result: dict[str, Any], name: str = "results.json",
     process only), printing its ``echo`` keys as JSON; returns ``result``."""
     import json
 
-    from accelerate import PartialState
-
+    from mend.core.backbones import process_state
     from mend.reporting.results import provenance, write_json
 
     result["provenance"] = provenance(to_dict(cfg))
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         write_json(Path(cfg.output_dir) / name, result)
         if echo:
             print(json.dumps({k: v for k, v in result.items() if k in echo}, indent=1))
@@ -108,9 +109,9 @@ def write_results(cfg: Any, result: dict[str, Any], name: str = "results.json",
 def write_config(cfg: Any, output_dir: str | Path) -> None:
     """Write the resolved config to ``output_dir/config.yaml``; warn when resuming a run
     whose saved config differs."""
-    from accelerate import PartialState
+    from mend.core.backbones import process_state
 
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return
     path = Path(output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.methods import get_method
 from mend.recipes import Recipe, load_distiller, run, write_config
-from mend.training.config import TrainConfig, TrainResult
+from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 
 
@@ -118,8 +118,8 @@ def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> Tr
     def examples(epoch: int):
         return (e for e in map(data.example, data.keys(epoch)) if e is not None)
 
-    def make_batches(start: int, rank: int, world: int):
-        return batches(examples, cfg.train.batch_size, objective.collate, start=start,
+    def make_batches(start: Position, rank: int, world: int):
+        return batches(examples, cfg.train.batch_size, objective.collate, start=start.batches,
                        rank=rank, world=world, counters=counters)
 
     builder = ContextBuilder.for_method(module, cfg.context)  # selection's counts kept apart

@@ -15,10 +15,11 @@ from mend.core.backbones import pick_device
 from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.pretrain import PretrainData, TextDataConfig
+from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.recipes import load_distiller, Recipe, run, write_config
-from mend.training.config import TrainConfig, TrainResult
+from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 
 
@@ -44,13 +45,25 @@ def main(cfg: PretrainConfig) -> TrainResult:
     write_config(cfg, cfg.output_dir)
     distiller = load_distiller(cfg.model, cfg.init_from, pick_device())
     counters = Counters()
-    data = PretrainData(cfg.data, distiller.llm.tokenizer, distiller.llm.bos, cfg.train.seed,
-                        counters)
     objective = MendObjective(distiller, cfg.objective, counters)
 
-    def make_batches(start: int, rank: int, world: int):
+    def make_batches(start: Position, rank: int, world: int):
+        split = cfg.data.split_by_node and max(world, start.world) > 1
+        if split and start.world != world:
+            raise ConfigError(
+                f"This run's checkpoint was written by {start.world} process(es), each reading "
+                f"its own share of the text (data.split_by_node), so its place in the data "
+                f"exists only on {start.world}. Resume it with {start.world} processes "
+                f"(accelerate launch --num_processes {start.world} ...). A run started with "
+                f"data.split_by_node=false reads round-robin and can change its number of "
+                f"processes when it resumes.")
+        data = PretrainData(cfg.data, distiller.llm.tokenizer, distiller.llm.bos,
+                            cfg.train.seed, counters, *((rank, world) if split else ()))
         examples = lambda epoch: map(data.split, data.windows(epoch))  # noqa: E731
-        return batches(examples, cfg.train.batch_size, objective.collate, start=start,
+        if split:  # this rank's own stream: its batches so far are one in every `world`
+            return batches(examples, cfg.train.batch_size, objective.collate,
+                           start=start.batches // world, counters=counters)
+        return batches(examples, cfg.train.batch_size, objective.collate, start=start.batches,
                        rank=rank, world=world, counters=counters)
 
     return train(cfg.train, objective, make_batches, cfg.output_dir, counters=counters,

@@ -1,11 +1,13 @@
 """A training run's checkpoints on disk, for :func:`mend.training.loop.train`: each saved
 atomically as ``checkpoints/step-N`` (model, optimizer, scheduler, RNG and the loop's
-:class:`~mend.training.loop.TrainState`, through accelerate), resumed from the newest one that can
-be read, and a SIGTERM turned into a checkpoint at the next step.
+:class:`~mend.training.loop.TrainState`, through accelerate, plus ``mend_engine.json``, the
+engine and number of processes that wrote it), resumed from the newest one that can be read,
+and a SIGTERM turned into a checkpoint at the next step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +16,9 @@ from pathlib import Path
 from mend.data import Counters
 from mend.errors import CheckpointError
 from mend.data import sum_counts
+from mend.training.engine import SHARDED, engine_of, save_state_kwargs
+
+ENGINE_FILE = "mend_engine.json"
 
 
 def resume(accelerator, checkpoints: Path, state) -> Path | None:
@@ -24,6 +29,7 @@ def resume(accelerator, checkpoints: Path, state) -> Path | None:
     """
     tried = []
     for path in sorted((p for p in checkpoints.glob("step-*") if p.is_dir()), reverse=True):
+        _check_engine(accelerator, path)
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # torch, safetensors and pickle each raise their own
@@ -62,14 +68,34 @@ def save_checkpoint(accelerator, checkpoints: Path, state, counters: Counters,
         shutil.rmtree(tmp, ignore_errors=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **save_state_kwargs(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / ENGINE_FILE).write_text(json.dumps(
+            {"engine": engine_of(accelerator), "processes": accelerator.num_processes}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
         for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _check_engine(accelerator, path: Path) -> None:
+    """A checkpoint written by a sharding engine holds that engine's files (FSDP's DCP shards,
+    DeepSpeed's partitions), which another engine cannot read: say so, rather than take it
+    for a damaged checkpoint."""
+    record = path / ENGINE_FILE
+    if not record.is_file():  # written before engines were recorded: one device or DDP
+        saved = {"engine": "ddp"}
+    else:
+        saved = json.loads(record.read_text())
+    now = engine_of(accelerator)
+    if saved["engine"] != now and (saved["engine"] in SHARDED or now in SHARDED):
+        raise CheckpointError(
+            f"{path} was written under {saved['engine']}, and this run is launched under "
+            f"{now}, which cannot read it. Launch it as it was launched (the accelerate config "
+            f"of engine {saved['engine']}; the number of processes may differ), or start over "
+            f"in a new output_dir.")
 
 
 class SigtermFlag:

@@ -8,7 +8,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from mend.config import replace
 from mend.data import Counters, batches
@@ -81,8 +81,20 @@ class TrainResult:
     best_step: int | None
 
 
-BatchFactory = Callable[[int, int, int], Iterator[dict[str, Any]]]
-"""``(global batches to skip, rank, world size) -> this rank's batches``."""
+class Position(NamedTuple):
+    """Where a run stands in its data: ``batches`` global micro-batches consumed so far (one
+    per process per micro-step), by ``world`` processes (the checkpoint's, on a resume).
+
+    Data read round-robin (global batch ``g`` to rank ``g % world``) goes on from
+    ``batches`` whatever the number of processes now; data each rank reads on its own
+    (stage 1's ``data.split_by_node``) can resume only on ``world`` processes."""
+
+    batches: int
+    world: int
+
+
+BatchFactory = Callable[[Position, int, int], Iterator[dict[str, Any]]]
+"""``(position to start from, rank, world size) -> this rank's batches``."""
 
 
 def by_epochs(cfg: TrainConfig, items: Sequence[Any], epochs: int, collate,
@@ -99,8 +111,8 @@ def by_epochs(cfg: TrainConfig, items: Sequence[Any], epochs: int, collate,
         random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
         return order
 
-    def make_batches(start: int, rank: int, world: int):
-        return batches(epoch_items, cfg.batch_size, collate, start=start, rank=rank,
+    def make_batches(start: Position, rank: int, world: int):
+        return batches(epoch_items, cfg.batch_size, collate, start=start.batches, rank=rank,
                        world=world, counters=counters)
 
     return cfg, make_batches

@@ -1,23 +1,30 @@
-"""One training loop for every trainable method, on accelerate (one device or DDP).
+"""One training loop for every trainable method, on accelerate: one device, DDP, FSDP or
+DeepSpeed ZeRO-3, as the launch config chooses (:mod:`mend.training.engine`).
 
     result = train(cfg.train, method, make_batches, output_dir, evaluate=...)
 
 What it does:
 
 - AdamW (or bitsandbytes' 8-bit AdamW) over the method's trainable parameters; a
-  transformers LR schedule with warmup; gradient clipping; bf16/fp16 autocast; gradient
-  accumulation; gradient checkpointing where the method's module supports it.
+  transformers LR schedule with warmup, stepped once per optimizer step whatever the number
+  of processes; gradient clipping; bf16/fp16 autocast; gradient accumulation; gradient
+  checkpointing where the method's module supports it.
 - **Checkpoints** every ``save_every`` steps, at the end, and on SIGTERM, under
-  ``output_dir/checkpoints/step-NNNNNNNN``: model, optimizer, scheduler, RNG states (through
-  ``accelerator.save_state``), and the step, which fixes the position in the data. Each is
-  written to a temporary directory and renamed, so a kill never leaves a corrupt one.
-  Started again with the same command, a run resumes from its last readable checkpoint and
-  reaches the same weights as a run never interrupted (:mod:`mend.training.checkpoints`).
+  ``output_dir/checkpoints/step-NNNNNNNN``: the trainable weights, optimizer, scheduler, RNG
+  states (through ``accelerator.save_state``: sharded by DCP under FSDP), and the step and
+  the global batches consumed, which fix the position in the data. Each is written to a
+  temporary directory and renamed, so a kill never leaves a corrupt one. Started again with
+  the same command, a run resumes from its last readable checkpoint and reaches the same
+  weights as a run never interrupted (:mod:`mend.training.checkpoints`). Resumed on another
+  number of processes, it goes on from the same position in the data where the data allows
+  it (see :class:`~mend.training.config.Position`), saying that the run is no longer the
+  uninterrupted one.
 - **Logs:** a tqdm bar (loss, LR, tokens/s) on the main process; every logged step as one JSON
   line in ``metrics.jsonl`` (with the data pipeline's truncation counts); optional
   TensorBoard; ``loss.png`` at the end; one line per start or resume in ``provenance.jsonl``
-  (the step it began at, git commit, machine, versions, command), so a run chained over many
-  calls says how and where each part of it was made (all written by ``mend.training.run_log``).
+  (the step it began at, engine and processes, git commit, machine, versions, command), so a
+  run chained over many calls says how and where each part of it was made (all written by
+  ``mend.training.run_log``).
 - **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
   better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
   without improvement stop the run.
@@ -38,11 +45,11 @@ from typing import Any
 import torch
 
 from mend import optional
-from mend.training import precision
+from mend.training import engine, precision
 from mend.data import Counters
 from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
-from mend.training.config import BatchFactory, TrainConfig, TrainResult
+from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
@@ -65,6 +72,11 @@ class TrainState:
     stopped: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     """The data pipeline's counts over all processes, at this step."""
+    batches: int | None = None
+    """Global micro-batches consumed (None in checkpoints older than this field: then
+    ``step * grad_accum * world_size``)."""
+    world_size: int | None = None
+    """The number of processes that trained up to this step."""
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -112,24 +124,32 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                                    "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tensorboard:
         optional.require("tensorboard", "train.tensorboard=true (or set it to false)")
+    engine.check_launch()
+    # The loop steps the scheduler once per optimizer step; accelerate would otherwise step it
+    # once per process, running the schedule N times too fast on N processes.
     accelerator = Accelerator(mixed_precision=mixed,
                               log_with="tensorboard" if cfg.tensorboard else None,
-                              project_dir=str(output_dir))
+                              project_dir=str(output_dir), step_scheduler_with_optimizer=False)
+    kind = engine.engine_of(accelerator)
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     counters = counters or Counters()
     module = method.module
+    if kind in engine.SHARDED:
+        engine.check_shardable(method, accelerator, cfg)
     if cfg.gradient_checkpointing:
         if not hasattr(module, "gradient_checkpointing_enable"):
             raise ConfigError(f"{type(module).__name__} does not support gradient checkpointing.")
         module.gradient_checkpointing_enable()
     if cfg.compile:
         compile_modules(module)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError("The method has no trainable parameters.")
     optimizer = _optimizer(cfg, _param_groups(cfg, module))
     scheduler = _scheduler(cfg, optimizer)
-    model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(
+        engine.TrainStep(method, shard_frozen=kind in engine.SHARDED), optimizer, scheduler)
+    # After prepare: a sharding engine replaces the parameters with its own.
+    params = [p for p in model.parameters() if p.requires_grad]
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     checkpoints = output_dir / "checkpoints"
@@ -140,16 +160,26 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     # training), else what data loading has counted already.
     if last is not None or not main:
         counters.counts = dict(state.counts) if main else {}
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if state.batches is None:
+        state.batches = state.step * cfg.grad_accum * (state.world_size or world)
+    position = Position(state.batches, state.world_size or world)
+    batches = make_batches(position, rank, world)  # refuses a position it cannot resume
+    if position.world != world and main:
+        print(f"mend: the checkpoint was written by {position.world} process(es) and the run "
+              f"resumes on {world}: the weights and optimizer state are loaded as they are, "
+              f"the data goes on from global batch {position.batches}, and the random streams "
+              f"differ, so the run is no longer identical to an uninterrupted one.", flush=True)
+    state.world_size = world
     if main:
         truncate_metrics(output_dir / "metrics.jsonl", state.step)
-        record_call(output_dir, state.step, mixed_precision=f"{mixed} ({why})")
+        record_call(output_dir, state.step, mixed_precision=f"{mixed} ({why})",
+                    engine=kind, processes=world)
         if cfg.mixed_precision == "auto":
             print(f"mend: train.mixed_precision=auto -> {mixed}: {why}", flush=True)
     if cfg.tensorboard:
         accelerator.init_trackers("mend", config=flat(tracker_config or {}))
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    batches = make_batches(state.step * cfg.grad_accum * world, rank, world)
     stop_signal = SigtermFlag()
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (main and cfg.progress),
                desc="train", dynamic_ncols=True)
@@ -158,9 +188,10 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     model.train()
     try:
         while state.step < cfg.max_steps and not state.stopped:
-            grad_norm = _step(cfg, accelerator, model, method, optimizer, scheduler, params,
-                              batches, window, state.step + 1)
+            grad_norm = _step(cfg, accelerator, model, optimizer, scheduler, params, batches,
+                              window, state.step + 1)
             state.step += 1
+            state.batches += cfg.grad_accum * world
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 record = log_record(accelerator, window, scheduler, state.step, grad_norm,
@@ -190,9 +221,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
             save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
         if status != "interrupted" and (keep_best or state.best_step is None
                                         or evaluate is None):
-            accelerator.wait_for_everyone()
-            if main:  # nothing selected: the final model is the run's checkpoint
-                method.save_pretrained(output_dir)
+            # nothing selected: the final model is the run's checkpoint
+            _save_model(accelerator, model, method, output_dir)
         if main and status != "interrupted":
             plot_metrics(output_dir)
     finally:
@@ -210,14 +240,14 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 # One optimizer step
 
 
-def _step(cfg, accelerator, model, method, optimizer, scheduler, params, batches, window,
+def _step(cfg, accelerator, model, optimizer, scheduler, params, batches, window,
           step) -> float | None:
     for micro in range(cfg.grad_accum):
         batch = next(batches)
         # Only the last micro-batch synchronises gradients across processes.
         sync = accelerator.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
         with sync, accelerator.autocast():
-            out = method.loss(model, batch)
+            out = model(batch)
             loss = out["loss"]
             bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()),
                                device=accelerator.device)
@@ -231,7 +261,8 @@ def _step(cfg, accelerator, model, method, optimizer, scheduler, params, batches
         window.add(out, batch.get("tokens", 0))
     grad_norm = None
     if cfg.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = None if norm is None else float(norm)  # DeepSpeed: none before a step
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -283,16 +314,15 @@ def _scheduler(cfg: TrainConfig, optimizer):
 
 def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainConfig,
             output_dir: Path, keep_best: dict[str, str]) -> None:
-    """Evaluate on the main process, keep the best model(s), and decide on early stopping."""
+    """Evaluate, keep the best model(s), and decide on early stopping."""
     from accelerate.utils import broadcast
 
     keys = ["score", *keep_best.values()]
     values = torch.zeros(len(keys), device=accelerator.device, dtype=torch.float64)
-    if accelerator.is_main_process:
-        model.eval()
-        metrics = evaluate(accelerator.unwrap_model(model))
-        model.train()
+    metrics = _run_on_model(accelerator, model, evaluate)
+    if metrics is not None:
         values[:] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if accelerator.is_main_process:
         with open(output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": state.step, **{f"eval_{k}": v for k, v in
                                                        metrics.items()}}) + "\n")
@@ -301,13 +331,12 @@ def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainC
     for name, value in zip(keep_best, values[1:]):
         if name not in state.best_by or value > state.best_by[name]:
             state.best_by[name] = value
-            if accelerator.is_main_process:
-                method.save_pretrained(output_dir / name)
+            _save_model(accelerator, model, method, output_dir / name)
     if state.best_score is None or score > state.best_score:
         state.best_score, state.best_step, state.evals_without_improvement = (
             score, state.step, 0)
-        if accelerator.is_main_process and not keep_best:
-            method.save_pretrained(output_dir)
+        if not keep_best:
+            _save_model(accelerator, model, method, output_dir)
     else:
         state.evals_without_improvement += 1
         state.stopped = state.evals_without_improvement >= cfg.patience
@@ -315,14 +344,38 @@ def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainC
 
 
 def _monitor(accelerator, model, monitor, step: int, output_dir: Path) -> None:
-    """Log ``monitor``'s metrics (main process only); nothing is selected by them."""
+    """Log ``monitor``'s metrics (main process); nothing is selected by them."""
+    metrics = _run_on_model(accelerator, model, monitor)
     if accelerator.is_main_process:
-        model.eval()
-        metrics = monitor(accelerator.unwrap_model(model))
-        model.train()
         with open(output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **{f"monitor_{k}": v for k, v in
                                                  metrics.items()}}) + "\n")
         print(f"mend: step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                  if isinstance(v, float)), flush=True)
+    accelerator.wait_for_everyone()
+
+
+def _run_on_model(accelerator, model, fn) -> dict[str, Any] | None:
+    """``fn(trained module)`` in eval mode: on the main process alone (None elsewhere), or,
+    where the model is sharded, on every rank in step, each gathering what it reads."""
+    sharded = engine.engine_of(accelerator) in engine.SHARDED
+    if not (sharded or accelerator.is_main_process):
+        return None
+    model.eval()
+    try:
+        with engine.gathered(accelerator, model):
+            return fn(accelerator.unwrap_model(model).trained)
+    finally:
+        model.train()
+
+
+def _save_model(accelerator, model, method, path: Path) -> None:
+    """``method.save_pretrained(path)`` on the main process, from weights gathered off every
+    rank where the model is sharded."""
+    if engine.engine_of(accelerator) in engine.SHARDED:
+        state = engine.trained_state_dict(accelerator, model)
+        if accelerator.is_main_process:
+            method.save_pretrained(path, state_dict=state)
+    elif accelerator.is_main_process:
+        method.save_pretrained(path)
     accelerator.wait_for_everyone()

@@ -1,8 +1,8 @@
 """The training loop and both stages on tiny models: resume after a kill, SIGTERM, model
-selection, early stopping, NaN, gradient checkpointing, configs, and a 2-process run."""
+selection, early stopping, NaN, gradient checkpointing and configs (runs of several processes
+are in test_scale.py)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -221,23 +221,6 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     cfg = TrainConfig(max_steps=5, progress=False, save_every=100)
     with pytest.raises(TrainingError, match=r"became nan at step 3.*train.lr"):
         train(cfg, method, lambda start, rank, world: forever, tmp_path)
-
-
-@pytest.mark.slow  # a subprocess
-def test_two_process_cpu_run_through_accelerate_launch(setup):
-    root, _, stage1 = setup
-    out = root / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "pretrain/run.py", *stage1, "train.max_steps=2", "train.save_every=2",
-           "train.progress=false", f"output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
-    assert (out / WEIGHTS_FILE).is_file()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
 
 
 def test_prompt_tuning_trains_through_the_finetune_entry_point(setup, tmp_path, tiny_model):

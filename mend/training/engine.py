@@ -1,0 +1,216 @@
+"""The engine a run trains on, as ``accelerate launch`` chose it, and what differs between
+engines: one device, DDP, FSDP (FSDP2) or DeepSpeed ZeRO-3.
+
+    accelerate launch --config_file configs/accelerate/fsdp.yaml pretrain/run.py --config ...
+
+- **What accelerate prepares** is a :class:`TrainStep`: a module whose forward is the method's
+  loss, so that every pass through the frozen LLM happens inside one forward of the prepared
+  module, where a sharding engine gathers the parameters it needs. Under DDP (and on one
+  device) it holds only the trained module; every rank keeps its own copy of the frozen LLM,
+  as before. Under FSDP and DeepSpeed the frozen LLM is a submodule too, so its parameters
+  are sharded across ranks with the distiller's; its layers become FSDP units beside the
+  distiller's (``_no_split_modules`` names both models' layer classes for accelerate's
+  ``TRANSFORMER_BASED_WRAP``).
+- **What a checkpoint holds:** the trainable weights only. Frozen parameters and buffers (the
+  LLM, a LoRA distiller's base weights) are left out of :class:`TrainStep`'s state dict and
+  are taken from the loaded models on resume, so a checkpoint of a 13B-LLM run holds the
+  distiller and its optimizer state, not 26 GB of weights nobody trains.
+- **Reading the whole model** (model selection, the content monitor, the final save): a
+  sharded model has no rank holding all of it. :func:`gathered` lets every rank run the same
+  evaluation in step (each layer gathers its shards as it runs), and :func:`trained_state_dict`
+  gathers the trained module's full weights onto the main process for ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mend import optional
+from mend.errors import ConfigError
+
+Engine = Literal["single", "ddp", "fsdp", "deepspeed"]
+SHARDED = ("fsdp", "deepspeed")
+
+
+def check_launch() -> None:
+    """Fail early, naming the install command, when the launch config asks for DeepSpeed and
+    it is not installed (accelerate would raise an ImportError from inside itself)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        optional.require("deepspeed", "The DeepSpeed engine (configs/accelerate/deepspeed_zero3"
+                                      ".yaml)")
+
+
+def engine_of(accelerator) -> Engine:
+    """Which engine ``accelerator`` runs: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise ConfigError("mend shards with FSDP2: set fsdp_version: 2 in the accelerate "
+                              "config (configs/accelerate/fsdp.yaml).")
+        return "fsdp"
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def frozen_models(module: nn.Module) -> list[nn.Module]:
+    """The frozen LLM a trained module reads through (MEND's distiller and prompt tuning hold
+    it as ``module.llm``, a :class:`~mend.core.prefix_lm.PrefixLM`), or none."""
+    llm = getattr(module, "llm", None)
+    model = getattr(llm, "model", None)
+    return [model] if isinstance(model, nn.Module) else []
+
+
+def check_shardable(method, accelerator, train_cfg) -> None:
+    """A sharding engine needs a method that saves from gathered weights, and a frozen LLM
+    whose parameters it can shard (not bitsandbytes' 8-bit ones)."""
+    import inspect
+
+    name = type(method).__name__
+    if "state_dict" not in inspect.signature(method.save_pretrained).parameters:
+        raise ConfigError(f"{name} trains on one device or under DDP only; launch it with "
+                          f"configs/accelerate/multi_gpu.yaml (FSDP and DeepSpeed are for MEND "
+                          f"and prompt tuning).")
+    for model in frozen_models(method.module):
+        if getattr(model, "is_loaded_in_8bit", False):
+            raise ConfigError(f"The frozen LLM is loaded in 8-bit (llm_8bit: true), whose "
+                              f"weights {engine_of(accelerator)} cannot shard. Shard it in bf16 "
+                              f"instead (model.llm_8bit=false model.llm_dtype=bfloat16), or keep "
+                              f"8-bit under DDP (configs/accelerate/multi_gpu.yaml).")
+    if engine_of(accelerator) == "deepspeed":
+        _check_deepspeed(accelerator, train_cfg)
+    config = getattr(method.module, "config", None)
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if getattr(config, "output", None) == "kv" and getattr(plugin, "activation_checkpointing",
+                                                            False):
+        raise ConfigError("fsdp_activation_checkpointing recomputes the LLM's layers in the "
+                          "backward pass, which would append the key/value prefix (output: kv) "
+                          "to its cache twice. Set fsdp_activation_checkpointing: false in the "
+                          "accelerate config, or use output: embeddings.")
+
+
+def _check_deepspeed(accelerator, train_cfg) -> None:
+    """DeepSpeed steps the optimizer inside its backward and clips by its own config, so the
+    loop's accumulation and clipping must be what DeepSpeed's config says."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    steps, clip = ds.get("gradient_accumulation_steps", 1), ds.get("gradient_clipping")
+    if train_cfg.grad_accum != 1 or steps not in (1, "auto"):
+        raise ConfigError(f"Under DeepSpeed, accumulate with more processes or a larger "
+                          f"train.batch_size: set train.grad_accum=1 (now "
+                          f"{train_cfg.grad_accum}) and gradient_accumulation_steps: 1 in the "
+                          f"accelerate config (now {steps}).")
+    if clip not in ("auto", train_cfg.max_grad_norm):
+        raise ConfigError(f"DeepSpeed clips gradients to its config's gradient_clipping "
+                          f"({clip}), which differs from train.max_grad_norm "
+                          f"({train_cfg.max_grad_norm}); make them equal.")
+
+
+class TrainStep(nn.Module):
+    """What accelerate prepares: ``forward(batch)`` is ``method.loss(trained, batch)``.
+
+    Args:
+        method: a :class:`~mend.methods.base.Trainable`.
+        shard_frozen: hold the frozen LLM as a submodule (``frozen``), for engines that shard
+            parameters; under DDP it stays outside, one copy per rank.
+    """
+
+    def __init__(self, method, shard_frozen: bool):
+        super().__init__()
+        self.trained = method.module
+        self.frozen = nn.ModuleList(frozen_models(method.module) if shard_frozen else [])
+        self._loss = method.loss
+        layers = set()
+        for model in (*self.trained.modules(), *self.frozen):
+            layers.update(getattr(model, "_no_split_modules", None) or [])
+        # accelerate's TRANSFORMER_BASED_WRAP reads the layer classes to shard from here.
+        self._no_split_modules = sorted(layers)
+        # By state-dict key, so that tied weights (an LM head sharing the embeddings) count
+        # under each of their names.
+        self._untrained = {name for name, value in self.state_dict(keep_vars=True).items()
+                           if not value.requires_grad}
+        self._keep_untrained = False
+        self.register_state_dict_post_hook(_drop_untrained)
+        self.register_load_state_dict_pre_hook(_restore_untrained)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self._loss(self.trained, batch)
+
+    def train(self, mode: bool = True) -> TrainStep:
+        """Train mode for the trained module only: the frozen LLM stays in eval mode (no
+        dropout), as it does outside this module under DDP."""
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+
+def _drop_untrained(module: TrainStep, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: leave out frozen parameters and buffers (see the module doc)."""
+    if not module._keep_untrained:
+        for name in module._untrained:
+            state_dict.pop(prefix + name, None)
+
+
+def _restore_untrained(module: TrainStep, state_dict, prefix: str, *args) -> None:
+    """Load pre-hook: what :func:`_drop_untrained` left out is loaded from the module itself
+    (names and tensors as its own state dict gives them, sharded ones included)."""
+    module._keep_untrained = True
+    try:
+        own = module.state_dict(prefix=prefix, keep_vars=True)
+    finally:
+        module._keep_untrained = False
+    for name in module._untrained:
+        if prefix + name in own:
+            state_dict.setdefault(prefix + name, own[prefix + name])
+
+
+@contextlib.contextmanager
+def gathered(accelerator, model: nn.Module) -> Iterator[None]:
+    """Run code that reads the prepared model outside its forward (evaluation, monitoring).
+
+    Under FSDP the root unit's parameters (embeddings, norms, heads, placeholders) are
+    gathered for the block, and each layer gathers its own as it runs, so every rank must run
+    the same code in step. DeepSpeed ZeRO-3 gathers each module's parameters as it runs; on
+    one device and under DDP nothing is sharded.
+    """
+    if engine_of(accelerator) != "fsdp":
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def trained_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained module's full state dict (frozen parameters left out) on the main process,
+    an empty dict on the others; every rank must call it, since the weights are gathered.
+
+    FSDP gathers through accelerate's ``get_state_dict``, which reads :class:`TrainStep`'s
+    state dict, so the frozen LLM is never gathered. Under ZeRO-3 only the trained module's
+    parameters are gathered (DeepSpeed's ``GatheredParameters``), for the same reason."""
+    if engine_of(accelerator) == "deepspeed":
+        import deepspeed
+
+        trained = accelerator.unwrap_model(model).trained
+        with deepspeed.zero.GatheredParameters(list(trained.parameters())):
+            if not accelerator.is_main_process:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}
+    state = accelerator.get_state_dict(model)
+    return {k[len("trained."):]: v for k, v in (state or {}).items()
+            if k.startswith("trained.")}
+
+
+def save_state_kwargs(accelerator) -> dict[str, Any]:
+    """Keyword arguments for ``accelerator.save_state``: DeepSpeed writes its own checkpoint,
+    told to leave the frozen parameters out as :class:`TrainStep`'s state dict does."""
+    return {"exclude_frozen_parameters": True} if engine_of(accelerator) == "deepspeed" else {}
