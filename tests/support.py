@@ -110,34 +110,37 @@ def killing_step(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 loop._step = killing_step
-from mend.recipes.pretrain import cli
+from mend.recipes.{recipe} import cli
 sys.exit(cli(sys.argv[1:]))
 """
 
 
 def launch(config: str, processes: int, args: list[str], workdir: Path, *,
-           kill_at: int | None = None, trace: Path | None = None, timeout: int = 600):
-    """Run stage 1 under ``accelerate launch --config_file configs/accelerate/<config>`` with
-    ``processes`` CPU processes (gloo). ``kill_at``: every process SIGKILLs itself right after
-    that step. ``trace``: a folder where each rank logs the documents it reads
-    (``read-<rank>.jsonl``) and the windows it splits into examples (``trained-<rank>.jsonl``).
-    Returns the ``subprocess.CompletedProcess``."""
+           recipe: str = "pretrain", kill_at: int | None = None, trace: Path | None = None,
+           flags: tuple[str, ...] = (), timeout: int = 600):
+    """Run ``mend.recipes.<recipe>`` (stage 1 by default) under ``accelerate launch
+    --config_file configs/accelerate/<config> [flags]`` with ``processes`` CPU processes
+    (gloo). ``kill_at``: every process SIGKILLs itself right after that step. ``trace``: a
+    folder where each rank logs the documents it reads (``read-<rank>.jsonl``) and the windows
+    it splits into examples (``trained-<rank>.jsonl``). Returns the
+    ``subprocess.CompletedProcess``."""
     import os
     import socket
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    script = workdir / f"launch-{config.split('.')[0]}-{processes}.py"
+    script = workdir / f"launch-{recipe}-{config.split('.')[0]}-{processes}.py"
     script.write_text(_SCRIPT.format(root=str(root), fsdp=config.startswith("fsdp"),
-                                     trace=str(trace) if trace else None, kill_at=kill_at))
+                                     trace=str(trace) if trace else None, kill_at=kill_at,
+                                     recipe=recipe))
     with socket.socket() as s:  # a free port for this launch's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(root / "configs" / "accelerate" / config), "--num_processes", str(processes),
            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]
+           "--dynamo_backend", "no", *flags, str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
                           env=env)

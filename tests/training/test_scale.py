@@ -268,3 +268,40 @@ def test_resuming_on_another_engine_or_number_of_processes(scale_runs):
     assert [(c["start_step"], c["processes"]) for c in calls] == [(0, 2), (4, 3)]
     assert (root / "rr" / WEIGHTS_FILE).is_file()
     assert os.path.isdir(root / "rr" / "checkpoints" / "step-00000006")
+
+
+@pytest.mark.slow  # subprocesses
+def test_fsdp_stage2_selection_mixed_precision_and_activation_checkpointing(scale_runs):
+    """Model selection reads a sharded model on every rank in step and saves the best from
+    gathered weights; bf16 and accelerate's activation checkpointing run sharded too."""
+    from tests.support import write_metaicl
+
+    root, args = scale_runs
+    data = write_metaicl(root / "metaicl", train=["t1", "t2"], test=["t3", "t4"])
+    stage2 = args[:4] + [f"data.root={data}", "data.partition=part", "context.k=3",
+                         "train.max_steps=4", "train.batch_size=2", "train.eval_every=2",
+                         "train.patience=10", "train.lr=5e-3", "train.progress=false"]
+    for config in ("multi_gpu.yaml", "fsdp.yaml"):
+        run = launch(config, 2, stage2 + [f"output_dir={root / ('stage2-' + config)}"], root,
+                     recipe="finetune")
+        assert run.returncode == 0, run.stderr[-3000:]
+    evals = {config: [json.loads(line) for line in (root / f"stage2-{config}" / "metrics.jsonl")
+                      .read_text().splitlines() if "eval_score" in line]
+             for config in ("multi_gpu.yaml", "fsdp.yaml")}
+    assert len(evals["fsdp.yaml"]) == 2 and evals["fsdp.yaml"] == evals["multi_gpu.yaml"]
+    best = [load_file(root / f"stage2-{c}" / WEIGHTS_FILE) for c in ("multi_gpu.yaml",
+                                                                      "fsdp.yaml")]
+    for key in best[0]:
+        torch.testing.assert_close(best[1][key], best[0][key], rtol=0, atol=1e-6)
+    plain = launch("fsdp.yaml", 2, args + ["train.mixed_precision=bf16",
+                                           f"output_dir={root / 'bf16'}"], root)
+    ac = launch("fsdp.yaml", 2, args + ["train.mixed_precision=bf16",
+                                        f"output_dir={root / 'bf16-ac'}"], root,
+                flags=("--fsdp_activation_checkpointing", "true"))
+    assert plain.returncode == 0 and ac.returncode == 0, ac.stderr[-3000:]
+    losses = {name: [json.loads(line)["loss"] for line in (root / name / "metrics.jsonl")
+                     .read_text().splitlines()] for name in ("bf16", "bf16-ac", "fsdp")}
+    assert losses["bf16-ac"] == losses["bf16"]  # recomputing activations changes no number
+    assert losses["bf16"] != losses["fsdp"]  # while bf16 does (fp32 master weights kept)
+    for name in ("bf16", "bf16-ac"):
+        assert '"mixed_precision": "bf16' in (root / name / "provenance.jsonl").read_text()
