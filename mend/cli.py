@@ -4,6 +4,7 @@
     mend pretrain --config FILE [key=value]    stage 1 (same as pretrain/run.py)
     mend finetune --config FILE [key=value]    stage 2 (same as finetune/run.py)
     mend eval --config FILE [key=value]        evaluate a method (same as eval/run.py)
+    mend memory --config FILE [--processes N]  memory per GPU under DDP, FSDP and 8-bit
     mend nli {icl,pbft,cd,eval,cost} ...       the pattern-based NLI baselines
     mend sbs {train,eval} ...                  distilling step-by-step
     mend zoo list | fetch NAME                 the offline models
@@ -36,6 +37,8 @@ COMMANDS = (
             "a distiller's content controls on held-out text"),
     Command("efficiency", "mend.recipes.efficiency:cli",
             "FLOPs, memory and time per query, side by side"),
+    Command("memory", "mend.recipes.memory:cli",
+            "a stage-1 config's memory per GPU under DDP, FSDP and 8-bit, before a run"),
     Command("nli", "mend.baselines.nli.recipes:cli",
             "pattern-based NLI baselines: icl | pbft | cd | eval | cost"),
     Command("sbs", "mend.baselines.step_by_step.recipe:cli",

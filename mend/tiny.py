@@ -42,7 +42,8 @@ def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                             show_progress=False)
         tok.train_from_iterator(CORPUS.splitlines(), trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                        eos_token="<|endoftext|>", unk_token="<|endoftext|>")
@@ -52,7 +53,7 @@ def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-        trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+        trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
         tok.train_from_iterator(CORPUS.splitlines(), trainer)
         bos = tok.token_to_id("<bos>")
         tok.post_processor = processors.TemplateProcessing(

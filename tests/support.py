@@ -104,8 +104,28 @@ if trace:  # which documents each rank tokenizes, and which windows it trains on
         return split(self, window)
     pretrain.PretrainData.split = traced_split
 step = loop._step
+measure = {measure!r}
+def measured_step(*a, **k):  # the memory a process holds, at step 2 (optimizer state made)
+    if not measure or a[-1] != 2:
+        return step(*a, **k)
+    import torch
+    from mend.training import engine, memory
+    accelerator, model, optimizer = a[1], a[2], a[3]
+    inner = accelerator.unwrap_model(model)
+    frozen = list(inner.frozen) or engine.frozen_models(inner.trained)
+    with memory.saved_bytes([model, *frozen]) as saved:
+        out = step(*a, **k)
+    size = lambda t: (t.to_local() if hasattr(t, "to_local") else t).nbytes
+    params = {{id(p): p for m in [model, *frozen] for p in m.parameters()}}.values()
+    moments = [v for s in optimizer.optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.dim()]
+    with open(f"{{measure}}/rank-{{rank}}.json", "w") as f:
+        json.dump({{"parameters": sum(size(p) for p in params),
+                   "trained": sum(size(p) for p in params if p.requires_grad),
+                   "optimizer": sum(size(v) for v in moments), "activations": saved[0]}}, f)
+    return out
 def killing_step(*a, **k):
-    out = step(*a, **k)
+    out = measured_step(*a, **k)
     if a[-1] == {kill_at!r}:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
@@ -117,12 +137,14 @@ sys.exit(cli(sys.argv[1:]))
 
 def launch(config: str, processes: int, args: list[str], workdir: Path, *,
            recipe: str = "pretrain", kill_at: int | None = None, trace: Path | None = None,
-           flags: tuple[str, ...] = (), timeout: int = 600):
+           measure: Path | None = None, flags: tuple[str, ...] = (), timeout: int = 600):
     """Run ``mend.recipes.<recipe>`` (stage 1 by default) under ``accelerate launch
     --config_file configs/accelerate/<config> [flags]`` with ``processes`` CPU processes
     (gloo). ``kill_at``: every process SIGKILLs itself right after that step. ``trace``: a
     folder where each rank logs the documents it reads (``read-<rank>.jsonl``) and the windows
-    it splits into examples (``trained-<rank>.jsonl``). Returns the
+    it splits into examples (``trained-<rank>.jsonl``). ``measure``: a folder where each rank
+    writes the bytes it holds at step 2 (``rank-<r>.json``: parameters, what trains,
+    optimizer state, activations saved for backward). Returns the
     ``subprocess.CompletedProcess``."""
     import os
     import socket
@@ -133,7 +155,7 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
     script = workdir / f"launch-{recipe}-{config.split('.')[0]}-{processes}.py"
     script.write_text(_SCRIPT.format(root=str(root), fsdp=config.startswith("fsdp"),
                                      trace=str(trace) if trace else None, kill_at=kill_at,
-                                     recipe=recipe))
+                                     measure=str(measure) if measure else None, recipe=recipe))
     with socket.socket() as s:  # a free port for this launch's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

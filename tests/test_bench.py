@@ -57,3 +57,15 @@ def test_train_bench_counts_model_flops_and_skips_8bit_without_cuda(tmp_path):
     assert rows["pretrain", "eager-fp32"]["model_flops"] > 0
     assert rows["finetune", "checkpointing"]["mfu"] > 0
     assert rows["pretrain", "8bit"]["status"].startswith("skipped: bitsandbytes")
+
+
+@pytest.mark.slow  # two launches of two processes each
+def test_memory_bench_checks_its_estimate_against_measured_runs(tmp_path):
+    result = bench(tmp_path, "memory.py")
+    checks = {t["target"].split(":")[0]: t for t in result["targets"]}
+    assert set(checks) == {f"{e} {p}" for e in ("ddp", "fsdp") for p in
+                           ("parameters", "gradients", "optimizer", "activations")}
+    assert all(t["met"] for t in checks.values()), checks
+    rows = [r for r in result["rows"] if r["config"].startswith("tiny")]
+    assert [r["engine"] for r in rows] == ["ddp", "fsdp"]
+    assert all(r["measured_total_mib"] > 0 and r["estimated_total_mib"] > 0 for r in rows)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mend.core.text import Demos
+from mend.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -90,7 +91,11 @@ def batches(epoch_items: Callable[[int], Iterable[T]], batch_size: int,
                 yield build(chunk)
             g += 1
         if empty:
-            raise ValueError("The training data is empty: no example came out of an epoch.")
+            raise ConfigError(
+                "The training data is empty: no example came out of an epoch. Check the data "
+                "path and its filters (stage 1: documents shorter than data.min_length give no "
+                "window; with data.split_by_node each process reads only its share, so there "
+                "must be at least as many documents as processes).")
 
 
 def shuffled(items: Iterable[T], seed: int | str, buffer: int) -> Iterator[T]:
