@@ -140,7 +140,7 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
            measure: Path | None = None, flags: tuple[str, ...] = (), timeout: int = 600):
     """Run ``mend.recipes.<recipe>`` (stage 1 by default) under ``accelerate launch
     --config_file configs/accelerate/<config> [flags]`` with ``processes`` CPU processes
-    (gloo). ``kill_at``: every process SIGKILLs itself right after that step. ``trace``: a
+    (gloo; DeepSpeed's configs on DeepSpeed's CPU accelerator). ``kill_at``: every process SIGKILLs itself right after that step. ``trace``: a
     folder where each rank logs the documents it reads (``read-<rank>.jsonl``) and the windows
     it splits into examples (``trained-<rank>.jsonl``). ``measure``: a folder where each rank
     writes the bytes it holds at step 2 (``rank-<r>.json``: parameters, what trains,
@@ -163,6 +163,8 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
            str(root / "configs" / "accelerate" / config), "--num_processes", str(processes),
            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no", *flags, str(script), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not config.startswith("deepspeed"):  # DeepSpeed finds its CPU accelerator itself
+        env["ACCELERATE_USE_CPU"] = "true"
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
                           env=env)

@@ -71,7 +71,8 @@ def frozen_models(module: nn.Module) -> list[nn.Module]:
 
 def check_shardable(method, accelerator, train_cfg) -> None:
     """A sharding engine needs a method that saves from gathered weights, and a frozen LLM
-    whose parameters it can shard (not bitsandbytes' 8-bit ones)."""
+    whose parameters it can shard (not bitsandbytes' 8-bit ones); DeepSpeed, settings that
+    agree with the loop's (:func:`_check_deepspeed`)."""
     import inspect
 
     name = type(method).__name__
@@ -99,8 +100,12 @@ def check_shardable(method, accelerator, train_cfg) -> None:
 
 def _check_deepspeed(accelerator, train_cfg) -> None:
     """DeepSpeed steps the optimizer inside its backward and clips by its own config, so the
-    loop's accumulation and clipping must be what DeepSpeed's config says."""
+    loop's accumulation and clipping must be what DeepSpeed's config says. It also reads the
+    batch size from a dataloader, which this loop does not hand to accelerate: it is set
+    here, as accelerate's error for that case asks."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+    ds["train_batch_size"] = train_cfg.batch_size * accelerator.num_processes
     steps, clip = ds.get("gradient_accumulation_steps", 1), ds.get("gradient_clipping")
     if train_cfg.grad_accum != 1 or steps not in (1, "auto"):
         raise ConfigError(f"Under DeepSpeed, accumulate with more processes or a larger "

@@ -305,3 +305,33 @@ def test_fsdp_stage2_selection_mixed_precision_and_activation_checkpointing(scal
     assert losses["bf16"] != losses["fsdp"]  # while bf16 does (fp32 master weights kept)
     for name in ("bf16", "bf16-ac"):
         assert '"mixed_precision": "bf16' in (root / name / "provenance.jsonl").read_text()
+
+
+@pytest.mark.slow  # subprocesses
+def test_deepspeed_zero3_one_process_killed_and_resumed(scale_runs):
+    """Where DeepSpeed is installed, ZeRO-3 runs on its CPU accelerator, one process (its
+    multi-process setup needs CUDA devices): killed and resumed, it reaches the weights of a
+    run on one device, and its checkpoints hold no frozen weight."""
+    pytest.importorskip("deepspeed", reason="pip install 'mend[deepspeed]' to run ZeRO-3")
+    from mend.config import load_config
+    from mend.recipes.pretrain import PretrainConfig
+    from mend.recipes.pretrain import main as pretrain
+
+    root, args = scale_runs
+    out = [f"output_dir={root / 'zero3'}"]
+    killed = launch("deepspeed_zero3.yaml", 1, args + out, root, kill_at=3)
+    assert killed.returncode != 0
+    resumed = launch("deepspeed_zero3.yaml", 1, args + out, root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    pretrain(load_config(PretrainConfig, None, args + [f"output_dir={root / 'one'}"]))
+    zero3, one = load_file(root / "zero3" / WEIGHTS_FILE), load_file(root / "one" / WEIGHTS_FILE)
+    for key in one:
+        torch.testing.assert_close(zero3[key], one[key], rtol=0, atol=1e-6)
+    last = root / "zero3" / "checkpoints" / "step-00000004"
+    states = torch.load(next((last / "pytorch_model").glob("*model_states.pt")),
+                        weights_only=False)
+    assert "trained.placeholders" in states["param_shapes"][0]
+    assert not any("frozen" in k for k in states["param_shapes"][0])
+    assert not states["frozen_param_shapes"]
+    assert json.loads((last / "mend_engine.json").read_text())["engine"] == "deepspeed"
