@@ -140,9 +140,10 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
            measure: Path | None = None, flags: tuple[str, ...] = (), timeout: int = 600):
     """Run ``mend.recipes.<recipe>`` (stage 1 by default) under ``accelerate launch
     --config_file configs/accelerate/<config> [flags]`` with ``processes`` CPU processes
-    (gloo; DeepSpeed's configs on DeepSpeed's CPU accelerator). ``kill_at``: every process SIGKILLs itself right after that step. ``trace``: a
-    folder where each rank logs the documents it reads (``read-<rank>.jsonl``) and the windows
-    it splits into examples (``trained-<rank>.jsonl``). ``measure``: a folder where each rank
+    (gloo; DeepSpeed's configs on DeepSpeed's CPU accelerator). ``kill_at``: every process
+    SIGKILLs itself right after that step. ``trace``: a folder where each rank logs the
+    documents it reads (``read-<rank>.jsonl``) and the windows it splits into examples
+    (``trained-<rank>.jsonl``). ``measure``: a folder where each rank
     writes the bytes it holds at step 2 (``rank-<r>.json``: parameters, what trains,
     optimizer state, activations saved for backward). Returns the
     ``subprocess.CompletedProcess``."""
