@@ -165,7 +165,11 @@ def _drop_untrained(module: TrainStep, state_dict, prefix: str, local_metadata) 
 
 def _restore_untrained(module: TrainStep, state_dict, prefix: str, *args) -> None:
     """Load pre-hook: what :func:`_drop_untrained` left out is loaded from the module itself
-    (names and tensors as its own state dict gives them, sharded ones included)."""
+    (names and tensors as its own state dict gives them, sharded ones included). Checkpoints
+    written before this module existed hold the trained module's own keys, and load too."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if not key[len(prefix):].startswith(("trained.", "frozen.")):
+            state_dict[f"{prefix}trained.{key[len(prefix):]}"] = state_dict.pop(key)
     module._keep_untrained = True
     try:
         own = module.state_dict(prefix=prefix, keep_vars=True)

@@ -55,6 +55,10 @@ def test_train_step_state_dict_holds_only_what_trains(make_distiller):
     assert torch.equal(distiller.placeholders, state["trained.placeholders"])
     after = distiller.llm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # A checkpoint written before TrainStep holds the trained module's own keys.
+    legacy = {k[len("trained."):]: v - 1.0 for k, v in state.items()}
+    assert not step.load_state_dict(legacy, strict=True).missing_keys
+    assert torch.equal(distiller.placeholders, legacy["placeholders"])
 
 
 def test_train_step_keeps_the_frozen_llm_in_eval_mode(make_distiller):
