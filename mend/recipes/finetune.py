@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mend.core.backbones import pick_device
+from mend.training.engine import load_device
 from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
@@ -86,7 +86,7 @@ def main(cfg: FinetuneConfig) -> TrainResult:
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
     write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, pick_device())
+    distiller = load_distiller(cfg.model, cfg.init_from, load_device(cfg.model.llm_8bit))
     counters = Counters()
     return _finetune(cfg, MendObjective(distiller, cfg.objective, counters), counters,
                      lambda module: Mend(module),
@@ -99,7 +99,7 @@ def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
-    prompt = PromptTuning.from_config(cfg.model, device=pick_device())
+    prompt = PromptTuning.from_config(cfg.model, device=load_device(cfg.model.llm_8bit))
     counters = Counters()
     return _finetune(cfg, PromptTuningObjective(prompt, counters), counters, lambda m: m)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mend.core.backbones import pick_device
+from mend.training.engine import load_device
 from mend.config import MendConfig, to_dict
 from mend.data import Counters, batches
 from mend.data.pretrain import PretrainData, TextDataConfig
@@ -43,7 +43,7 @@ def main(cfg: PretrainConfig) -> TrainResult:
 
     set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
     write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, pick_device())
+    distiller = load_distiller(cfg.model, cfg.init_from, load_device(cfg.model.llm_8bit))
     counters = Counters()
     objective = MendObjective(distiller, cfg.objective, counters)
 

@@ -41,9 +41,38 @@ SHARDED = ("fsdp", "deepspeed")
 def check_launch() -> None:
     """Fail early, naming the install command, when the launch config asks for DeepSpeed and
     it is not installed (accelerate would raise an ImportError from inside itself)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if launched_sharded() == "deepspeed":
         optional.require("deepspeed", "The DeepSpeed engine (configs/accelerate/deepspeed_zero3"
                                       ".yaml)")
+
+
+def launched_sharded() -> str | None:
+    """The sharding engine ``accelerate launch`` asked for (``fsdp``, ``deepspeed``), read
+    from the environment it sets, before any Accelerator exists; None otherwise."""
+    for name in ("fsdp", "deepspeed"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true":
+            return name
+    return None
+
+
+def load_device(llm_8bit: bool = False) -> str:
+    """Where a training recipe loads its models: the CPU when the launch shards them, since
+    the engine moves each process's shard to its GPU itself (a 70B LLM does not fit one GPU
+    whole); else this process's device. An 8-bit LLM under a sharding engine is refused here,
+    before anything loads."""
+    from mend.core.backbones import pick_device
+
+    sharded = launched_sharded()
+    if sharded is None:
+        return pick_device()
+    if llm_8bit:
+        raise ConfigError(_NO_8BIT.format(engine=sharded))
+    return "cpu"
+
+
+_NO_8BIT = ("The frozen LLM is loaded in 8-bit (llm_8bit: true), whose weights {engine} cannot "
+            "shard. Shard it in bf16 instead (model.llm_8bit=false model.llm_dtype=bfloat16), or "
+            "keep 8-bit on one GPU or under DDP (configs/accelerate/multi_gpu.yaml).")
 
 
 def engine_of(accelerator) -> Engine:
@@ -82,10 +111,7 @@ def check_shardable(method, accelerator, train_cfg) -> None:
                           f"and prompt tuning).")
     for model in frozen_models(method.module):
         if getattr(model, "is_loaded_in_8bit", False):
-            raise ConfigError(f"The frozen LLM is loaded in 8-bit (llm_8bit: true), whose "
-                              f"weights {engine_of(accelerator)} cannot shard. Shard it in bf16 "
-                              f"instead (model.llm_8bit=false model.llm_dtype=bfloat16), or keep "
-                              f"8-bit under DDP (configs/accelerate/multi_gpu.yaml).")
+            raise ConfigError(_NO_8BIT.format(engine=engine_of(accelerator)))
     if engine_of(accelerator) == "deepspeed":
         _check_deepspeed(accelerator, train_cfg)
     config = getattr(method.module, "config", None)
@@ -148,6 +174,17 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self._loss(self.trained, batch)
 
+    @contextlib.contextmanager
+    def whole_state_dict(self) -> Iterator[None]:
+        """Frozen weights in the state dict too, for the block: accelerate's FSDP loading on
+        the main process only (``fsdp_cpu_ram_efficient_loading``) sends every other rank its
+        weights, the LLM's included, from the main process's state dict."""
+        self._keep_untrained = True
+        try:
+            yield
+        finally:
+            self._keep_untrained = False
+
     def train(self, mode: bool = True) -> TrainStep:
         """Train mode for the trained module only: the frozen LLM stays in eval mode (no
         dropout), as it does outside this module under DDP."""
@@ -170,11 +207,8 @@ def _restore_untrained(module: TrainStep, state_dict, prefix: str, *args) -> Non
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if not key[len(prefix):].startswith(("trained.", "frozen.")):
             state_dict[f"{prefix}trained.{key[len(prefix):]}"] = state_dict.pop(key)
-    module._keep_untrained = True
-    try:
+    with module.whole_state_dict():
         own = module.state_dict(prefix=prefix, keep_vars=True)
-    finally:
-        module._keep_untrained = False
     for name in module._untrained:
         if prefix + name in own:
             state_dict.setdefault(prefix + name, own[prefix + name])

@@ -146,8 +146,9 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         raise ConfigError("The method has no trainable parameters.")
     optimizer = _optimizer(cfg, _param_groups(cfg, module))
     scheduler = _scheduler(cfg, optimizer)
-    model, optimizer, scheduler = accelerator.prepare(
-        engine.TrainStep(method, shard_frozen=kind in engine.SHARDED), optimizer, scheduler)
+    step = engine.TrainStep(method, shard_frozen=kind in engine.SHARDED)
+    with step.whole_state_dict():
+        model, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
     # After prepare: a sharding engine replaces the parameters with its own.
     params = [p for p in model.parameters() if p.requires_grad]
     state = TrainState()

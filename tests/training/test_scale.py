@@ -96,6 +96,18 @@ def test_sharding_refuses_what_it_cannot_shard(make_distiller, monkeypatch):
         engine.check_shardable(_Objective(distiller), fsdp, TrainConfig())
 
 
+def test_models_load_on_the_cpu_when_the_launch_shards_them(monkeypatch):
+    from mend.core.backbones import pick_device
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert engine.load_device() == pick_device()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as accelerate launch sets it
+    assert engine.launched_sharded() == "fsdp" and engine.load_device() == "cpu"
+    with pytest.raises(ConfigError, match="llm_8bit=false"):  # before anything loads
+        engine.load_device(llm_8bit=True)
+
+
 def test_deepspeed_launch_without_deepspeed_names_the_install(monkeypatch):
     from mend import optional
 
@@ -277,7 +289,8 @@ def test_resuming_on_another_engine_or_number_of_processes(scale_runs):
 @pytest.mark.slow  # subprocesses
 def test_fsdp_stage2_selection_mixed_precision_and_activation_checkpointing(scale_runs):
     """Model selection reads a sharded model on every rank in step and saves the best from
-    gathered weights; bf16 and accelerate's activation checkpointing run sharded too."""
+    gathered weights; sharding from the main process's copy, bf16 and accelerate's activation
+    checkpointing run sharded too."""
     from tests.support import write_metaicl
 
     root, args = scale_runs
@@ -297,6 +310,12 @@ def test_fsdp_stage2_selection_mixed_precision_and_activation_checkpointing(scal
                                                                       "fsdp.yaml")]
     for key in best[0]:
         torch.testing.assert_close(best[1][key], best[0][key], rtol=0, atol=1e-6)
+    main_copy = launch("fsdp.yaml", 2, args + [f"output_dir={root / 'main-copy'}"], root,
+                       flags=("--fsdp_cpu_ram_efficient_loading", "true"))
+    assert main_copy.returncode == 0, main_copy.stderr[-3000:]
+    shards = load_file(root / "main-copy" / WEIGHTS_FILE)  # the frozen LLM reached every rank
+    for key, value in load_file(root / "ddp" / WEIGHTS_FILE).items():
+        torch.testing.assert_close(shards[key], value, rtol=0, atol=1e-6)
     plain = launch("fsdp.yaml", 2, args + ["train.mixed_precision=bf16",
                                            f"output_dir={root / 'bf16'}"], root)
     ac = launch("fsdp.yaml", 2, args + ["train.mixed_precision=bf16",
