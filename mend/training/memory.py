@@ -26,6 +26,7 @@ and activations, under DDP, FSDP, or DDP with the LLM in 8-bit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterator
@@ -85,8 +86,10 @@ class Estimate:
                 **{f"{p}_gib": round(getattr(self, p) / GiB, 3) for p in parts}}
 
 
+@functools.cache
 def model_config(name: str):
-    """The transformers config of a model reference (hub id, directory, .gguf file, zoo)."""
+    """The transformers config of a model reference (hub id, directory, .gguf file, zoo).
+    Read once per name (a GGUF file takes seconds to parse); callers must not change it."""
     from transformers import AutoConfig
 
     from mend.core.backbones import resolve
@@ -196,10 +199,11 @@ def activation_bytes(model: MendConfig, data: TextDataConfig, mixed_precision: s
     same for every engine, so measured once per setting."""
     depth = {"distiller": _depth(model_config(model.distiller)),
              "llm": _depth(model_config(model.llm))}
-    base = _probe(model, data, 1, 1, mixed_precision, activation_checkpointing)
-    per_layer = {"distiller": _probe(model, data, 2, 1, mixed_precision,
+    n = lengths(model, data)
+    base = _probe(model, n, 1, 1, mixed_precision, activation_checkpointing)
+    per_layer = {"distiller": _probe(model, n, 2, 1, mixed_precision,
                                      activation_checkpointing) - base,
-                 "llm": _probe(model, data, 1, 2, mixed_precision,
+                 "llm": _probe(model, n, 1, 2, mixed_precision,
                                activation_checkpointing) - base}
     return base + sum((depth[k] - 1) * per_layer[k] for k in depth)
 
@@ -225,8 +229,10 @@ def saved_bytes(exclude: list[nn.Module]) -> Iterator[list[int]]:
         yield total
 
 
-def _probe(model: MendConfig, data: TextDataConfig, distiller_layers: int, llm_layers: int,
+def _probe(model: MendConfig, n: dict[str, int], distiller_layers: int, llm_layers: int,
            mixed_precision: str, checkpointing: bool) -> int:
+    """Bytes saved for backward by one example of :func:`lengths` ``n`` on the models cut to
+    the given depths."""
     from mend import tiny
     from mend.core.distiller import Distiller
     from mend.core.prefix_lm import PrefixLM
@@ -240,7 +246,6 @@ def _probe(model: MendConfig, data: TextDataConfig, distiller_layers: int, llm_l
     distiller = Distiller(config, encoder, tok, PrefixLM(llm, tok))
     if checkpointing:
         distiller.gradient_checkpointing_enable()
-    n = lengths(model, data)
     ids = lambda k: torch.zeros(1, k, dtype=torch.long)  # noqa: E731
     ones = lambda k: torch.ones(1, k, dtype=torch.long)  # noqa: E731
     d = n["distiller"] + len(distiller._bos)
@@ -264,7 +269,7 @@ def _cut(name: str, layers: int, dtype: str, head: bool) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     from mend.core.backbones import DTYPES
-    cfg = model_config(name)
+    cfg = copy.deepcopy(model_config(name))  # the cached config stays whole
     cfg.num_hidden_layers = layers
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:layers]

@@ -69,7 +69,7 @@ def test_activations_per_layer_extrapolate_to_the_real_depth(pair):
     """Both tiny models have 2 layers: the estimate from 1- and 2-layer probes must equal a
     probe at the real depth."""
     cfg, data = pair
-    direct = memory._probe(cfg, data, 2, 2, "no", False)
+    direct = memory._probe(cfg, memory.lengths(cfg, data), 2, 2, "no", False)
     assert memory.activation_bytes(cfg, data) == direct
     checkpointed = memory.activation_bytes(cfg, data, "no", True)
     assert 0 < checkpointed < direct
