@@ -21,12 +21,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mend.core import checkpoint, kv_cache
+from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
                                  load_model, load_tokenizer)
 from mend.config import MendConfig, from_dict, replace, to_dict
@@ -34,42 +34,17 @@ from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
+from mend.core.refine import refine
 from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
+
+__all__ = ["DistilledContext", "Distiller", "read_config"]
 
 CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 
 
-@dataclass
-class DistilledContext:
-    """Distilled demonstrations, one row per demonstration set.
+class Distiller(ServesContext, nn.Module):
+    """Demonstrations in, ``l`` vectors (or a key/value prefix) out; see the module docs."""
 
-    A context of one row serves any number of queries; a context of ``B`` rows pairs row ``i``
-    with query ``i``.
-    """
-
-    vectors: torch.Tensor | None
-    """``(B, l, d_llm)`` input embeddings for the LLM; None with ``output: kv``."""
-    prefill: Prefill | None = field(default=None, repr=False, compare=False)
-    """The LLM's KV cache of the context. With ``output: kv`` it *is* the context (the
-    distiller's keys and values, ``B`` rows); otherwise the first :meth:`Distiller.score` of
-    a one-row context makes it, and every later one reuses it."""
-
-    def __len__(self) -> int:
-        return len(self.prefill) if self.vectors is None else self.vectors.shape[0]
-
-    @property
-    def prefix(self) -> torch.Tensor | Prefill:
-        """What the LLM reads the queries after: the vectors, or the key/value prefix."""
-        return self.prefill if self.vectors is None else self.vectors
-
-    def __getitem__(self, index: int | slice) -> DistilledContext:
-        rows = torch.arange(len(self))[index].reshape(-1)
-        if self.vectors is None:
-            return DistilledContext(None, kv_cache.select_rows(self.prefill, rows))
-        return DistilledContext(self.vectors.index_select(0, rows.to(self.vectors.device)))
-
-
-class Distiller(nn.Module):
     def __init__(self, config: MendConfig, encoder: nn.Module, tokenizer, llm: PrefixLM):
         super().__init__()
         self.config = config
@@ -293,17 +268,24 @@ class Distiller(nn.Module):
         return self.projection(out.last_hidden_state[:, -num_placeholders:]).to(self.llm.dtype)
 
     @torch.no_grad()
-    def compress(self, demos: Demos) -> DistilledContext:
-        """Distill one demonstration set: pairs, strings, or one string. ``(1, l, d_llm)``."""
-        return self.compress_batch([demos])
+    def compress(self, demos: Demos, refine_steps: int = 0) -> DistilledContext:
+        """Distill one demonstration set: pairs, strings, or one string. ``(1, l, d_llm)``.
+
+        ``refine_steps`` > 0 then optimises this context alone against the ICL teacher on its
+        own demonstrations, leave-one-out (:func:`mend.core.refine.refine`): a one-off cost
+        per context, none per query."""
+        return self.compress_batch([demos], refine_steps=refine_steps)
 
     @torch.no_grad()
-    def compress_batch(self, demo_sets: Sequence[Demos], batch_size: int = 16
-                       ) -> DistilledContext:
-        """Distill many demonstration sets, ``batch_size`` at a time. ``(B, l, d_llm)``."""
+    def compress_batch(self, demo_sets: Sequence[Demos], batch_size: int = 16,
+                       refine_steps: int = 0) -> DistilledContext:
+        """Distill many demonstration sets, ``batch_size`` at a time. ``(B, l, d_llm)``.
+        ``refine_steps``: as in :meth:`compress`, for each set on its own."""
         if isinstance(demo_sets, str) or len(demo_sets) == 0:
             raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
                              "compress() for a single set.")
+        if refine_steps < 0:
+            raise InputError(f"refine_steps must be >= 0, got {refine_steps}.")
         was_training = self.training
         self.eval()
         try:
@@ -311,67 +293,19 @@ class Distiller(nn.Module):
                     for i in range(0, len(demo_sets), batch_size)]
         finally:
             self.train(was_training)
-        if isinstance(rows[0], Prefill):
-            return DistilledContext(None, kv_cache.cat_rows(rows))
-        return DistilledContext(torch.cat(rows))
-
-    # ----------------------------------------------------------------------------------------
-    # Using a distilled context
-
-    @torch.no_grad()
-    def score(self, ctx: DistilledContext, queries: Sequence[str],
-              options: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 32
-              ) -> list[list[float]]:
-        """Mean per-token NLL of each option after each query (lower is more likely).
-
-        Args:
-            ctx: from :meth:`compress` (one row, shared) or :meth:`compress_batch` (a row per
-                query).
-            queries: query texts.
-            options: one list of option strings shared by every query, or a list per query.
-        """
-        queries = _strings(queries, "queries")
-        if len(options) > 0 and all(isinstance(o, str) for o in options):
-            options = [options] * len(queries)
-        if len(options) != len(queries):
-            raise InputError(f"Got {len(queries)} queries but {len(options)} option lists.")
-        tok = self.llm.tokenizer
-        q_ids = encode(tok, [self.format.query(q) for q in queries])
-        o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
-                 for opts in options]
-        if ctx.vectors is None:  # a key/value prefix: the LLM continues from it directly
-            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
-                                            prefill=ctx.prefill)
-        elif len(ctx) == 1 and (self.llm.bos or ctx.vectors.shape[1]):
-            # Read the vectors once, however many calls score queries after them.
-            if ctx.prefill is None:
-                ctx.prefill = self.llm.prefill(ctx.vectors)
-            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
-                                            prefill=ctx.prefill)
-        else:
-            scores = self.llm.score_options(q_ids, o_ids, prefix=ctx.vectors,
-                                            batch_size=batch_size)
-        return [s.tolist() for s in scores]
-
-    def generate(self, ctx: DistilledContext, prompts: Sequence[str], max_new_tokens: int = 32,
-                 do_sample: bool = False, **generate_kwargs) -> list[str]:
-        """Greedy (default) or sampled text after each prompt, read behind the vectors."""
-        prompts = _strings(prompts, "prompts")
-        ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
-        out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, **generate_kwargs)
-        return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+        ctx = (DistilledContext(None, kv_cache.cat_rows(rows)) if isinstance(rows[0], Prefill)
+               else DistilledContext(torch.cat(rows)))
+        if refine_steps:
+            ctx = DistilledContext.cat([
+                DistilledContext.of(refine(self.llm, self.format, ctx[i].prefix, demos,
+                                           refine_steps))
+                for i, demos in enumerate(demo_sets)])
+        return ctx
 
 
 def read_config(path: str | os.PathLike) -> MendConfig:
     """The :class:`MendConfig` stored in a checkpoint directory."""
     return from_dict(MendConfig, checkpoint.read_config(path, "mend"))
-
-
-def _strings(items: Sequence[str], name: str) -> list[str]:
-    if isinstance(items, str) or len(items) == 0 or not all(isinstance(x, str) for x in items):
-        raise InputError(f"`{name}` must be a non-empty list of strings, got {items!r:.80}.")
-    return list(items)
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mend.data import Counters, Example
 from mend.errors import ConfigError, InputError
-from mend.core.text import Demo, DemoFormat, encode
+from mend.core.text import Demo, DemoFormat, encode, fit
 
 SEEDS = (100, 13, 21, 42, 87)
 
@@ -196,7 +196,12 @@ class ContextBuilder:
         """Rule 2, after rule 1: the kept demonstrations (text) and their LLM ids.
 
         ``reserve`` is the number of input tokens that follow the context. A demonstration
-        given as a plain string (a perturbed one) is cut like an input.
+        given as a plain string (a perturbed one) is cut like an input. A first demonstration
+        longer than the whole budget is cut to it, keeping its first tokens (the distiller's
+        rule, :func:`~mend.core.text.fit`), and is then kept as the text of those tokens: a
+        budget of MEND's prefix length is ICL at equal memory even for long demonstrations.
+        Counted: ``context_tokens_given`` (every demonstration, after rule 1) and
+        ``context_tokens_kept``.
         """
         demos = [self.cut_input(d, "demo") if isinstance(d, str)
                  else (self.cut_input(d[0], "demo"), d[1]) for d in demos]
@@ -204,13 +209,18 @@ class ContextBuilder:
         if self.max_positions is not None:
             budget = min(budget, self.max_positions - len(self.bos) - reserve)
         pieces = encode(self.tok, self.fmt.pieces(demos)) if demos else []
-        ids: list[int] = []
-        for kept, piece in enumerate(pieces):  # whole demonstrations only: labels stay intact
-            if len(ids) + len(piece) > budget:
-                self.counters.add("demos_dropped", len(pieces) - kept)
-                return demos[:kept], ids
-            ids += piece
-        return demos, ids
+        self.counters.add("context_tokens_given", sum(map(len, pieces)))
+        if budget <= 0 or not pieces:
+            self.counters.add("demos_dropped", len(pieces))
+            return [], []
+        ids, dropped, cut = fit(pieces, budget)
+        kept = len(pieces) - dropped
+        self.counters.add("demos_dropped", dropped)
+        self.counters.add("context_tokens_kept", len(ids))
+        if kept and len(ids) < len(pieces[0]):  # the first demonstration, cut to the budget
+            self.counters.add("first_demo_tokens_cut", len(pieces[0]) - len(ids))
+            return [self.tok.decode(ids)], ids
+        return list(demos[:kept]), ids
 
     def example(self, demos: Sequence[tuple[str, str]], x: str, y: str) -> Example | None:
         """A finetuning example, or None (counted) when no demonstration fits."""

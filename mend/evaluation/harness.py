@@ -40,7 +40,7 @@ import torch
 
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
-from mend.methods.base import Method, prefix_kwargs
+from mend.methods.base import Method, prefix_kwargs, prefix_positions
 from mend.evaluation.metrics import task_metrics
 from mend.core.text import Demo
 
@@ -253,7 +253,10 @@ def _prefixes(method: Method, builder: ContextBuilder, sets: list[list[Demo]],
         raise InputError(f"No demonstration fits the context budget beside a query of "
                          f"{max(reserves)} tokens (the LLM takes {builder.max_positions}): "
                          f"lower context.max_input_tokens or raise context.max_context_tokens.")
-    return method.prefix(kept, contexts)
+    prefix = method.prefix(kept, contexts)
+    builder.counters.add("contexts", len(contexts))
+    builder.counters.add("prefix_positions", sum(prefix_positions(prefix, method.llm.bos)))
+    return prefix
 
 
 # --------------------------------------------------------------------------------------------

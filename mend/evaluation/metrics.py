@@ -7,11 +7,15 @@
 
 Classification tasks are ranked by macro-F1 and the others by accuracy; both are reported.
 Pattern-based methods score labels as single next tokens (:func:`label_scores`).
+
+- **Recovered share** (:func:`recovered_share`) says how much of what ICL gains over zero-shot
+  a method keeps: ``(method - zero-shot) / (ICL - zero-shot)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +39,42 @@ def task_metrics(preds: Sequence[str], golds: Sequence[str], classification: boo
     out = {"macro_f1": macro_f1(preds, golds), "accuracy": accuracy(preds, golds)}
     out["score"] = out["macro_f1"] if classification else out["accuracy"]
     return out
+
+
+MIN_ICL_GAIN = 0.02
+"""Tasks where ICL gains less than this (2 points) over zero-shot are shown but left out of
+an average share: there the ratio divides by noise."""
+
+
+def recovered_share(method: Mapping[str, float], zero_shot: Mapping[str, float],
+                    icl: Mapping[str, float], min_gain: float = MIN_ICL_GAIN
+                    ) -> dict[str, Any]:
+    """``(method - zero-shot) / (ICL - zero-shot)`` per task, and over the tasks as a whole.
+
+    Args:
+        method, zero_shot, icl: each task's score (a fraction), over the same seeds.
+        min_gain: tasks where ICL gains less than this over zero-shot are not averaged.
+
+    Returns:
+        ``{"share", "tasks": {task: {"share", "icl_gain", "counted"}}, "counted",
+        "min_icl_gain"}``. The overall share is formed from the averaged scores of the
+        counted tasks, ``(mean method - mean zero-shot) / (mean ICL - mean zero-shot)``, not
+        as a mean of ratios; None when no task counts. A task's share is None where ICL
+        gains nothing at all.
+    """
+    tasks = sorted(method.keys() & zero_shot.keys() & icl.keys())
+    per_task, counted = {}, []
+    for t in tasks:
+        gain = icl[t] - zero_shot[t]
+        per_task[t] = {"share": (method[t] - zero_shot[t]) / gain if gain else None,
+                       "icl_gain": gain, "counted": gain >= min_gain}
+        if gain >= min_gain:
+            counted.append(t)
+    share = None
+    if counted:
+        m, z, i = (float(np.mean([s[t] for t in counted])) for s in (method, zero_shot, icl))
+        share = (m - z) / (i - z)
+    return {"share": share, "tasks": per_task, "counted": counted, "min_icl_gain": min_gain}
 
 
 def _check(preds: Sequence[str], golds: Sequence[str]) -> None:

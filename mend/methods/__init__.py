@@ -37,6 +37,13 @@ class MethodConfig:
     """Between input and output; None: the checkpoint's setting, or " "."""
     demo_sep: str | None = None
     """Between demonstrations and before the query; None: the checkpoint's, or " "."""
+    num_placeholders: int = 16
+    """kv_compress: the positions kept beside bos in each layer and head (a MEND distiller's
+    l, for a comparison at equal memory)."""
+    refine_steps: int = 0
+    """mend: gradient steps on each compressed prefix against the ICL teacher on its own
+    demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the distiller's prefix as
+    it is."""
 
     def __post_init__(self) -> None:
         needs_llm = get_method(self.method).needs == "llm"
@@ -46,6 +53,9 @@ class MethodConfig:
         if not needs_llm and not self.checkpoint:
             raise ConfigError(f"method={self.method} needs a checkpoint (a trained "
                               f"output directory).")
+        if self.num_placeholders < 1 or self.refine_steps < 0:
+            raise ConfigError(f"num_placeholders must be >= 1 and refine_steps >= 0; got "
+                              f"{self.num_placeholders} and {self.refine_steps}.")
         if not needs_llm and self.llm:
             raise ConfigError(f"llm is read from the {self.method} checkpoint; remove it.")
 
@@ -65,4 +75,4 @@ def build_method(cfg: MethodConfig, device=None) -> Method:
 
 
 # Each module registers its method when imported; the order is the order `method_names` lists.
-from mend.methods import zero_shot, icl, prompt_tuning, hypertuning, mend  # noqa: E402, F401, I001
+from mend.methods import zero_shot, icl, kv_compress, prompt_tuning, hypertuning, mend  # noqa: E402, F401, I001

@@ -59,6 +59,18 @@ def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:
     return {"prefix": prefix[0], "prefix_mask": prefix[1]}
 
 
+def prefix_positions(prefix: Prefix, bos: Sequence[int]) -> list[int]:
+    """The positions each prefix row holds in front of the queries, bos included: the
+    memory a method's context costs the LLM (the compression ratio's denominator)."""
+    if isinstance(prefix, Prefill):
+        return prefix.mask.sum(-1).tolist()
+    embeds, mask = prefix
+    if embeds is None:
+        return [len(bos)]
+    real = (mask.sum(-1).tolist() if mask is not None else [embeds.shape[1]] * embeds.shape[0])
+    return [len(bos) + n for n in real]
+
+
 class Method(Protocol):
     name: str
     llm: PrefixLM

@@ -71,8 +71,8 @@ class Mend:
     reads_context = True
     reads_demos = True
 
-    def __init__(self, distiller: Distiller, name: str = "mend"):
-        self.name, self.distiller = name, distiller
+    def __init__(self, distiller: Distiller, name: str = "mend", refine_steps: int = 0):
+        self.name, self.distiller, self.refine_steps = name, distiller, refine_steps
         self.llm, self.format = distiller.llm, distiller.format
 
     @classmethod
@@ -81,11 +81,11 @@ class Mend:
         trains, so LoRA adapters are folded into the weights (the same vectors, fewer
         matmuls)."""
         distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time)
-        return cls(distiller.eval().merge_adapters(), name=name)
+        return cls(distiller.eval().merge_adapters(), name=name, refine_steps=cfg.refine_steps)
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
-        ctx = self.distiller.compress_batch(list(demo_sets))
+        ctx = self.distiller.compress_batch(list(demo_sets), refine_steps=self.refine_steps)
         return ctx.prefill if ctx.vectors is None else (ctx.vectors, None)
 
 

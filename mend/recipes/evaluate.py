@@ -11,6 +11,7 @@ distillers trained with different ``l``), gathered in one results file with ``sw
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,7 @@ from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, cont
                            evaluate_tasks)
 from mend.methods import MethodConfig, build_method
 from mend.recipes import Recipe, run, write_results
+from mend.reporting.results import memory, recovered
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,15 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceConfig:
+    """Zero-shot and ICL evaluations (``results.json``) of the same tasks and seeds: given
+    both, the results carry the method's recovered share of ICL's gain."""
+
+    zero_shot: str | None = None
+    icl: str | None = None
+
+
+@dataclass(frozen=True)
 class EvalConfig(MethodConfig):
     """The method to evaluate (``method``, ``checkpoint`` or ``llm``, load-time settings; see
     :class:`~mend.methods.MethodConfig`), and what to evaluate it on."""
@@ -46,6 +57,7 @@ class EvalConfig(MethodConfig):
     context: ContextConfig = field(default_factory=ContextConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sweep: SweepConfig | None = None
+    references: ReferenceConfig = field(default_factory=ReferenceConfig)
     swap_control: bool = True
     """Also score a method that reads demonstrations with another task's (``demos.source:
     other_task``, each task's donor the next task) and report ``swapped`` and the
@@ -120,6 +132,11 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
                                 builder)
             result["swapped"] = aggregate(swapped)
             result["content_gap"] = content_gap(result["results"], result["swapped"])
+    result["memory"] = memory(result["counts"])
+    if cfg.references.zero_shot and cfg.references.icl:
+        refs = [json.loads(Path(p).read_text()) for p in (cfg.references.zero_shot,
+                                                          cfg.references.icl)]
+        result["recovered_share"] = recovered(result, *refs)
     result["wall_time_s"] = time.perf_counter() - started
     return result
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mend.evaluation.metrics import recovered_share
+
 PACKAGES = ("mend", "torch", "transformers", "accelerate", "peft", "datasets", "safetensors",
             "numpy", "scikit-learn", "bitsandbytes")
 
@@ -107,7 +109,34 @@ def results_table(result: dict[str, Any]) -> str:
     avg = agg["average"]
     lines.append(f"| **average (score: {fmt(avg['score'])})** | {fmt(avg['macro_f1'])} | "
                  f"{fmt(avg['accuracy'])} |" + " |" * len(seeds))
-    return "\n".join(lines) + "\n" + swap_line(result)
+    return "\n".join(lines) + "\n" + swap_line(result) + share_line(result)
+
+
+def share_line(result: dict[str, Any]) -> str:
+    """The recovered share and the compression ratio of a results file, in one sentence
+    each (empty where they were not measured)."""
+    out = ""
+    share = result.get("recovered_share")
+    if share:
+        tasks = ", ".join(f"{t} {_pct(v['share'])}{'' if v['counted'] else ' (not counted)'}"
+                          for t, v in share["tasks"].items())
+        out += (f"\n**Recovered share** of ICL's gain over zero-shot: {_pct(share['share'])} "
+                f"over the {len(share['counted'])} tasks where ICL gains at least "
+                f"{share['min_icl_gain'] * 100:g} points ({tasks}).\n")
+    mem = result.get("memory")
+    if mem:
+        out += (f"\n**Memory:** {mem['context_tokens']:.1f} demonstration tokens per context "
+                f"held in {mem['prefix_positions']:.1f} prefix positions: compression "
+                f"{_ratio(mem)}.\n")
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.0f}%"
+
+
+def _ratio(mem: dict[str, float] | None) -> str:
+    return "–" if not mem or mem.get("compression") is None else f"{mem['compression']:.1f}x"
 
 
 def swap_line(result: dict[str, Any]) -> str:
@@ -119,6 +148,43 @@ def swap_line(result: dict[str, Any]) -> str:
     return (f"\nSwap control: with another task's demonstrations the average is "
             f"{fmt(result['swapped']['average']['score'])}, so the **content gap** (own − "
             f"swapped) is {fmt(gap)} points.\n")
+
+
+def task_scores(result: dict[str, Any]) -> dict[str, float]:
+    """Each task's ranking score (mean over seeds) in a results file."""
+    return {t: v["score"]["mean"] for t, v in result["results"]["tasks"].items()}
+
+
+def recovered(result: dict[str, Any], zero_shot: dict[str, Any], icl: dict[str, Any]
+              ) -> dict[str, Any]:
+    """A results file's recovered share of ICL's gain over zero-shot
+    (:func:`~mend.evaluation.metrics.recovered_share`), over the tasks all three scored."""
+    return recovered_share(task_scores(result), task_scores(zero_shot), task_scores(icl))
+
+
+def memory(counts: dict[str, int]) -> dict[str, float] | None:
+    """What a method's contexts cost, from the harness's counts: the demonstrations' LLM
+    tokens it was given and the prefix positions the LLM then held (bos included), each per
+    context, and the **compression ratio**, tokens over positions. None for a method that
+    reads no context (zero-shot)."""
+    n = counts.get("contexts", 0)
+    if not n or "context_tokens_given" not in counts:
+        return None
+    tokens, positions = counts["context_tokens_given"] / n, counts["prefix_positions"] / n
+    return {"context_tokens": tokens, "prefix_positions": positions,
+            "compression": tokens / positions if positions else None}
+
+
+def references(runs: Sequence[dict[str, Any]]
+               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The zero-shot and the ICL run among ``runs``, the references of the recovered share:
+    the ICL run is the one that held the most prefix positions (full ICL, not ICL cut to
+    another method's memory). None where there is none."""
+    zero_shot = next((r for r in runs if r.get("method") == "zero_shot"), None)
+    icls = [r for r in runs if r.get("method") == "icl"]
+    icl = max(icls, key=lambda r: (r.get("memory") or {}).get("prefix_positions", 0),
+              default=None)
+    return zero_shot, icl
 
 
 def compare(paths: Sequence[str | Path]) -> str:
@@ -136,6 +202,14 @@ def compare(paths: Sequence[str | Path]) -> str:
     if any(r.get("content_gap") for r in runs):
         lines.append("| content gap (own − swapped) | " + " | ".join(
             fmt(r.get("content_gap")) for r in runs) + " |")
+    zero_shot, icl = references(runs)
+    if zero_shot and icl:
+        lines.append("| recovered share of ICL's gain over zero-shot | "
+                     + " | ".join(_pct(recovered(r, zero_shot, icl)["share"]) for r in runs)
+                     + " |")
+    if any(r.get("memory") for r in runs):
+        lines.append("| compression (tokens / prefix positions) | " + " | ".join(
+            _ratio(r.get("memory")) for r in runs) + " |")
     common = [set(r["results"]["tasks"]) for r in runs]
     if any(c != common[0] for c in common):
         lines.append("\nThe runs cover different tasks, so their averages are not comparable.")

@@ -1,0 +1,120 @@
+"""A compressed context and what every compressor serves with it: scoring and generation.
+
+A compressor (the trained :class:`~mend.core.distiller.Distiller`, or the training-free
+:class:`~mend.core.kv_compress.KVCompressor`) turns demonstrations into a
+:class:`DistilledContext` once; :class:`ServesContext` then reads any number of queries after
+it through the frozen LLM. Both need only ``self.llm`` (a :class:`PrefixLM`) and
+``self.format`` (the separators).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mend.core import kv_cache
+from mend.core.kv_cache import Prefill
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat, encode
+from mend.errors import InputError
+
+
+@dataclass
+class DistilledContext:
+    """Distilled demonstrations, one row per demonstration set.
+
+    A context of one row serves any number of queries; a context of ``B`` rows pairs row ``i``
+    with query ``i``.
+    """
+
+    vectors: torch.Tensor | None
+    """``(B, l, d_llm)`` input embeddings for the LLM; None with ``output: kv``."""
+    prefill: Prefill | None = field(default=None, repr=False, compare=False)
+    """The LLM's KV cache of the context. With ``output: kv`` it *is* the context (the
+    distiller's keys and values, ``B`` rows); otherwise the first :meth:`Distiller.score` of
+    a one-row context makes it, and every later one reuses it."""
+
+    def __len__(self) -> int:
+        return len(self.prefill) if self.vectors is None else self.vectors.shape[0]
+
+    @property
+    def prefix(self) -> torch.Tensor | Prefill:
+        """What the LLM reads the queries after: the vectors, or the key/value prefix."""
+        return self.prefill if self.vectors is None else self.vectors
+
+    @classmethod
+    def of(cls, prefix: torch.Tensor | Prefill) -> DistilledContext:
+        """The context whose :attr:`prefix` is ``prefix``."""
+        return cls(None, prefix) if isinstance(prefix, Prefill) else cls(prefix)
+
+    @classmethod
+    def cat(cls, contexts: Sequence[DistilledContext]) -> DistilledContext:
+        """Contexts of the same kind and width, stacked row-wise."""
+        if contexts[0].vectors is None:
+            return cls(None, kv_cache.cat_rows([c.prefill for c in contexts]))
+        return cls(torch.cat([c.vectors for c in contexts]))
+
+    def __getitem__(self, index: int | slice) -> DistilledContext:
+        rows = torch.arange(len(self))[index].reshape(-1)
+        if self.vectors is None:
+            return DistilledContext(None, kv_cache.select_rows(self.prefill, rows))
+        return DistilledContext(self.vectors.index_select(0, rows.to(self.vectors.device)))
+
+
+class ServesContext:
+    """Scoring and generation after a :class:`DistilledContext`, mixed into compressors."""
+
+    llm: PrefixLM
+    format: DemoFormat
+
+    @torch.no_grad()
+    def score(self, ctx: DistilledContext, queries: Sequence[str],
+              options: Sequence[str] | Sequence[Sequence[str]], batch_size: int = 32
+              ) -> list[list[float]]:
+        """Mean per-token NLL of each option after each query (lower is more likely).
+
+        Args:
+            ctx: from :meth:`compress` (one row, shared) or :meth:`compress_batch` (a row per
+                query).
+            queries: query texts.
+            options: one list of option strings shared by every query, or a list per query.
+        """
+        queries = _strings(queries, "queries")
+        if len(options) > 0 and all(isinstance(o, str) for o in options):
+            options = [options] * len(queries)
+        if len(options) != len(queries):
+            raise InputError(f"Got {len(queries)} queries but {len(options)} option lists.")
+        tok = self.llm.tokenizer
+        q_ids = encode(tok, [self.format.query(q) for q in queries])
+        o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
+                 for opts in options]
+        if ctx.vectors is None:  # a key/value prefix: the LLM continues from it directly
+            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
+                                            prefill=ctx.prefill)
+        elif len(ctx) == 1 and (self.llm.bos or ctx.vectors.shape[1]):
+            # Read the vectors once, however many calls score queries after them.
+            if ctx.prefill is None:
+                ctx.prefill = self.llm.prefill(ctx.vectors)
+            scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
+                                            prefill=ctx.prefill)
+        else:
+            scores = self.llm.score_options(q_ids, o_ids, prefix=ctx.vectors,
+                                            batch_size=batch_size)
+        return [s.tolist() for s in scores]
+
+    def generate(self, ctx: DistilledContext, prompts: Sequence[str], max_new_tokens: int = 32,
+                 do_sample: bool = False, **generate_kwargs) -> list[str]:
+        """Greedy (default) or sampled text after each prompt, read behind the vectors."""
+        prompts = _strings(prompts, "prompts")
+        ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
+        out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, **generate_kwargs)
+        return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _strings(items: Sequence[str], name: str) -> list[str]:
+    if isinstance(items, str) or len(items) == 0 or not all(isinstance(x, str) for x in items):
+        raise InputError(f"`{name}` must be a non-empty list of strings, got {items!r:.80}.")
+    return list(items)

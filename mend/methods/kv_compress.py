@@ -1,0 +1,36 @@
+"""The training-free equal-memory baseline: ICL's own KV cache of the demonstrations, cut to
+``1 + l`` positions per layer and head (:class:`~mend.core.kv_compress.KVCompressor`).
+
+    mend eval --config configs/reproduce/cpu/eval.yaml method=kv_compress num_placeholders=16
+
+With a distiller's ``l`` it holds exactly as many positions as that distiller's key/value
+prefix, so a trained distiller that scores below it has not earned its training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mend.core.kv_compress import KVCompressor
+from mend.methods.base import LLMOnly, Prefix
+from mend.methods.registry import register_method
+
+
+class KVCompress(LLMOnly):
+    name = "kv_compress"
+    reads_context = True
+    reads_demos = True
+    compressor: KVCompressor
+
+    @classmethod
+    def load(cls, cfg, device=None) -> KVCompress:
+        method = super().load(cfg, device)
+        method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders)
+        return method
+
+    def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
+               contexts: Sequence[Sequence[int]]) -> Prefix:
+        return self.compressor.from_ids(contexts)
+
+
+register_method("kv_compress", load=KVCompress.load, needs="llm")
