@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Issue 22 at a 2-core-CPU budget: every method beside the controls that could show it false,
+# on the demo's four unseen tasks and on three MetaICL meta-test partitions. Run from the
+# repository root:
+#
+#     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
+#     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo partitions report
+#
+# Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
+# prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
+# seeds, its recovered share of ICL's gain. The equal-memory rows hold what MEND's prefix
+# holds, bos + l = 17 positions: ICL cut to 16 tokens of whole demonstrations (the first cut
+# if even it does not fit), and ICL's own KV cache cut to 17 positions per layer and head.
+# MEND=DIR scores another distiller (default: the shipped one). Results (results.json and
+# .md, no weights) are copied to docs/results/generalise-cpu.
+set -euo pipefail
+
+CFG=configs/reproduce/cpu
+OUT=${OUT:-out/generalise}
+DOCS=${DOCS:-docs/results/generalise-cpu}
+MEND=${MEND:-mend/assets/demo-distiller}
+L=${L:-16}
+REFINE=${REFINE:-20}
+PARTITIONS=(class_to_class non_nli_to_nli qa_to_qa)
+
+# evaluate CONFIG OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist.
+evaluate() {
+  local config=$1 dir=$2; shift 2
+  local llm=()
+  case " $* " in *" checkpoint="*) llm=(llm=null) ;; esac
+  [ -f "$dir/results.json" ] || mend eval --config "$config" "$@" ${llm[@]+"${llm[@]}"} \
+    output_dir="$dir"
+  local dest="$DOCS/${dir#"$OUT"/}"
+  mkdir -p "$dest"
+  cp "$dir/results.json" "$dir/results.md" "$dest/"
+}
+
+# methods CONFIG OUTDIR ARGS...: zero-shot and ICL first (the references), then the rest.
+methods() {
+  local config=$1 out=$2; shift 2
+  evaluate "$config" "$out/zero_shot" method=zero_shot "$@"
+  evaluate "$config" "$out/icl" method=icl "$@"
+  local refs=(references.zero_shot="$out/zero_shot/results.json"
+              references.icl="$out/icl/results.json")
+  evaluate "$config" "$out/icl-equal-memory" method=icl context.max_context_tokens="$L" \
+    label="ICL at equal memory" "${refs[@]}" "$@"
+  evaluate "$config" "$out/kv_compress" method=kv_compress num_placeholders="$L" \
+    "${refs[@]}" "$@"
+  evaluate "$config" "$out/mend" method=mend checkpoint="$MEND" "${refs[@]}" "$@"
+}
+
+demo() {
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  methods "$CFG/eval-demo.yaml" "$OUT/demo/eval"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$REFINE" method=mend \
+    checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" \
+    references.zero_shot="$OUT/demo/eval/zero_shot/results.json" \
+    references.icl="$OUT/demo/eval/icl/results.json"
+}
+
+partitions() {
+  local p
+  for p in "${PARTITIONS[@]}"; do
+    methods "$CFG/eval.yaml" "$OUT/$p/eval" data.partition="$p" "data.seeds=[100,13]"
+  done
+}
+
+report() {
+  local set
+  for set in demo "${PARTITIONS[@]}"; do
+    mend compare "$OUT/$set"/eval/*/results.json --output "$DOCS/$set/compare.md"
+  done
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(demo partitions report)
+for part in "${parts[@]}"; do
+  case $part in
+    demo) demo ;;
+    partitions) partitions ;;
+    report) report ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
