@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mend.config import replace
 from mend.core.backbones import pick_device
+from mend.data import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import NUM_DEMOS
 from mend.errors import ConfigError
 from mend.evaluation.harness import DemoConfig
 from mend.methods import MethodConfig, build_method
+from mend.reporting.results import compression_text, memory
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
@@ -67,24 +70,31 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     checkpoint, origin = _checkpoint(cfg, distiller, llm, root)
     from mend.core.distiller import read_config
     fmt = read_config(checkpoint)
-    methods = [MethodConfig("zero_shot", llm=llm, io_sep=fmt.io_sep, demo_sep=fmt.demo_sep),
-               MethodConfig("icl", llm=llm, io_sep=fmt.io_sep, demo_sep=fmt.demo_sep),
-               MethodConfig("mend", checkpoint=str(checkpoint))]
+    # The equal-memory rows hold what MEND's prefix holds: bos + l positions.
+    equal = replace(cfg.context, max_context_tokens=fmt.num_placeholders)
+    seps = {"io_sep": fmt.io_sep, "demo_sep": fmt.demo_sep}
+    methods = [(MethodConfig("zero_shot", llm=llm, **seps), cfg.context, SERVING["zero_shot"]),
+               (MethodConfig("icl", llm=llm, **seps), cfg.context, SERVING["icl"]),
+               (MethodConfig("icl", llm=llm, **seps), equal, SERVING["icl_equal_memory"]),
+               (MethodConfig("kv_compress", llm=llm, num_placeholders=fmt.num_placeholders,
+                             **seps), cfg.context, SERVING["kv_compress"]),
+               (MethodConfig("mend", checkpoint=str(checkpoint)), cfg.context, SERVING["mend"])]
     tasks = load_partition(root, PARTITION)[1]
     device = pick_device()
     table = []
     bar = tqdm(total=len(methods) * (2 * len(tasks) + 1), desc="demo", dynamic_ncols=True)
-    for method_cfg in methods:
+    for method_cfg, context, serving in methods:
         method = build_method(method_cfg, device=device)
-        builder = ContextBuilder.for_method(method, cfg.context)
+        builder = ContextBuilder.for_method(method, context)
         accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
-        for label, reuse in SERVING[method.name]:
+        for label, reuse in serving:
             bar.set_postfix(method=label, step="costs")
             table.append({"method": label, **accuracy,
                           **_costs(method, tasks, builder, cfg.cost_queries, device, reuse)})
         bar.update(1)
         del method
     bar.close()
+    _add_shares(table)
     even = break_evens(table)
     result = write_results(cfg, {
         "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
@@ -102,9 +112,23 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
 
 SERVING = {"zero_shot": [("zero-shot", True)],
            "icl": [("ICL (re-read per query)", False), ("ICL + KV cache", True)],
+           "icl_equal_memory": [("ICL at equal memory + KV cache", True)],
+           "kv_compress": [("KV cache cut to equal memory", True)],
            "mend": [("MEND (compress once)", True)]}
 """Each method's rows: its table label, and whether one context serves every query (MEND
-compresses a task's demonstrations once; ICL either re-reads them or reuses their KV cache)."""
+compresses a task's demonstrations once; ICL either re-reads them or reuses their KV cache).
+The equal-memory rows hold as many prefix positions as MEND: ICL given the whole
+demonstrations that fit in its l tokens, and ICL's KV cache cut to 1 + l positions."""
+
+
+def _add_shares(table: list[dict[str, Any]]) -> None:
+    """Each row's recovered share of ICL's gain over zero-shot, over the tasks."""
+    from mend.evaluation.metrics import recovered_share
+
+    rows = {r["method"]: r for r in table}
+    zero_shot, icl = rows["zero-shot"]["tasks"], rows["ICL + KV cache"]["tasks"]
+    for r in table:
+        r["recovered_share"] = recovered_share(r["tasks"], zero_shot, icl)
 
 
 def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
@@ -114,6 +138,7 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
     from mend.evaluation.harness import evaluate_tasks
 
     scores: dict[str, dict[str, float]] = {"own": {}, "swapped": {}}
+    held = None
     for source in ("own", "swapped"):
         if source == "own" or method.reads_demos:
             bar.set_postfix(method=method.name, demos=source)
@@ -121,11 +146,13 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
             results, _ = evaluate_tasks(method, tasks, [SEED], "test", builder, demos,
                                         limit=queries)
             scores[source] = {r.task: r.metrics["accuracy"] for r in results}
+            if source == "own":
+                held = memory(sum_counts(r.counts for r in results))
         bar.update(len(tasks))
     mean = {k: sum(v.values()) / len(v) if v else None for k, v in scores.items()}
     gap = None if mean["swapped"] is None else mean["own"] - mean["swapped"]
     return {"accuracy": mean["own"], "swapped_accuracy": mean["swapped"], "content_gap": gap,
-            "tasks": scores["own"], "swapped_tasks": scores["swapped"]}
+            "tasks": scores["own"], "swapped_tasks": scores["swapped"], "memory": held}
 
 
 def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[str, Any]:
@@ -162,14 +189,16 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]]
     def pct(x):
         return "–" if x is None else f"{x * 100:.1f}%"
 
-    lines = ["| method | accuracy | swapped demos | content gap | one-off GFLOPs | one-off ms "
-             "| GFLOPs/query | ms/query | peak MB/query | KV cache MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | accuracy | swapped demos | content gap | recovered share | compression "
+             "| one-off GFLOPs | one-off ms | GFLOPs/query | ms/query | peak MB/query "
+             "| KV cache MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         once, q = r["once"], r["per_query"]
         gap = "–" if r["content_gap"] is None else f"{r['content_gap'] * 100:+.1f}"
+        share = (r.get("recovered_share") or {}).get("share")
         lines.append(f"| {r['method']} | {pct(r['accuracy'])} | {pct(r['swapped_accuracy'])} "
-                     f"| {gap} | {once['flops'] / 1e9:.2f} | {once['seconds'] * 1e3:.0f} | "
+                     f"| {gap} | {pct(share)} | {compression_text(r.get('memory'))} "
+                     f"| {once['flops'] / 1e9:.2f} | {once['seconds'] * 1e3:.0f} | "
                      f"{q['flops'] / 1e9:.2f} | {q['seconds'] * 1e3:.0f} | "
                      f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
     lines.append("")
@@ -247,7 +276,7 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]], k
     import matplotlib.pyplot as plt
 
     names = [r["method"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in table]
-    colors = ["#999999", "#4477aa", "#66ccee", "#228833"][:len(table)]
+    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#228833"][:len(table)]
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
     own = [r["accuracy"] * 100 for r in table]
     swapped = [(r["swapped_accuracy"] or 0) * 100 for r in table]

@@ -127,7 +127,7 @@ def share_line(result: dict[str, Any]) -> str:
     if mem:
         out += (f"\n**Memory:** {mem['context_tokens']:.1f} demonstration tokens per context "
                 f"held in {mem['prefix_positions']:.1f} prefix positions: compression "
-                f"{_ratio(mem)}.\n")
+                f"{compression_text(mem)}.\n")
     return out
 
 
@@ -135,7 +135,7 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x * 100:.0f}%"
 
 
-def _ratio(mem: dict[str, float] | None) -> str:
+def compression_text(mem: dict[str, float] | None) -> str:
     return "–" if not mem or mem.get("compression") is None else f"{mem['compression']:.1f}x"
 
 
@@ -209,7 +209,7 @@ def compare(paths: Sequence[str | Path]) -> str:
                      + " |")
     if any(r.get("memory") for r in runs):
         lines.append("| compression (tokens / prefix positions) | " + " | ".join(
-            _ratio(r.get("memory")) for r in runs) + " |")
+            compression_text(r.get("memory")) for r in runs) + " |")
     common = [set(r["results"]["tasks"]) for r in runs]
     if any(c != common[0] for c in common):
         lines.append("\nThe runs cover different tasks, so their averages are not comparable.")

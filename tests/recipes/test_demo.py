@@ -35,8 +35,23 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "demo" / "results.json").read_text())
     rows = {r["method"]: r for r in result["methods"]}
     assert list(rows) == ["zero-shot", "ICL (re-read per query)", "ICL + KV cache",
+                          "ICL at equal memory + KV cache", "KV cache cut to equal memory",
                           "MEND (compress once)"]
-    icl, kv, mend = (rows[k] for k in list(rows)[1:])
+    icl, kv, mend = (rows[k] for k in ("ICL (re-read per query)", "ICL + KV cache",
+                                       "MEND (compress once)"))
+    # The equal-memory rows hold what MEND's prefix holds: bos + l positions (l = 16).
+    for label in ("ICL at equal memory + KV cache", "KV cache cut to equal memory",
+                  "MEND (compress once)"):
+        assert rows[label]["memory"]["prefix_positions"] <= 17
+    assert rows["KV cache cut to equal memory"]["memory"]["prefix_positions"] == 17
+    assert kv["memory"]["prefix_positions"] > 17
+    share = mend["recovered_share"]
+    assert rows["ICL + KV cache"]["recovered_share"]["share"] in (None, pytest.approx(1.0))
+    if share["share"] is not None:
+        z, i = (sum(rows[k]["tasks"][t] for t in share["counted"]) for k in
+                ("zero-shot", "ICL + KV cache"))
+        m = sum(mend["tasks"][t] for t in share["counted"])
+        assert share["share"] == pytest.approx((m - z) / (i - z))
     # ICL re-reads its demonstrations per query; with the KV cache, and for MEND, the context
     # is read once and shown apart from the queries.
     assert icl["once"]["flops"] == 0 and kv["once"]["llm_flops"] > 0 == kv["once"]["context_flops"]
@@ -50,6 +65,9 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     for label, even in result["break_even"].items():
         b = rows[label]
         n = even["flops"]
+        if n is None:  # never: MEND costs at least as much per query (equal memory)
+            assert mend["per_query"]["flops"] >= b["per_query"]["flops"]
+            continue
         total = lambda r, n: r["once"]["flops"] + n * r["per_query"]["flops"]  # noqa: E731
         assert total(mend, n) < total(b, n) and (n == 1 or total(mend, n - 1) >= total(b, n - 1))
     assert all(0 <= r["accuracy"] <= 1 and r["per_query"]["seconds"] > 0 for r in rows.values())
