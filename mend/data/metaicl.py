@@ -34,6 +34,8 @@ from mend.errors import ConfigError, InputError
 from mend.core.text import Demo, DemoFormat, encode, fit
 
 SEEDS = (100, 13, 21, 42, 87)
+DEMO_PARTITION = "demo"
+"""The built-in demo tasks' partition (:mod:`mend.data.demo`), usable in any partition list."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +51,35 @@ class ContextConfig:
     max_context_tokens: int = 900
     """Rule 2: whole demonstrations are dropped beyond this many tokens."""
 
+    k_min: int | None = None
+    """Training only: each example draws its number of demonstrations uniformly from
+    ``k_min..k`` (None: always ``k``), so that a fixed K at test time is in distribution."""
+
     def __post_init__(self) -> None:
         if self.k < 0 or self.max_input_tokens < 1 or self.max_context_tokens < 1:
             raise ConfigError(f"context.k must be >= 0 and context.max_input_tokens and "
                               f"context.max_context_tokens positive, got {self}.")
+        if self.k_min is not None and not 1 <= self.k_min <= self.k:
+            raise ConfigError(f"context.k_min must be between 1 and context.k ({self.k}), got "
+                              f"{self.k_min}.")
 
 
 @dataclass(frozen=True)
 class MetaICLConfig:
     root: str = "../shared/data/metaicl"
-    partition: str = "class_to_class"
+    partition: str | tuple[str, ...] = "class_to_class"
+    """A partition, or several: training then reads the union of their meta-train tasks, and
+    selection their meta-test tasks. ``demo`` names mend's built-in demo tasks."""
+    holdout: tuple[str, ...] = ()
+    """Partitions whose meta-test tasks are never trained on: those tasks are left out of the
+    union, and so is every training row whose input is one of theirs (any split or seed).
+    List every partition you evaluate (``demo`` included) to keep all of them unseen."""
     max_examples_per_task: int | None = None
     """Cap on each meta-train task's pool (None: all of it)."""
+
+    @property
+    def partitions(self) -> tuple[str, ...]:
+        return (self.partition,) if isinstance(self.partition, str) else tuple(self.partition)
 
 
 @dataclass
@@ -143,6 +162,38 @@ def load_partition(root: str | Path, partition: str) -> tuple[list[Task], list[T
                 tasks.append(task)
         out.append(tasks)
     return out[0], out[1]
+
+
+def load_partitions(root: str | Path, names: Sequence[str]) -> tuple[list[Task], list[Task]]:
+    """The union of several partitions' meta-train and meta-test tasks, each task once;
+    ``demo`` is mend's built-in demo partition (written to mend's cache on first use)."""
+    train: dict[str, Task] = {}
+    test: dict[str, Task] = {}
+    for name in names:
+        part_root = root
+        if name == DEMO_PARTITION:
+            from mend.core.zoo import cache_root
+            from mend.data.demo import materialize
+            part_root = materialize(cache_root() / "demo-tasks")
+        tr, te = load_partition(part_root, name)
+        train.update((t.name, t) for t in tr)
+        test.update((t.name, t) for t in te)
+    return list(train.values()), list(test.values())
+
+
+def held_out(root: str | Path, holdout: Sequence[str]) -> tuple[set[str], set[str]]:
+    """The meta-test tasks of the ``holdout`` partitions, and the inputs of all their rows
+    (every split and seed present): what training must never read."""
+    tasks = load_partitions(root, holdout)[1] if holdout else []
+    inputs: set[str] = set()
+    for task in tasks:
+        for split, seed in [("test", None)] + [(s, seed) for seed in SEEDS
+                                               for s in ("train", "dev")]:
+            try:
+                inputs.update(r["input"] for r in task.rows(split, seed))
+            except InputError:
+                continue
+    return {t.name for t in tasks}, inputs
 
 
 def sample_demos(pool_size: int, k: int, exclude: int, rng: random.Random) -> list[int]:
@@ -240,11 +291,14 @@ class FinetuneData:
     def __init__(self, cfg: MetaICLConfig, tasks: Sequence[Task], builder: ContextBuilder,
                  seed: int):
         self.cfg, self.builder, self.seed = cfg, builder, seed
-        self.k = builder.config.k
+        self.k, self.k_min = builder.config.k, builder.config.k_min or builder.config.k
         if self.k < 1:
             raise ConfigError("context.k must be >= 1 to train: every example reads its "
                               "demonstrations.")
-        self.pools = {t.name: t.pool(cfg.max_examples_per_task) for t in tasks}
+        banned_tasks, banned_inputs = held_out(cfg.root, cfg.holdout)
+        tasks = [t for t in tasks if t.name not in banned_tasks]
+        self.pools = {t.name: [r for r in t.pool(cfg.max_examples_per_task)
+                               if r["input"] not in banned_inputs] for t in tasks}
         self.pools = {name: rows for name, rows in self.pools.items() if len(rows) > 1}
         if not self.pools:
             raise ConfigError("No meta-train task has more than one example: nothing to train "
@@ -264,6 +318,7 @@ class FinetuneData:
         task, i, epoch = key
         rows = self.pools[task]
         rng = random.Random(f"{self.seed}-{epoch}-{task}-{i}")  # independent of batch order
-        picked = sample_demos(len(rows), self.k, exclude=i, rng=rng)
+        k = self.k if self.k_min == self.k else rng.randint(self.k_min, self.k)
+        picked = sample_demos(len(rows), k, exclude=i, rng=rng)
         return self.builder.example([(rows[j]["input"], rows[j]["output"]) for j in picked],
                                     rows[i]["input"], rows[i]["output"])

@@ -18,8 +18,8 @@ from typing import Literal
 from mend.training.engine import load_device
 from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
-from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
-                               load_partition)
+from mend.data.metaicl import (DEMO_PARTITION, ContextBuilder, ContextConfig, FinetuneData,
+                               MetaICLConfig, load_partitions)
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
@@ -40,6 +40,9 @@ class SelectionConfig:
     the run's own ``context`` (its k and truncation)."""
     mode: Literal["fixed", "resample"] = "fixed"
     """``fixed``: the first k rows of the seed's train file; ``resample``: k drawn per query."""
+    partition: str | None = None
+    """Select on this partition's meta-test tasks instead of those of ``data.partition``
+    (a mixture of many partitions would otherwise score every one of them)."""
     swap_control: bool = True
     """Also score every selection with another task's demonstrations and log the content gap
     (own minus swapped), so a distiller that stops reading its demonstrations shows."""
@@ -106,10 +109,16 @@ def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
 
 def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> TrainResult:
     """The part both methods share: MetaICL examples, dev-set selection, the loop."""
-    train_tasks, test_tasks = load_partition(cfg.data.root, cfg.data.partition)
+    train_tasks, test_tasks = load_partitions(cfg.data.root, cfg.data.partitions)
     if not train_tasks:
         raise ConfigError(f"Partition {cfg.data.partition} has no meta-train task under "
                           f"{cfg.data.root}.")
+    if cfg.select.partition:
+        test_tasks = load_partitions(cfg.data.root, [cfg.select.partition])[1]
+    elif DEMO_PARTITION in cfg.data.partitions and len(cfg.data.partitions) > 1:
+        # Selection reads the meta-test tasks' dev files, and the demo's are its test rows.
+        demo_tests = {t.name for t in load_partitions(cfg.data.root, [DEMO_PARTITION])[1]}
+        test_tasks = [t for t in test_tasks if t.name not in demo_tests]
     module = objective.module
     data = FinetuneData(cfg.data, train_tasks, ContextBuilder.for_method(module, cfg.context,
                                                                          counters),

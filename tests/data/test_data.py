@@ -1,6 +1,7 @@
 """Data pipelines: windows and the beta split, MetaICL loading, k-shot sampling, truncation,
 and resumable, sharded batches."""
 
+import itertools
 import json
 import random
 
@@ -170,3 +171,37 @@ def test_shared_data_loads():
     assert len(test) == 8 and len(train) == 43
     mnli = next(t for t in test if t.name == "glue-mnli")
     assert mnli.is_classification and len(mnli.rows("train", 100)) == 16
+
+
+def test_a_training_mixture_never_reads_a_held_out_task_or_row(tmp_path, tok, monkeypatch):
+    """The union of several partitions' meta-train tasks, holding out every partition that is
+    evaluated (the demo's tasks included): no held-out task, and no row whose input is one of
+    theirs, reaches a training example."""
+    from mend.data.metaicl import held_out, load_partitions
+
+    monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
+    root = SHARED / "data" / "metaicl"
+    if not root.is_dir():
+        pytest.skip(f"the MetaICL data is not at {root}")
+    evaluated = ("class_to_class", "non_nli_to_nli", "qa_to_qa", "demo")
+    cfg = MetaICLConfig(root=str(root), partition=evaluated + ("hr_to_lr", "non_qa_to_qa"),
+                        holdout=evaluated, max_examples_per_task=64)
+    with pytest.warns(UserWarning):  # tasks the data lacks are named, not fatal
+        train, _ = load_partitions(cfg.root, cfg.partitions)
+        banned_tasks, banned_inputs = held_out(cfg.root, cfg.holdout)
+    builder = ContextBuilder(tok, DemoFormat(), bos=[], max_positions=None,
+                             context=ContextConfig(k=4, k_min=1, max_input_tokens=32))
+    data = FinetuneData(cfg, train, builder, seed=0)
+    # Some train tasks of the union are test tasks of an evaluated partition: held out.
+    assert {t.name for t in train} & banned_tasks
+    assert not set(data.pools) & banned_tasks and len(data.pools) > 20
+    assert {"country_capital", "sentence_agent"} <= banned_tasks  # the demo's evaluated tasks
+    # Its meta-training tasks are trained on, but for country_continent, whose inputs are
+    # country_capital's countries: held out row by row.
+    assert {"tool_vehicle", "sentence_patient", "number_parity"} <= set(data.pools)
+    assert "country_continent" not in data.pools
+    assert not {r["input"] for rows in data.pools.values() for r in rows} & banned_inputs
+    # K drawn per example between k_min and k.
+    ks = {len(e.demos) for e in itertools.islice(
+        filter(None, map(data.example, data.keys(0))), 200)}
+    assert ks == {1, 2, 3, 4}
