@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from mend.core.context import DistilledContext, ServesContext
-from mend.core.kv_cache import Prefill
+from mend.core.kv_cache import Prefill, cat_rows, select_rows
 from mend.core.prefix_lm import PrefixLM
+from mend.core.refine import refine
 from mend.core.text import DemoFormat, Demos, encode, fit, pad, positions
 from mend.errors import InputError
 
@@ -62,16 +63,27 @@ class KVCompressor(ServesContext):
                 for d in demo_sets]
 
     @torch.no_grad()
-    def compress(self, demos: Demos) -> DistilledContext:
-        """One demonstration set as a key/value prefix of ``1 + l`` positions."""
-        return self.compress_batch([demos])
+    def compress(self, demos: Demos, refine_steps: int = 0) -> DistilledContext:
+        """One demonstration set as a key/value prefix of ``1 + l`` positions; with
+        ``refine_steps``, then optimised against ICL as a distiller's can be
+        (:func:`mend.core.refine.refine`: Cartridges started from a cut cache)."""
+        return self.compress_batch([demos], refine_steps)
 
     @torch.no_grad()
-    def compress_batch(self, demo_sets: Sequence[Demos]) -> DistilledContext:
+    def compress_batch(self, demo_sets: Sequence[Demos], refine_steps: int = 0
+                       ) -> DistilledContext:
         if isinstance(demo_sets, str) or len(demo_sets) == 0:
             raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
                              "compress() for a single set.")
-        return DistilledContext(None, self.from_ids(self.tokenize(demo_sets)))
+        return DistilledContext(None, self.refined(self.from_ids(self.tokenize(demo_sets)),
+                                                   demo_sets, refine_steps))
+
+    def refined(self, prefix: Prefill, demo_sets: Sequence[Demos], steps: int) -> Prefill:
+        """Each row of ``prefix`` refined on its own demonstrations (none when ``steps`` is 0)."""
+        if not steps:
+            return prefix
+        return cat_rows([refine(self.llm, self.format, select_rows(prefix, torch.tensor([i])),
+                                demos, steps) for i, demos in enumerate(demo_sets)])
 
     @torch.no_grad()
     def from_ids(self, contexts: Sequence[Sequence[int]]) -> Prefill:

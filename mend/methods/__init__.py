@@ -41,9 +41,9 @@ class MethodConfig:
     """kv_compress: the positions kept beside bos in each layer and head (a MEND distiller's
     l, for a comparison at equal memory)."""
     refine_steps: int = 0
-    """mend: gradient steps on each compressed prefix against the ICL teacher on its own
-    demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the distiller's prefix as
-    it is."""
+    """mend and kv_compress: gradient steps on each compressed prefix against the ICL
+    teacher on its own demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the
+    prefix as compressed."""
 
     def __post_init__(self) -> None:
         needs_llm = get_method(self.method).needs == "llm"

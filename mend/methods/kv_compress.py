@@ -21,16 +21,19 @@ class KVCompress(LLMOnly):
     reads_context = True
     reads_demos = True
     compressor: KVCompressor
+    refine_steps: int = 0
 
     @classmethod
     def load(cls, cfg, device=None) -> KVCompress:
         method = super().load(cfg, device)
         method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders)
+        method.refine_steps = cfg.refine_steps
         return method
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
-        return self.compressor.from_ids(contexts)
+        return self.compressor.refined(self.compressor.from_ids(contexts), demo_sets,
+                                       self.refine_steps)
 
 
 register_method("kv_compress", load=KVCompress.load, needs="llm")

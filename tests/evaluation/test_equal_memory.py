@@ -174,6 +174,15 @@ def test_refinement_lowers_the_leave_one_out_kl(tiny_model, output):
         d.compress(DEMOS[:1], refine_steps=2)
 
 
+def test_the_kv_baseline_refines_the_same_way(llm):
+    model = llm("llama")
+    compressor = KVCompressor(model, FMT, num_placeholders=3)
+    before, after = compressor.compress(DEMOS), compressor.compress(DEMOS, refine_steps=15)
+    assert after.prefill.cache[0][0].shape == before.prefill.cache[0][0].shape
+    assert torch.equal(after.prefill.offset, before.prefill.offset)
+    assert _loo_loss(model, after.prefix, DEMOS) < 0.9 * _loo_loss(model, before.prefix, DEMOS)
+
+
 # -- the harness counts and reports it -------------------------------------------------------
 
 
