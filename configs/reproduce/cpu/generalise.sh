@@ -4,7 +4,8 @@
 # repository root:
 #
 #     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
-#     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo partitions report
+#     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo refine partitions
+#                                                         #   mixture report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -49,13 +50,23 @@ methods() {
   evaluate "$config" "$out/mend" method=mend checkpoint="$MEND" "${refs[@]}" "$@"
 }
 
+DEMO_REFS=(references.zero_shot="$OUT/demo/eval/zero_shot/results.json"
+           references.icl="$OUT/demo/eval/icl/results.json")
+
 demo() {
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
   methods "$CFG/eval-demo.yaml" "$OUT/demo/eval"
+}
+
+refine() {
+  # Refinement at compress time, from the distiller's prefix and, as its training-free
+  # control, from the KV cache cut to the same memory (one context per task: K = 16 fixed).
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$REFINE" method=mend \
     checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" \
-    references.zero_shot="$OUT/demo/eval/zero_shot/results.json" \
-    references.icl="$OUT/demo/eval/icl/results.json"
+    "${DEMO_REFS[@]}"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/kv_compress-refine$REFINE" \
+    method=kv_compress num_placeholders="$L" refine_steps="$REFINE" \
+    label="KV cut + $REFINE refine steps" "${DEMO_REFS[@]}"
 }
 
 partitions() {
@@ -65,18 +76,59 @@ partitions() {
   done
 }
 
+# distiller NAME DIR: a trained distiller on the demo's tasks (with refinement too) and on
+# the partitions, beside the shipped one.
+distiller() {
+  local name=$1 dir=$2 p
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name" method=mend checkpoint="$dir" \
+    label="$name" "${DEMO_REFS[@]}"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
+    checkpoint="$dir" refine_steps="$REFINE" label="$name + $REFINE refine steps" \
+    "${DEMO_REFS[@]}"
+  for p in "${PARTITIONS[@]}"; do
+    evaluate "$CFG/eval.yaml" "$OUT/$p/eval/$name" method=mend checkpoint="$dir" \
+      data.partition="$p" "data.seeds=[100,13]" label="$name" \
+      references.zero_shot="$OUT/$p/eval/zero_shot/results.json" \
+      references.icl="$OUT/$p/eval/icl/results.json"
+  done
+}
+
+mixture() {
+  # Stage 2 on the mixture, continued from the shipped distiller: the same wall time as the
+  # K = 16 class_to_class continuation of issue 14 (docs/results/distill-cpu/k16-continuation).
+  # The first call is cut at MIXTURE_CUT seconds, so the run is killed and resumed once.
+  local dir="$OUT/mixture" rc=0 limit=${MIXTURE_CUT:-600}
+  until [ -f "$dir/done" ]; do
+    rc=0
+    timeout -s TERM "$limit" mend finetune --config "$CFG/finetune-mixture.yaml" \
+      init_from="$MEND" output_dir="$dir" || rc=$?
+    [ $rc -eq 0 ] && touch "$dir/done"
+    [ $rc -eq 0 ] || [ $rc -eq 124 ] || [ $rc -eq 143 ] || return $rc
+    limit=${CALL_LIMIT:-7200}
+  done
+  local dest="$DOCS/mixture"
+  mkdir -p "$dest"
+  for f in metrics.jsonl config.yaml loss.png provenance.jsonl; do
+    [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/"
+  done
+  distiller mixture "$dir"
+}
+
 report() {
   local set
   for set in demo "${PARTITIONS[@]}"; do
+    mkdir -p "$DOCS/$set"
     mend compare "$OUT/$set"/eval/*/results.json --output "$DOCS/$set/compare.md"
   done
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(demo partitions report)
+[ ${#parts[@]} -gt 0 ] || parts=(demo refine mixture partitions report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
+    refine) refine ;;
+    mixture) mixture ;;
     partitions) partitions ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
