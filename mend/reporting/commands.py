@@ -25,7 +25,7 @@ def compare(argv=None) -> int:
 
 
 def controls(argv=None) -> int:
-    """``mend controls RUN ... [--reference RESULTS.json] [--output FILE]``."""
+    """``mend controls RUN ... [--reference ICL.json [--zero-shot ZS.json]] [--output FILE]``."""
     from mend.reporting.controls import table
     from mend.reporting.results import emit
 
@@ -34,8 +34,10 @@ def controls(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="training output directories")
     parser.add_argument("--reference",
                         help="a results.json whose content gap is the reference (ICL)")
+    parser.add_argument("--zero-shot", help="zero-shot's results.json on the same tasks: with "
+                        "--reference, each run's recovered share of ICL's gain")
     args = parser.parse_args(argv)
-    emit(table(args.runs, args.reference), args.output)
+    emit(table(args.runs, args.reference, args.zero_shot), args.output)
     return 0
 
 

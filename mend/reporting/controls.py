@@ -9,7 +9,8 @@ Each run is a training output directory. Its row reads, from files the run wrote
   LR multipliers), and its training budget (steps, tokens, time, from ``metrics.jsonl``);
 - its last content controls on held-out text (the ``monitor_*`` lines of ``metrics.jsonl``);
 - with ``<run>/eval-demo/results.json`` (an evaluation of the run's checkpoint with the swap
-  control), its task-level content gap, beside the reference's (ICL's) gap.
+  control), its task-level content gap, beside the reference's (ICL's) gap, and, given
+  zero-shot on the same tasks too, its recovered share of ICL's gain.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from mend.errors import ConfigError
-from mend.reporting.results import fmt
+from mend.reporting.results import fmt, recovered
 from mend.training.run_log import train_cost
 
 
@@ -57,11 +58,14 @@ def recipe(run: Path) -> str:
     return "; ".join(parts)
 
 
-def table(runs: Sequence[str | Path], reference: str | Path | None = None) -> str:
-    """The markdown table (see the module docstring)."""
+def table(runs: Sequence[str | Path], reference: str | Path | None = None,
+          zero_shot: str | Path | None = None) -> str:
+    """The markdown table (see the module docstring). With both the ``reference`` (ICL) and
+    ``zero_shot`` results on the same tasks, each run's recovered share of ICL's gain."""
     ref = json.loads(Path(reference).read_text()) if reference else None
+    zs = json.loads(Path(zero_shot).read_text()) if zero_shot else None
     head = ["run", "recipe", "budget", "KL own", "KL swap", "KL none", "content gain",
-            "share of KL_swap", "own beats swap", "task content gap"]
+            "share of KL_swap", "own beats swap", "task content gap", "recovered share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in map(Path, runs):
         if not (run / "config.yaml").is_file():
@@ -71,11 +75,12 @@ def table(runs: Sequence[str | Path], reference: str | Path | None = None) -> st
         cells = ([f"{c['kl_own']:.3f}", f"{c['kl_swap']:.3f}", f"{c['kl_none']:.3f}",
                   f"{c['content_gain']:+.3f}", f"{100 * c['content_share']:+.1f}%",
                   f"{100 * c['own_beats_swap']:.0f}%"] if c else ["–"] * 6)
+        share = _share(run / "eval-demo" / "results.json", zs, ref)
         lines.append(f"| {run.name} | {recipe(run)} | {train_cost(run)} | "
-                     + " | ".join(cells) + f" | {gap} |")
+                     + " | ".join(cells) + f" | {gap} | {share} |")
     if ref is not None:
         lines.append(f"| {ref.get('label', 'reference')} (reference) | reads the demonstrations "
-                     f"| – | – | – | – | – | – | – | {_gap(Path(reference))} |")
+                     f"| – | – | – | – | – | – | – | {_gap(Path(reference))} | 100% |")
     return "\n".join(lines) + "\n"
 
 
@@ -91,6 +96,14 @@ def _gap(path: Path) -> str:
             f"{fmt(swapped)} swapped)")
 
 
+def _share(path: Path, zero_shot: dict[str, Any] | None, icl: dict[str, Any] | None) -> str:
+    """A results file's recovered share of ICL's gain (– without the references or results)."""
+    if zero_shot is None or icl is None or not path.is_file():
+        return "–"
+    share = recovered(json.loads(path.read_text()), zero_shot, icl)["share"]
+    return "–" if share is None else f"{share * 100:.0f}%"
+
+
 def controls_section(root: Path, link: str) -> str:
     """The content controls of a results setting, for ``mend report``: the stage-1 ablation
     (``ablate/<variant>/``, with ICL on the demo tasks as ``ablate/icl-demo``), the controls
@@ -101,9 +114,11 @@ def controls_section(root: Path, link: str) -> str:
     variants = sorted(p for p in ablate.glob("*") if (p / "config.yaml").is_file())
     if variants:
         ref = ablate / "icl-demo" / "results.json"
+        zs = ablate / "zero-shot-demo" / "results.json"
         parts += ["**Stage-1 ablation** (equal steps; controls on held-out WikiText-2 test "
                   "windows; task content gap on the demo's four unseen tasks, K = 16, "
-                  "macro-F1 points):", "", table(variants, ref if ref.is_file() else None)]
+                  "macro-F1 points):", "", table(variants, ref if ref.is_file() else None,
+                                                 zs if zs.is_file() else None)]
     runs = sorted(p.parent for p in root.glob("**/metrics.jsonl")
                   if "ablate" not in p.parts and last_controls(p.parent))
     if runs:

@@ -186,17 +186,27 @@ def test_controls_table_reads_what_the_runs_wrote(tmp_path, capsys):
                   "monitor_content_share": (swap - own) / swap, "monitor_own_beats_swap": 1.0}]
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         if gap is not None:
-            avg = lambda m: {"average": {"score": {"mean": m, "std": 0.0}}}  # noqa: E731
             (d / "eval-demo").mkdir()
             (d / "eval-demo" / "results.json").write_text(json.dumps({
-                "results": avg(0.5 + gap), "swapped": avg(0.5),
+                "results": scores(0.5 + gap), "swapped": scores(0.5),
                 "content_gap": {"mean": gap, "std": 0.0}}))
         return d
+
+    def scores(m):  # one task, scored m
+        return {"average": {"score": {"mean": m, "std": 0.0}},
+                "tasks": {"t": {"score": {"mean": m, "std": 0.0}}}}
     a, b = run("kv", 0.5, 1.0, gap=0.25), run("plain", 2.0, 2.0)
-    assert cli(["controls", str(a), str(b), "--output", str(tmp_path / "t.md")]) == 0
+    for name, m in (("zs", 0.25), ("icl", 1.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({
+            "label": name, "results": scores(m), "swapped": scores(0.25),
+            "content_gap": {"mean": m - 0.25, "std": 0.0}}))
+    assert cli(["controls", str(a), str(b), "--output", str(tmp_path / "t.md"), "--reference",
+                str(tmp_path / "icl.json"), "--zero-shot", str(tmp_path / "zs.json")]) == 0
     rows = {line.split(" | ")[0][2:]: line for line in (tmp_path / "t.md").read_text()
             .splitlines() if line.startswith("| kv") or line.startswith("| plain")}
     assert "| 0.500 | 1.000 | 3.000 | +0.500 | +50.0% | 100% | +25.0 (75.0 ± 0.0 own" in rows["kv"]
     assert "output kv; init vocab; 1·distill + 0.5·reconstruct" in rows["kv"]
     assert "10 steps" in rows["kv"] and "| +0.000 | +0.0% |" in rows["plain"]
-    assert rows["plain"].endswith("| not run |")
+    assert rows["plain"].endswith("| not run | – |")
+    # Recovered share by hand: (0.75 - 0.25) / (1.0 - 0.25).
+    assert rows["kv"].endswith(f"| {100 * 0.5 / 0.75:.0f}% |")
