@@ -84,7 +84,7 @@ def setting(tmp_path):
 def test_main_table_scores_and_budget_come_from_the_files(setting):
     table = Setting(setting).main_table()
     # MEND: mean of 45 and 47 is 46.0; the std over seeds of per-seed averages is 1.0.
-    assert "| MEND | 46.0 ± 1.0 |" in table
+    assert "| MEND | 46.0 ± 1.0 (share 73%) |" in table  # (46 - 35) / (50 - 35)
     assert "| zero-shot | 35.0 ± 5.0 |" in table
     assert ("S1 4 steps, 0.8k tokens, 8 s + S2 3 steps, 0.3k tokens, 6 s" in table)
     assert "| vanilla ICL | 50.0 ± 0.0 | c2c: no training |" in table

@@ -1,0 +1,62 @@
+"""How much of ICL's gain each method keeps on tasks training never saw, at what memory.
+
+A *transfer* setting (``report.yaml`` with ``kind: transfer``; written by
+``configs/reproduce/cpu/generalise.sh``) holds, for each evaluation set (the demo's tasks, a
+MetaICL partition), ``<set>/eval/<run>/results.json`` for zero-shot, ICL and any number of
+other runs. Its table has one row per run:
+
+- the score, and the score with another task's demonstrations (the swap control);
+- the content gap (own minus swapped), and the recovered share of ICL's gain over zero-shot
+  (:func:`~mend.evaluation.metrics.recovered_share`, over the tasks where ICL gains at least
+  2 points);
+- the memory: demonstration tokens given, prefix positions held, and their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mend.reporting.results import compression_text, fmt, recovered, references
+
+ORDER = ("zero_shot", "icl", "icl-equal-memory", "kv_compress", "prompt_tuning")
+"""Rows in this order first (zero-shot, the references, the baselines), then the rest by
+name."""
+
+
+def runs(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, results)`` of every evaluation in ``folder``, baselines first."""
+    found = {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/results.json")}
+    names = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return [(n, found[n]) for n in names]
+
+
+def table(folder: Path) -> str:
+    """The markdown table of one evaluation set (see the module docstring)."""
+    found = runs(folder)
+    zero_shot, icl = references([r for _, r in found])
+    head = ["run", "score", "swapped demos", "content gap", "recovered share",
+            "tokens → positions", "compression"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in found:
+        share = recovered(r, zero_shot, icl)["share"] if zero_shot and icl else None
+        mem = r.get("memory")
+        lines.append(" | ".join([
+            f"| {r.get('label') or name}", fmt(r["results"]["average"]["score"]),
+            fmt((r.get("swapped") or {}).get("average", {}).get("score")),
+            fmt(r.get("content_gap")), "–" if share is None else f"{share * 100:.0f}%",
+            f"{mem['context_tokens']:.0f} → {mem['prefix_positions']:.0f}" if mem else "–",
+            compression_text(mem)]) + " |")
+    return "\n".join(lines)
+
+
+def section(root: Path, meta: dict[str, Any]) -> str:
+    """A transfer setting's report: its description, then one table per evaluation set."""
+    parts = [f"## {meta.get('title', root.name)}", "", str(meta.get("description", "")).strip(),
+             ""]
+    for folder in sorted(p for p in root.glob("*/eval") if p.is_dir()):
+        parts += [f"### {folder.parent.name}", "", table(folder), ""]
+    if meta.get("notes"):
+        parts += ["### What bounds it", "", str(meta["notes"]).strip(), ""]
+    return "\n".join(parts)

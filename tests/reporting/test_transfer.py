@@ -1,0 +1,40 @@
+"""The transfer report: each run's score beside its swap control, recovered share and memory."""
+
+import json
+
+import yaml
+
+from mend.reporting.paper import build
+
+
+def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
+    root = tmp_path / "results" / "generalise"
+
+    def run(name, method, scores, swapped=None, memory=None):
+        def agg(values):
+            mean = sum(values.values()) / len(values)
+            return {"average": {"score": {"mean": mean, "std": 0.0}},
+                    "tasks": {t: {"score": {"mean": v, "std": 0.0}} for t, v in values.items()}}
+        result = {"label": name, "method": method, "results": agg(scores), "memory": memory}
+        if swapped:
+            result |= {"swapped": agg(swapped), "content_gap": {
+                "mean": agg(scores)["average"]["score"]["mean"]
+                - agg(swapped)["average"]["score"]["mean"], "std": 0.0}}
+        d = root / "demo" / "eval" / name
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(result))
+
+    run("zero_shot", "zero_shot", {"a": 0.3, "b": 0.5})
+    run("icl", "icl", {"a": 0.9, "b": 0.51}, {"a": 0.2, "b": 0.5},
+        {"context_tokens": 120, "prefix_positions": 121, "compression": 120 / 121})
+    run("kv_compress", "kv_compress", {"a": 0.6, "b": 0.4}, {"a": 0.5, "b": 0.4},
+        {"context_tokens": 120, "prefix_positions": 17, "compression": 120 / 17})
+    (root / "report.yaml").write_text(yaml.safe_dump({"kind": "transfer", "title": "T"}))
+    text = build(tmp_path / "results")
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()
+            if line.startswith("| ")}
+    assert list(rows)[1:] == ["zero_shot", "icl", "kv_compress"]  # baselines first
+    # Only task a counts (ICL gains 1 point on b): (0.6 - 0.3) / (0.9 - 0.3) = 50%.
+    assert rows["kv_compress"] == ("| kv_compress | 50.0 ± 0.0 | 45.0 ± 0.0 | 5.0 ± 0.0 | 50% "
+                                   "| 120 → 17 | 7.1x |")
+    assert "| 100% | 120 → 121 | 1.0x |" in rows["icl"]
