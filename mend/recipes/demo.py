@@ -50,6 +50,9 @@ class DemoJobConfig:
     """Test queries per task."""
     cost_queries: int = 6
     """Queries per task (after one warm-up) whose FLOPs, memory and time are measured."""
+    refine_steps: int = 0
+    """Also MEND with this many refinement steps per context (``compress(demos,
+    refine_steps=N)``): a one-off cost per task; 0 leaves the row out."""
     context: ContextConfig = field(default_factory=lambda: ContextConfig(k=NUM_DEMOS))
     """Each task's demonstrations and the MetaICL truncation rules (the evaluation defaults;
     the demo's tasks never reach them)."""
@@ -79,6 +82,10 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
                (MethodConfig("kv_compress", llm=llm, num_placeholders=fmt.num_placeholders,
                              **seps), cfg.context, SERVING["kv_compress"]),
                (MethodConfig("mend", checkpoint=str(checkpoint)), cfg.context, SERVING["mend"])]
+    if cfg.refine_steps:
+        methods.append((MethodConfig("mend", checkpoint=str(checkpoint),
+                                     refine_steps=cfg.refine_steps), cfg.context,
+                        [(f"MEND + {cfg.refine_steps} refine steps", True)]))
     tasks = load_partition(root, PARTITION)[1]
     device = pick_device()
     table = []
@@ -170,20 +177,21 @@ def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[st
             for part in ("once", "per_query")}
 
 
-def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, int | None]]:
-    """After how many queries of one demonstration set compress-once MEND costs less in all
-    than each ICL row, in FLOPs and in measured time."""
+def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int | None]]]:
+    """For each MEND row, after how many queries of one demonstration set it costs less in
+    all than each ICL row, in FLOPs and in measured time: ``{mend row: {ICL row: {"flops",
+    "seconds"}}}``."""
     from mend.evaluation.efficiency import break_even
 
     rows = {r["method"]: r for r in table}
-    mend = rows.get("MEND (compress once)")
-    if mend is None:
-        return {}
-    return {label: {key: break_even(mend, rows[label], key) for key in ("flops", "seconds")}
-            for label in rows if label.startswith("ICL")}
+    return {m: {label: {key: break_even(rows[m], rows[label], key)
+                        for key in ("flops", "seconds")}
+                for label in rows if label.startswith("ICL")}
+            for m in rows if m.startswith("MEND")}
 
 
-def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]]) -> str:
+def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int | None]]]
+             ) -> str:
     """The demo's table: accuracy with own and swapped demonstrations, then what serving a
     task's queries costs, the one-off context apart from each query."""
     def pct(x):
@@ -202,10 +210,11 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]]
                      f"{q['flops'] / 1e9:.2f} | {q['seconds'] * 1e3:.0f} | "
                      f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
     lines.append("")
-    for label, n in even.items():
-        lines.append(f"- MEND (compress once) is cheaper than {label} from query "
-                     f"{_queries(n['flops'])} on in FLOPs, and from query "
-                     f"{_queries(n['seconds'])} on in measured time.")
+    for mend, against in even.items():
+        for label, n in against.items():
+            lines.append(f"- {mend} is cheaper than {label} from query "
+                         f"{_queries(n['flops'])} on in FLOPs, and from query "
+                         f"{_queries(n['seconds'])} on in measured time.")
     return "\n".join(lines) + "\n"
 
 
@@ -267,8 +276,8 @@ def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out
         objective=ObjectiveConfig(pred=1.0, distill=1.0), output_dir=str(out)))
 
 
-def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]], k: int,
-          path: Path) -> None:
+def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int | None]]],
+          k: int, path: Path) -> None:
     """Accuracy (own and swapped demonstrations), per-query FLOPs, latency and peak memory,
     and the total FLOPs of n queries, where the break-even points are."""
     import matplotlib
@@ -276,7 +285,8 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]], k
     import matplotlib.pyplot as plt
 
     names = [r["method"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in table]
-    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#228833"][:len(table)]
+    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#228833",
+              "#aa3377"][:len(table)]
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
     own = [r["accuracy"] * 100 for r in table]
     swapped = [(r["swapped_accuracy"] or 0) * 100 for r in table]
@@ -297,14 +307,14 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, int | None]], k
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_title(title)
     ax = axes[4]
-    n = max([10] + [2 * v["flops"] for v in even.values() if v["flops"]])
+    points = [v["flops"] for against in even.values() for v in against.values() if v["flops"]]
+    n = max([10] + [2 * p for p in points])
     queries = range(0, n + 1)
     for r, color in zip(table, colors):
         once, q = r["once"]["flops"], r["per_query"]["flops"]
         ax.plot(queries, [(once + i * q) / 1e9 for i in queries], color=color, label=r["method"])
-    for _label, v in even.items():
-        if v["flops"]:
-            ax.axvline(v["flops"], color="k", ls=":", lw=0.8)
+    for point in points:
+        ax.axvline(point, color="k", ls=":", lw=0.8)
     ax.set_xlabel("queries served by one demonstration set")
     ax.set_title("total GFLOPs (dotted: break-even)")
     ax.legend(fontsize=7)

@@ -62,7 +62,7 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert rows["zero-shot"]["swapped_accuracy"] is None
     assert mend["content_gap"] == pytest.approx(mend["accuracy"] - mend["swapped_accuracy"])
     # Break-even in FLOPs, by hand: the fewest n with once_mend + n q_mend < once_b + n q_b.
-    for label, even in result["break_even"].items():
+    for label, even in result["break_even"]["MEND (compress once)"].items():
         b = rows[label]
         n = even["flops"]
         if n is None:  # never: MEND costs at least as much per query (equal memory)
@@ -74,9 +74,16 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "demo.png").is_file()
     assert "versions" in result["provenance"]
     # A second run finds the checkpoint the first one trained.
-    assert main(["demo", "--tiny", "queries=4", "--output-dir", str(tmp_path / "again")]) == 0
-    assert "earlier `mend demo` run" in json.loads(
-        (tmp_path / "again" / "results.json").read_text())["models"]["checkpoint_origin"]
+    assert main(["demo", "--tiny", "queries=4", "refine_steps=2", "--output-dir",
+                 str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert "earlier `mend demo` run" in again["models"]["checkpoint_origin"]
+    # Refinement is paid once per task, beside MEND's compression, and never per query.
+    rows = {r["method"]: r for r in again["methods"]}
+    refined, plain = rows["MEND + 2 refine steps"], rows["MEND (compress once)"]
+    assert refined["once"]["flops"] > plain["once"]["flops"]
+    assert refined["per_query"]["flops"] == pytest.approx(plain["per_query"]["flops"], rel=0.05)
+    assert set(again["break_even"]) == {"MEND (compress once)", "MEND + 2 refine steps"}
 
 
 def test_the_shipped_demo_distiller_fits_the_zoo_pair():
