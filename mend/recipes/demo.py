@@ -28,7 +28,7 @@ from mend.config import replace
 from mend.core.backbones import pick_device
 from mend.data import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
-from mend.data.demo import NUM_DEMOS
+from mend.data.demo import LONG_TASKS, NUM_DEMOS
 from mend.errors import ConfigError
 from mend.evaluation.harness import DemoConfig
 from mend.methods import MethodConfig, build_method
@@ -136,6 +136,22 @@ def _add_shares(table: list[dict[str, Any]]) -> None:
     zero_shot, icl = rows["zero-shot"]["tasks"], rows["ICL + KV cache"]["tasks"]
     for r in table:
         r["recovered_share"] = recovered_share(r["tasks"], zero_shot, icl)
+        r["groups"] = {}
+        for group, names in _by_length(r["tasks"]).items():
+            own = [r["tasks"][t] for t in names]
+            swapped = [r["swapped_tasks"][t] for t in names if t in r["swapped_tasks"]]
+            r["groups"][group] = {
+                "accuracy": sum(own) / len(own),
+                "content_gap": (sum(own) - sum(swapped)) / len(own) if swapped else None,
+                "recovered_share": recovered_share({t: r["tasks"][t] for t in names}, zero_shot,
+                                                   icl)["share"]}
+
+
+def _by_length(tasks) -> dict[str, list[str]]:
+    """The tasks with short demonstrations and those with long ones (that a prefix of the
+    distiller's length cannot hold even one of)."""
+    return {"short": [t for t in tasks if t not in LONG_TASKS],
+            "long": [t for t in tasks if t in LONG_TASKS]}
 
 
 def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
@@ -209,6 +225,15 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
                      f"| {once['flops'] / 1e9:.2f} | {once['seconds'] * 1e3:.0f} | "
                      f"{q['flops'] / 1e9:.2f} | {q['seconds'] * 1e3:.0f} | "
                      f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
+    lines += ["", "By length of the demonstrations (accuracy, content gap, recovered share):", "",
+              "| method | short demonstrations | long demonstrations |", "|---|---|---|"]
+    for r in table:
+        cells = []
+        for group in ("short", "long"):
+            g = r["groups"].get(group)
+            gap = "–" if g["content_gap"] is None else f"{g['content_gap'] * 100:+.1f}"
+            cells.append(f"{pct(g['accuracy'])}, gap {gap}, share {pct(g['recovered_share'])}")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     lines.append("")
     for mend, against in even.items():
         for label, n in against.items():

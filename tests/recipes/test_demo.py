@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mend.cli import main
-from mend.data.demo import materialize
+from mend.data.demo import LONG_TASKS, materialize
 from mend.data.metaicl import load_partition
 
 
@@ -13,8 +13,13 @@ def test_builtin_tasks_materialize_as_a_metaicl_partition(tmp_path):
     root = materialize(tmp_path)
     train, test = load_partition(root, "demo")
     assert {t.name for t in test} == {"country_capital", "country_language", "animal_fruit",
-                                      "sentence_agent"}
-    assert len(train) == 4 and not {t.name for t in train} & {t.name for t in test}
+                                      "sentence_agent", *LONG_TASKS}
+    assert len(train) == 5 and not {t.name for t in train} & {t.name for t in test}
+    # The long tasks: even one demonstration is longer than a 16-position prefix.
+    for task in (t for t in test if t.name in LONG_TASKS):
+        rows = task.rows("train", 100) + task.rows("test")
+        assert len(rows) == 48 and len({r["input"] for r in rows}) == 48
+        assert min(len(r["input"].split()) for r in rows) > 16
     capital = next(t for t in test if t.name == "country_capital")
     demos, queries = capital.rows("train", 100), capital.rows("test")
     assert len(demos) == 16 and len(queries) == 32
@@ -45,6 +50,13 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
         assert rows[label]["memory"]["prefix_positions"] <= 17
     assert rows["KV cache cut to equal memory"]["memory"]["prefix_positions"] == 17
     assert kv["memory"]["prefix_positions"] > 17
+    # Short and long demonstrations apart: the share within each group is the share of the
+    # group's own scores.
+    for row in rows.values():
+        assert set(row["groups"]) == {"short", "long"}
+    long = [t for t in mend["tasks"] if t in LONG_TASKS]
+    assert mend["groups"]["long"]["accuracy"] == pytest.approx(
+        sum(mend["tasks"][t] for t in long) / len(long))
     share = mend["recovered_share"]
     assert rows["ICL + KV cache"]["recovered_share"]["share"] in (None, pytest.approx(1.0))
     if share["share"] is not None:

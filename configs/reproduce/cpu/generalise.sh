@@ -4,16 +4,16 @@
 # repository root:
 #
 #     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
-#     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo refine partitions
-#                                                         #   mixture report
+#     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo demo_long refine
+#                                                         #   mixture partitions report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
 # seeds, its recovered share of ICL's gain. The equal-memory rows hold what MEND's prefix
 # holds, bos + l = 17 positions: ICL cut to 16 tokens of whole demonstrations (the first cut
 # if even it does not fit), and ICL's own KV cache cut to 17 positions per layer and head.
-# MEND=DIR scores another distiller (default: the shipped one). Results (results.json and
-# .md, no weights) are copied to docs/results/generalise-cpu.
+# MEND=DIR scores another distiller (default: the shipped one); PARTITIONS="a b" others.
+# Results (results.json and .md, no weights) are copied to docs/results/generalise-cpu.
 set -euo pipefail
 
 CFG=configs/reproduce/cpu
@@ -22,7 +22,7 @@ DOCS=${DOCS:-docs/results/generalise-cpu}
 MEND=${MEND:-mend/assets/demo-distiller}
 L=${L:-16}
 REFINE=${REFINE:-20}
-PARTITIONS=(class_to_class non_nli_to_nli qa_to_qa)
+read -r -a PARTITIONS <<< "${PARTITIONS:-class_to_class non_nli_to_nli qa_to_qa}"
 
 # evaluate CONFIG OUTDIR MEND-ARGS...: one evaluation, skipped when its results exist.
 evaluate() {
@@ -52,10 +52,22 @@ methods() {
 
 DEMO_REFS=(references.zero_shot="$OUT/demo/eval/zero_shot/results.json"
            references.icl="$OUT/demo/eval/icl/results.json")
+# The demo's tasks with short demonstrations (demo/) and with long ones (demo-long/).
+SHORT="data.tasks=[country_capital,country_language,animal_fruit,sentence_agent]"
+LONG="data.tasks=[ticket_team,recipe_course]"
 
 demo() {
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  methods "$CFG/eval-demo.yaml" "$OUT/demo/eval"
+  methods "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+}
+
+demo_long() {
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  methods "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/mend-refine$REFINE" method=mend \
+    checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" "$LONG" \
+    references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
+    references.icl="$OUT/demo-long/eval/icl/results.json"
 }
 
 refine() {
@@ -63,10 +75,10 @@ refine() {
   # control, from the KV cache cut to the same memory (one context per task: K = 16 fixed).
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$REFINE" method=mend \
     checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" \
-    "${DEMO_REFS[@]}"
+    "${DEMO_REFS[@]}" "$SHORT"
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/kv_compress-refine$REFINE" \
     method=kv_compress num_placeholders="$L" refine_steps="$REFINE" \
-    label="KV cut + $REFINE refine steps" "${DEMO_REFS[@]}"
+    label="KV cut + $REFINE refine steps" "${DEMO_REFS[@]}" "$SHORT"
 }
 
 partitions() {
@@ -81,10 +93,13 @@ partitions() {
 distiller() {
   local name=$1 dir=$2 p
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name" method=mend checkpoint="$dir" \
-    label="$name" "${DEMO_REFS[@]}"
+    label="$name" "${DEMO_REFS[@]}" "$SHORT"
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
     checkpoint="$dir" refine_steps="$REFINE" label="$name + $REFINE refine steps" \
-    "${DEMO_REFS[@]}"
+    "${DEMO_REFS[@]}" "$SHORT"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/$name" method=mend checkpoint="$dir" \
+    label="$name" "$LONG" references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
+    references.icl="$OUT/demo-long/eval/icl/results.json"
   for p in "${PARTITIONS[@]}"; do
     evaluate "$CFG/eval.yaml" "$OUT/$p/eval/$name" method=mend checkpoint="$dir" \
       data.partition="$p" "data.seeds=[100,13]" label="$name" \
@@ -116,17 +131,18 @@ mixture() {
 
 report() {
   local set
-  for set in demo "${PARTITIONS[@]}"; do
+  for set in demo demo-long "${PARTITIONS[@]}"; do
     mkdir -p "$DOCS/$set"
     mend compare "$OUT/$set"/eval/*/results.json --output "$DOCS/$set/compare.md"
   done
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(demo refine mixture partitions report)
+[ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine mixture partitions report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
+    demo_long) demo_long ;;
     refine) refine ;;
     mixture) mixture ;;
     partitions) partitions ;;

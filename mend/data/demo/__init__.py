@@ -4,9 +4,18 @@ Each task's answer depends on its demonstrations: ``country_capital`` and
 ``country_language`` ask about the same countries with the same two options (the capital and
 the language), so only the demonstrations say which is meant; ``animal_fruit`` labels words
 with made-up labels (dax, wug) that only the demonstrations define; ``sentence_agent`` asks
-who acted in a sentence whose two names are both options. Four more tasks of the same kinds
-(``country_continent``, ``tool_vehicle``, ``sentence_patient``, ``number_parity``) are for
-meta-training only, so the evaluated tasks stay unseen.
+who acted in a sentence whose two names are both options. Their demonstrations are short (3
+to 12 tokens), so ICL given only what fits in a distiller's 16 positions still sees a few.
+
+Two more evaluated tasks have long demonstrations (30 to 46 tokens each, about 650 for all
+16), where ICL at that memory cannot hold even one: ``ticket_team`` routes a support message
+to a team with a made-up name (billing or technical), and ``recipe_course`` labels a recipe
+with made-up words (dessert or main course). Their inputs are unique sentences built from
+halves, so no query repeats a demonstration.
+
+Five more tasks of the same kinds (``country_continent``, ``tool_vehicle``,
+``sentence_patient``, ``number_parity`` and the long ``news_section``) are for meta-training
+only, so the evaluated tasks stay unseen.
 
 :func:`materialize` writes them in MetaICL layout (partition ``demo``), so the demo runs
 through the same loaders and harness as any MetaICL evaluation.
@@ -21,6 +30,8 @@ TASKS_FILE = Path(__file__).with_name("tasks.jsonl")
 PARTITION = "demo"
 SEED = 100
 NUM_DEMOS = 16
+LONG_TASKS = ("ticket_team", "recipe_course")
+"""The evaluated tasks whose single demonstration is longer than a 16-position prefix."""
 
 
 def materialize(root: str | Path) -> Path:
