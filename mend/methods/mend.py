@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -47,6 +47,9 @@ class ObjectiveConfig:
     read after the vectors (a token-level mean, like ``clm``)."""
     temperature: float = 1.0
     """Softmax temperature of ``L_distill`` (see :func:`mend.core.losses.kl_distill`)."""
+    distill_on: Literal["input", "answer"] = "input"
+    """Where ``L_distill`` counts: every input position (the paper), or only where the answer
+    is predicted (the output tokens of a stage-2 example, as ``L_pred``; stage 2 only)."""
     logits_chunk: int | None = 1024
     """Positions projected onto the vocabulary at a time, recomputed in backward, so no
     ``(B, T, V)`` logits are ever held (:func:`mend.core.losses.chunked_kl_distill`). null: the
@@ -135,9 +138,11 @@ class MendObjective:
                 teacher = forward(ids, mask, prefix=llm.embed(batch["context_ids"]),
                                   prefix_mask=batch["context_mask"],
                                   with_prefix_last=True)[:, :-1]
-            terms["distill"] = (kl_distill(student, teacher, mask, cfg.temperature)
+            where = batch["target_mask"] if cfg.distill_on == "answer" else mask
+            terms["distill"] = (kl_distill(student, teacher, where, cfg.temperature)
                                 if chunk is None else chunked_kl_distill(
-                                    llm.project, student, teacher, mask, cfg.temperature, chunk))
+                                    llm.project, student, teacher, where, cfg.temperature,
+                                    chunk))
         for name, target_mask in (("pred", batch["target_mask"]), ("clm", mask)):
             if getattr(cfg, name):
                 terms[name] = (ce_loss(student, ids, target_mask) if chunk is None else

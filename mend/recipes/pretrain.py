@@ -36,6 +36,11 @@ class PretrainConfig:
     init_from: str | None = None
     """A mend checkpoint to start from (its trainable weights), instead of fresh ones."""
 
+    def __post_init__(self) -> None:
+        if self.objective.distill_on != "input":
+            raise ConfigError("objective.distill_on: answer needs examples with answers (stage "
+                              "2); stage 1's text windows have none. Remove it here.")
+
 
 def main(cfg: PretrainConfig) -> TrainResult:
     """Meta-distillation pretraining of a MEND distiller."""

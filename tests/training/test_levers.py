@@ -61,3 +61,31 @@ def test_reconstruct_is_the_nll_of_the_context_read_after_the_vectors(make_disti
     assert out["reconstruct"] == pytest.approx(float(expected), rel=1e-4)
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-4)
     assert "distill" not in out
+
+
+def test_distill_on_answer_is_the_kl_at_the_answer_predictors_only(make_distiller):
+    d = make_distiller("llama", "gpt2", num_placeholders=3)
+    tok = d.llm.tokenizer
+    context = encode(tok, [" great movie! positive dull plot negative"])[0]
+    query, answer = encode(tok, [" a delightful story"])[0], encode(tok, [" positive"])[0]
+    example = Example(tok.decode(context), context, query + answer, len(query))
+    objective = MendObjective(d, ObjectiveConfig(distill=1.0, distill_on="answer"))
+    batch = objective.collate([example])
+    out = objective.loss(d, batch)
+    # By hand: teacher [context | query answer] and student [vectors | query answer]; the KL
+    # of the distributions that predict the answer tokens, averaged over those tokens.
+    ids = torch.tensor([query + answer])
+    vectors = d(batch["demo_ids"], batch["demo_mask"])
+    student = d.llm.model(inputs_embeds=torch.cat([vectors, d.llm.embed(ids)], 1)).logits
+    teacher = d.llm.model(input_ids=torch.tensor([context + query + answer])).logits
+    n, first = len(answer), len(query)
+    s = student[0, 3 + first - 1:3 + first - 1 + n].float()
+    t = teacher[0, len(context) + first - 1:len(context) + first - 1 + n].float()
+    expected = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                        reduction="sum") / n
+    assert out["distill"] == pytest.approx(float(expected), rel=1e-4)
+    everywhere = MendObjective(d, ObjectiveConfig(distill=1.0)).loss(d, batch)["distill"]
+    assert float(everywhere) != pytest.approx(float(expected), rel=1e-3)
+    with pytest.raises(ConfigError, match="stage 1"):
+        from mend.recipes.pretrain import PretrainConfig
+        PretrainConfig(model=d.config, objective=ObjectiveConfig(distill_on="answer"))

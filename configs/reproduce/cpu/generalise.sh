@@ -5,7 +5,8 @@
 #
 #     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
 #     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo demo_long refine
-#                                                         #   mixture partitions report
+#                                                         #   refine_curve mixture partitions
+#                                                         #   report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -108,25 +109,41 @@ distiller() {
   done
 }
 
-mixture() {
-  # Stage 2 on the mixture, continued from the shipped distiller: the same wall time as the
-  # K = 16 class_to_class continuation of issue 14 (docs/results/distill-cpu/k16-continuation).
-  # The first call is cut at MIXTURE_CUT seconds, so the run is killed and resumed once.
-  local dir="$OUT/mixture" rc=0 limit=${MIXTURE_CUT:-600}
+# stage2 NAME CONFIG: a stage 2 continued from the shipped distiller (MEND), at about the
+# wall time of issue 14's K = 16 class_to_class continuation
+# (docs/results/distill-cpu/k16-continuation), then scored as `distiller` scores it. The
+# first call is cut at CUT seconds, so the run is killed and resumed once.
+stage2() {
+  local name=$1 config=$2 dir="$OUT/$1" rc=0 limit=${CUT:-600}
   until [ -f "$dir/done" ]; do
     rc=0
-    timeout -s TERM "$limit" mend finetune --config "$CFG/finetune-mixture.yaml" \
-      init_from="$MEND" output_dir="$dir" || rc=$?
+    timeout -s TERM "$limit" mend finetune --config "$config" init_from="$MEND" \
+      output_dir="$dir" || rc=$?
     [ $rc -eq 0 ] && touch "$dir/done"
     [ $rc -eq 0 ] || [ $rc -eq 124 ] || [ $rc -eq 143 ] || return $rc
     limit=${CALL_LIMIT:-7200}
   done
-  local dest="$DOCS/mixture"
+  local dest="$DOCS/$name"
   mkdir -p "$dest"
   for f in metrics.jsonl config.yaml loss.png provenance.jsonl; do
     [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/"
   done
-  distiller mixture "$dir"
+  distiller "$name" "$dir"
+}
+
+mixture() {
+  stage2 mixture "$CFG/finetune-mixture.yaml"
+  stage2 mixture-answer "$CFG/finetune-mixture-answer.yaml"
+}
+
+refine_curve() {
+  # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
+  local steps
+  for steps in 5 10; do
+    evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$steps" method=mend \
+      checkpoint="$MEND" refine_steps="$steps" label="MEND + $steps refine steps" \
+      "${DEMO_REFS[@]}" "$SHORT"
+  done
 }
 
 report() {
@@ -138,12 +155,13 @@ report() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine mixture partitions report)
+[ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve mixture partitions report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
     demo_long) demo_long ;;
     refine) refine ;;
+    refine_curve) refine_curve ;;
     mixture) mixture ;;
     partitions) partitions ;;
     report) report ;;
