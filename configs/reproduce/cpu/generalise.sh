@@ -5,8 +5,8 @@
 #
 #     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
 #     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo demo_long refine
-#                                                         #   refine_curve mixture partitions
-#                                                         #   report
+#                                                         #   refine_curve partitions mixture
+#                                                         #   mixture_answer report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -131,10 +131,6 @@ stage2() {
   distiller "$name" "$dir"
 }
 
-mixture() {
-  stage2 mixture "$CFG/finetune-mixture.yaml"
-  stage2 mixture-answer "$CFG/finetune-mixture-answer.yaml"
-}
 
 refine_curve() {
   # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
@@ -155,14 +151,16 @@ report() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve mixture partitions report)
+[ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve partitions mixture
+                                  mixture_answer report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
     demo_long) demo_long ;;
     refine) refine ;;
     refine_curve) refine_curve ;;
-    mixture) mixture ;;
+    mixture) stage2 mixture "$CFG/finetune-mixture.yaml" ;;
+    mixture_answer) stage2 mixture-answer "$CFG/finetune-mixture-answer.yaml" ;;
     partitions) partitions ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
