@@ -38,27 +38,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from mend.data.metaicl import ContextBuilder
+from mend.evaluation.flops import FORMULAS
 from mend.core.kv_cache import Prefill
 from mend.methods.base import Method, prefix_kwargs
 
 
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-# torch's FLOP counter knows the CUDA attention kernels but not the CPU one that
-# scaled_dot_product_attention runs here, which it would count as 0 FLOPs, hiding exactly
-# the cost that grows with the context.
-_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-
-
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn`` once under a FLOP counter; returns its result and its forward FLOPs
-    (matmuls and attention, the CPU attention kernel included)."""
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+    """Run ``fn`` once under a FLOP counter; returns its result and its FLOPs (matmuls, and
+    attention through mend's own formula for every SDPA kernel: :mod:`mend.evaluation.flops`)."""
+    counter = FlopCounterMode(display=False, custom_mapping=FORMULAS)
     with counter:
         out = fn()
     return out, counter.get_total_flops()
