@@ -28,6 +28,11 @@ def test_builtin_tasks_materialize_as_a_metaicl_partition(tmp_path):
     language = next(t for t in test if t.name == "country_language")
     assert {r["input"] for r in language.rows("test")} | {r["input"] for r in language.rows(
         "train", 100)} == {r["input"] for r in queries + demos}
+    # The long tasks ask what short ones ask, of the same inputs inside long sentences.
+    trip = next(t for t in test if t.name == "trip_capital")
+    long_rows = trip.rows("test") + trip.rows("train", 100)
+    assert sorted(r["output"] for r in long_rows) == sorted(r["output"] for r in queries + demos)
+    assert all(any(r["input"] in x["input"] for x in long_rows) for r in queries + demos)
 
 
 @pytest.mark.slow  # trains a tiny distiller end to end

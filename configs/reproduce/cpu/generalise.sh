@@ -55,7 +55,7 @@ DEMO_REFS=(references.zero_shot="$OUT/demo/eval/zero_shot/results.json"
            references.icl="$OUT/demo/eval/icl/results.json")
 # The demo's tasks with short demonstrations (demo/) and with long ones (demo-long/).
 SHORT="data.tasks=[country_capital,country_language,animal_fruit,sentence_agent]"
-LONG="data.tasks=[ticket_team,recipe_course]"
+LONG="data.tasks=[trip_capital,story_agent]"
 
 demo() {
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"

@@ -7,11 +7,12 @@ with made-up labels (dax, wug) that only the demonstrations define; ``sentence_a
 who acted in a sentence whose two names are both options. Their demonstrations are short (3
 to 12 tokens), so ICL given only what fits in a distiller's 16 positions still sees a few.
 
-Two more evaluated tasks have long demonstrations (30 to 46 tokens each, about 650 for all
-16), where ICL at that memory cannot hold even one: ``ticket_team`` routes a support message
-to a team with a made-up name (billing or technical), and ``recipe_course`` labels a recipe
-with made-up words (dessert or main course). Their inputs are unique sentences built from
-halves, so no query repeats a demonstration.
+Two more evaluated tasks have long demonstrations (22 to 29 tokens each, about 440 for all
+16), where ICL at that memory cannot hold even one: ``trip_capital`` and ``story_agent`` ask
+what ``country_capital`` and ``sentence_agent`` ask, of the same countries and sentences
+placed inside long, neutral sentences ("My cousin spent the whole of last summer travelling
+by train and bus through Greece, ..."). (Long tasks with made-up labels were tried first;
+SmolLM2-135M's ICL did not learn them, so they could not show anything.)
 
 Five more tasks of the same kinds (``country_continent``, ``tool_vehicle``,
 ``sentence_patient``, ``number_parity`` and the long ``news_section``) are for meta-training
@@ -30,7 +31,7 @@ TASKS_FILE = Path(__file__).with_name("tasks.jsonl")
 PARTITION = "demo"
 SEED = 100
 NUM_DEMOS = 16
-LONG_TASKS = ("ticket_team", "recipe_course")
+LONG_TASKS = ("trip_capital", "story_agent")
 """The evaluated tasks whose single demonstration is longer than a 16-position prefix."""
 
 
