@@ -19,7 +19,7 @@ from mend.training.engine import load_device
 from mend.config import MendConfig, replace, to_dict
 from mend.data import Counters, batches
 from mend.data.metaicl import (DEMO_PARTITION, ContextBuilder, ContextConfig, FinetuneData,
-                               MetaICLConfig, load_partitions)
+                               MetaICLConfig, Task, load_partitions)
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
@@ -109,16 +109,7 @@ def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
 
 def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> TrainResult:
     """The part both methods share: MetaICL examples, dev-set selection, the loop."""
-    train_tasks, test_tasks = load_partitions(cfg.data.root, cfg.data.partitions)
-    if not train_tasks:
-        raise ConfigError(f"Partition {cfg.data.partition} has no meta-train task under "
-                          f"{cfg.data.root}.")
-    if cfg.select.partition:
-        test_tasks = load_partitions(cfg.data.root, [cfg.select.partition])[1]
-    elif DEMO_PARTITION in cfg.data.partitions and len(cfg.data.partitions) > 1:
-        # Selection reads the meta-test tasks' dev files, and the demo's are its test rows.
-        demo_tests = {t.name for t in load_partitions(cfg.data.root, [DEMO_PARTITION])[1]}
-        test_tasks = [t for t in test_tasks if t.name not in demo_tests]
+    train_tasks, test_tasks = tasks(cfg.data, cfg.select)
     module = objective.module
     data = FinetuneData(cfg.data, train_tasks, ContextBuilder.for_method(module, cfg.context,
                                                                          counters),
@@ -147,6 +138,23 @@ def _finetune(cfg, objective, counters: Counters, as_method, monitor=None) -> Tr
     return train(cfg.train, objective, make_batches, cfg.output_dir, counters=counters,
                  evaluate=evaluate if test_tasks else None, monitor=monitor,
                  tracker_config=to_dict(cfg))
+
+
+def tasks(data: MetaICLConfig, select: SelectionConfig) -> tuple[list[Task], list[Task]]:
+    """The meta-train tasks (the union of ``data``'s partitions; ``data.holdout`` is applied
+    to their rows later) and the tasks whose dev files select the model: ``select.partition``'s
+    meta-test tasks, or those of ``data``'s partitions but the built-in demo's, whose dev
+    files are its test rows."""
+    train, test = load_partitions(data.root, data.partitions)
+    if not train:
+        raise ConfigError(f"Partition {data.partition} has no meta-train task under "
+                          f"{data.root}.")
+    if select.partition:
+        return train, load_partitions(data.root, [select.partition])[1]
+    if DEMO_PARTITION in data.partitions and len(data.partitions) > 1:
+        demo_tests = {t.name for t in load_partitions(data.root, [DEMO_PARTITION])[1]}
+        test = [t for t in test if t.name not in demo_tests]
+    return train, test
 
 
 def _select_scores(method, tasks, select: SelectionConfig, demos: DemoConfig, builder):

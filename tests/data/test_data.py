@@ -205,3 +205,20 @@ def test_a_training_mixture_never_reads_a_held_out_task_or_row(tmp_path, tok, mo
     ks = {len(e.demos) for e in itertools.islice(
         filter(None, map(data.example, data.keys(0))), 200)}
     assert ks == {1, 2, 3, 4}
+
+
+def test_selection_reads_the_named_partition_or_never_the_demo(tmp_path, monkeypatch):
+    from mend.recipes.finetune import SelectionConfig, tasks
+
+    monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
+    root = write_metaicl(tmp_path / "data", train=["t1", "t2"], test=["t3"])
+    write_metaicl(root, train=["t3"], test=["t4"], partition="other")
+    data = MetaICLConfig(root=str(root), partition=("part", "other", "demo"))
+    train, test = tasks(data, SelectionConfig())
+    assert {"t1", "t2", "t3", "country_continent"} <= {t.name for t in train}
+    assert {t.name for t in test} == {"t3", "t4"}  # the demo's test rows select nothing
+    assert [t.name for t in tasks(data, SelectionConfig(partition="other"))[1]] == ["t4"]
+    with pytest.raises(ConfigError, match="no meta-train task"):
+        tasks(MetaICLConfig(root=str(write_metaicl(tmp_path / "empty", [], ["t1"])),
+                            partition="part"),
+              SelectionConfig())
