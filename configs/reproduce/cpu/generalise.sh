@@ -37,11 +37,17 @@ evaluate() {
   cp "$dir/results.json" "$dir/results.md" "$dest/"
 }
 
-# methods CONFIG OUTDIR ARGS...: zero-shot and ICL first (the references), then the rest.
-methods() {
+# references CONFIG OUTDIR ARGS...: zero-shot and ICL, which every recovered share needs.
+references() {
   local config=$1 out=$2; shift 2
   evaluate "$config" "$out/zero_shot" method=zero_shot "$@"
   evaluate "$config" "$out/icl" method=icl "$@"
+}
+
+# methods CONFIG OUTDIR ARGS...: the references first, then the rest.
+methods() {
+  local config=$1 out=$2; shift 2
+  references "$config" "$out" "$@"
   local refs=(references.zero_shot="$out/zero_shot/results.json"
               references.icl="$out/icl/results.json")
   evaluate "$config" "$out/icl-equal-memory" method=icl context.max_context_tokens="$L" \
@@ -93,6 +99,12 @@ partitions() {
 # the partitions, beside the shipped one.
 distiller() {
   local name=$1 dir=$2 p
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  references "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+  references "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+  for p in "${PARTITIONS[@]}"; do
+    references "$CFG/eval.yaml" "$OUT/$p/eval" data.partition="$p" "data.seeds=[100,13]"
+  done
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name" method=mend checkpoint="$dir" \
     label="$name" "${DEMO_REFS[@]}" "$SHORT"
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
