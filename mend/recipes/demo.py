@@ -237,14 +237,13 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
     lines.append("")
     for mend, against in even.items():
         for label, n in against.items():
-            lines.append(f"- {mend} is cheaper than {label} from query "
-                         f"{_queries(n['flops'])} on in FLOPs, and from query "
-                         f"{_queries(n['seconds'])} on in measured time.")
+            lines.append(f"- {mend} is cheaper than {label} {_queries(n['flops'])} in FLOPs, "
+                         f"and {_queries(n['seconds'])} in measured time.")
     return "\n".join(lines) + "\n"
 
 
 def _queries(n: int | None) -> str:
-    return "never (it costs more per query)" if n is None else str(n)
+    return "never (it costs as much or more per query)" if n is None else f"from query {n} on"
 
 
 def _models(tiny: bool) -> tuple[str, str]:

@@ -359,7 +359,7 @@ def _render(root: Path, link: str) -> str:
     """One setting's report: the paper's tables, or (``kind: transfer``) the transfer table."""
     meta = yaml.safe_load((root / "report.yaml").read_text()) or {}
     if meta.get("kind") == "transfer":
-        return transfer.section(root, meta) + "\n" + provenance_summary(root, link)
+        return transfer.section(root, meta, link) + "\n" + provenance_summary(root, link)
     return Setting(root, link).render()
 
 

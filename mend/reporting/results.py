@@ -178,11 +178,11 @@ def memory(counts: dict[str, int]) -> dict[str, float] | None:
 def references(runs: Sequence[dict[str, Any]]
                ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The zero-shot and the ICL run among ``runs``, the references of the recovered share:
-    the ICL run is the one that held the most prefix positions (full ICL, not ICL cut to
-    another method's memory). None where there is none."""
+    the ICL run is the one with the largest context budget (full ICL, not ICL cut to another
+    method's memory). None where there is none."""
     zero_shot = next((r for r in runs if r.get("method") == "zero_shot"), None)
     icls = [r for r in runs if r.get("method") == "icl"]
-    icl = max(icls, key=lambda r: (r.get("memory") or {}).get("prefix_positions", 0),
+    icl = max(icls, key=lambda r: (r.get("context") or {}).get("max_context_tokens", 0),
               default=None)
     return zero_shot, icl
 

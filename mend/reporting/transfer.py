@@ -51,12 +51,17 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def section(root: Path, meta: dict[str, Any]) -> str:
-    """A transfer setting's report: its description, then one table per evaluation set."""
+def section(root: Path, meta: dict[str, Any], link: str) -> str:
+    """A transfer setting's report: its description, one table per evaluation set, and the
+    curves of its training runs (``<run>/loss.png``, linked through ``link``)."""
     parts = [f"## {meta.get('title', root.name)}", "", str(meta.get("description", "")).strip(),
              ""]
     for folder in sorted(p for p in root.glob("*/eval") if p.is_dir()):
         parts += [f"### {folder.parent.name}", "", table(folder), ""]
+    curves = sorted(p.parent.name for p in root.glob("*/loss.png"))
+    if curves:
+        parts += ["Training curves (loss, selection score, and the held-out content controls): "
+                  + ", ".join(f"[{c}]({link}/{c}/loss.png)" for c in curves), ""]
     if meta.get("notes"):
         parts += ["### What bounds it", "", str(meta["notes"]).strip(), ""]
     return "\n".join(parts)

@@ -8,16 +8,17 @@ from mend.recipes.finetune import MEND, PROMPT_TUNING, recipe_for
 
 
 def test_every_method_registers_itself_once():
-    assert method_names() == ("zero_shot", "icl", "prompt_tuning", "mend", "hypertuning")
+    assert method_names() == ("zero_shot", "icl", "kv_compress", "prompt_tuning", "mend",
+                              "hypertuning")
     assert [get_method(n).needs for n in method_names()] == [
-        "llm", "llm", "checkpoint", "checkpoint", "checkpoint"]
+        "llm", "llm", "llm", "checkpoint", "checkpoint", "checkpoint"]
     with pytest.raises(ValueError, match="registered twice"):
         register_method("icl", load=lambda cfg, device: None, needs="llm")
 
 
 def test_an_unknown_method_is_a_config_error_listing_the_registered_ones():
     with pytest.raises(ConfigError, match="Unknown method `icl2`; choose from zero_shot, icl, "
-                                          "prompt_tuning, mend, hypertuning"):
+                                          "kv_compress, prompt_tuning, mend, hypertuning"):
         MethodConfig("icl2", llm="x")
     with pytest.raises(ConfigError, match="`pbft` is a baseline with its own command: mend nli "
                                           "pbft"):

@@ -10,12 +10,13 @@ from mend.reporting.paper import build
 def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
     root = tmp_path / "results" / "generalise"
 
-    def run(name, method, scores, swapped=None, memory=None):
+    def run(name, method, scores, swapped=None, memory=None, budget=900):
         def agg(values):
             mean = sum(values.values()) / len(values)
             return {"average": {"score": {"mean": mean, "std": 0.0}},
                     "tasks": {t: {"score": {"mean": v, "std": 0.0}} for t, v in values.items()}}
-        result = {"label": name, "method": method, "results": agg(scores), "memory": memory}
+        result = {"label": name, "method": method, "results": agg(scores), "memory": memory,
+                  "context": {"max_context_tokens": budget}}
         if swapped:
             result |= {"swapped": agg(swapped), "content_gap": {
                 "mean": agg(scores)["average"]["score"]["mean"]
@@ -29,12 +30,16 @@ def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
         {"context_tokens": 120, "prefix_positions": 121, "compression": 120 / 121})
     run("kv_compress", "kv_compress", {"a": 0.6, "b": 0.4}, {"a": 0.5, "b": 0.4},
         {"context_tokens": 120, "prefix_positions": 17, "compression": 120 / 17})
+    # ICL cut to 16 tokens is not the reference, even where full ICL recorded no memory.
+    run("icl-equal-memory", "icl", {"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5},
+        {"context_tokens": 120, "prefix_positions": 16, "compression": 120 / 16}, budget=16)
     (root / "report.yaml").write_text(yaml.safe_dump({"kind": "transfer", "title": "T"}))
     text = build(tmp_path / "results")
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines()
             if line.startswith("| ")}
-    assert list(rows)[1:] == ["zero_shot", "icl", "kv_compress"]  # baselines first
+    assert list(rows)[1:] == ["zero_shot", "icl", "icl-equal-memory", "kv_compress"]
     # Only task a counts (ICL gains 1 point on b): (0.6 - 0.3) / (0.9 - 0.3) = 50%.
     assert rows["kv_compress"] == ("| kv_compress | 50.0 ± 0.0 | 45.0 ± 0.0 | 5.0 ± 0.0 | 50% "
                                    "| 120 → 17 | 7.1x |")
     assert "| 100% | 120 → 121 | 1.0x |" in rows["icl"]
+    assert "| 33% | 120 → 16 | 7.5x |" in rows["icl-equal-memory"]  # (0.5 - 0.3) / 0.6
