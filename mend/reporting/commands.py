@@ -43,7 +43,7 @@ def controls(argv=None) -> int:
 
 def report(argv=None) -> int:
     """``mend report RESULTS_ROOT [--output FILE]``."""
-    from mend.reporting.paper import write
+    from mend.reporting.report import write
 
     parser = _parser("mend report", "the MEND paper's tables from a reproduction",
                      "default: the root with .md (docs/results.md)")

@@ -10,7 +10,6 @@ from mend.core.backbones import load_model, load_tokenizer
 from mend.core.kv_compress import KVCompressor
 from mend.core.losses import chunked_kl_distill
 from mend.core.prefix_lm import PrefixLM
-from mend.core.refine import refine
 from mend.core.text import DemoFormat, encode, pad
 from mend.data.metaicl import ContextBuilder, ContextConfig
 from mend.errors import InputError

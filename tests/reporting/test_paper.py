@@ -8,7 +8,8 @@ import yaml
 from mend.cli import main as cli
 from mend.errors import ConfigError
 from mend.evaluation.harness import TaskResult, aggregate
-from mend.reporting.paper import Setting, build
+from mend.reporting.paper import Setting
+from mend.reporting.report import build
 
 
 def _result(root, partition, name, scores, checkpoint=None, sweep=None, limit=8):

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from mend.reporting.paper import build
+from mend.reporting.report import build
 
 
 def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
