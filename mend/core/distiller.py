@@ -34,7 +34,7 @@ from mend.data import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
-from mend.core.refine import refine
+from mend.core.refine import refine_each
 from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
 
 __all__ = ["DistilledContext", "Distiller", "read_config"]
@@ -293,14 +293,8 @@ class Distiller(ServesContext, nn.Module):
                     for i in range(0, len(demo_sets), batch_size)]
         finally:
             self.train(was_training)
-        ctx = (DistilledContext(None, kv_cache.cat_rows(rows)) if isinstance(rows[0], Prefill)
-               else DistilledContext(torch.cat(rows)))
-        if refine_steps:
-            ctx = DistilledContext.cat([
-                DistilledContext.of(refine(self.llm, self.format, ctx[i].prefix, demos,
-                                           refine_steps))
-                for i, demos in enumerate(demo_sets)])
-        return ctx
+        ctx = DistilledContext.cat([DistilledContext.of(r) for r in rows])
+        return refine_each(self.llm, self.format, ctx, demo_sets, refine_steps)
 
 
 def read_config(path: str | os.PathLike) -> MendConfig:

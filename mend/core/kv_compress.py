@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from mend.core.context import DistilledContext, ServesContext
-from mend.core.kv_cache import Prefill, cat_rows, select_rows
+from mend.core import kv_cache
+from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
-from mend.core.refine import refine
+from mend.core.refine import refine_each
 from mend.core.text import DemoFormat, Demos, encode, fit, pad, positions
 from mend.errors import InputError
 
@@ -75,15 +76,8 @@ class KVCompressor(ServesContext):
         if isinstance(demo_sets, str) or len(demo_sets) == 0:
             raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
                              "compress() for a single set.")
-        return DistilledContext(None, self.refined(self.from_ids(self.tokenize(demo_sets)),
-                                                   demo_sets, refine_steps))
-
-    def refined(self, prefix: Prefill, demo_sets: Sequence[Demos], steps: int) -> Prefill:
-        """Each row of ``prefix`` refined on its own demonstrations (none when ``steps`` is 0)."""
-        if not steps:
-            return prefix
-        return cat_rows([refine(self.llm, self.format, select_rows(prefix, torch.tensor([i])),
-                                demos, steps) for i, demos in enumerate(demo_sets)])
+        ctx = DistilledContext(None, self.from_ids(self.tokenize(demo_sets)))
+        return refine_each(self.llm, self.format, ctx, demo_sets, refine_steps)
 
     @torch.no_grad()
     def from_ids(self, contexts: Sequence[Sequence[int]]) -> Prefill:
@@ -118,7 +112,7 @@ class KVCompressor(ServesContext):
         Returns:
             ``(R, kv_heads, keep)`` column indices, ascending (padding, if any, first).
         """
-        kv_heads = _kv_heads(self.llm.model.config)
+        kv_heads = kv_cache.shapes(self.llm.model.config)[1]
         r, heads, s, _ = attention.shape
         received = attention[:, :, -self.window:].float().sum(2)  # (R, heads, S)
         received = received.view(r, kv_heads, heads // kv_heads, s).sum(2)
@@ -130,11 +124,6 @@ class KVCompressor(ServesContext):
         received = received.masked_fill(~mask.bool()[:, None], float("-inf"))
         received.scatter_(2, first[:, None, None].expand(-1, kv_heads, 1), float("inf"))
         return received.topk(min(keep, s), dim=-1).indices.sort(-1).values
-
-
-def _kv_heads(config) -> int:
-    config = getattr(config, "text_config", config)
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 @contextlib.contextmanager

@@ -18,8 +18,11 @@ context; the context then serves every query at the prefix's usual cost.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from mend.core.context import DistilledContext
 from mend.core.kv_cache import Prefill, select_rows
 from mend.core.losses import chunked_kl_distill
 from mend.core.prefix_lm import PrefixLM
@@ -78,6 +81,17 @@ def refine(llm: PrefixLM, fmt: DemoFormat, prefix: torch.Tensor | Prefill, demos
             loss.backward()
             optimizer.step()
     return student_prefix(None)
+
+
+def refine_each(llm: PrefixLM, fmt: DemoFormat, ctx: DistilledContext,
+                demo_sets: Sequence[Demos], steps: int) -> DistilledContext:
+    """Each row of a compressed context refined on its own demonstration set (:func:`refine`);
+    ``ctx`` unchanged when ``steps`` is 0."""
+    if not steps:
+        return ctx
+    return DistilledContext.cat([DistilledContext.of(refine(llm, fmt, ctx[i].prefix, demos,
+                                                            steps))
+                                 for i, demos in enumerate(demo_sets)])
 
 
 def _leaves(prefix: torch.Tensor | Prefill):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mend.core.context import DistilledContext
 from mend.core.kv_compress import KVCompressor
+from mend.core.refine import refine_each
 from mend.methods.base import LLMOnly, Prefix
 from mend.methods.registry import register_method
 
@@ -32,8 +34,8 @@ class KVCompress(LLMOnly):
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],
                contexts: Sequence[Sequence[int]]) -> Prefix:
-        return self.compressor.refined(self.compressor.from_ids(contexts), demo_sets,
-                                       self.refine_steps)
+        ctx = DistilledContext(None, self.compressor.from_ids(contexts))
+        return refine_each(self.llm, self.format, ctx, demo_sets, self.refine_steps).prefill
 
 
 register_method("kv_compress", load=KVCompress.load, needs="llm")
