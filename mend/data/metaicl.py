@@ -185,15 +185,8 @@ def held_out(root: str | Path, holdout: Sequence[str]) -> tuple[set[str], set[st
     """The meta-test tasks of the ``holdout`` partitions, and the inputs of all their rows
     (every split and seed present): what training must never read."""
     tasks = load_partitions(root, holdout)[1] if holdout else []
-    inputs: set[str] = set()
-    for task in tasks:
-        for split, seed in [("test", None)] + [(s, seed) for seed in SEEDS
-                                               for s in ("train", "dev")]:
-            try:
-                inputs.update(r["input"] for r in task.rows(split, seed))
-            except InputError:
-                continue
-    return {t.name for t in tasks}, inputs
+    # Task.pool reads exactly those files: the test rows and every seed's train and dev rows.
+    return {t.name for t in tasks}, {r["input"] for t in tasks for r in t.pool()}
 
 
 def sample_demos(pool_size: int, k: int, exclude: int, rng: random.Random) -> list[int]:
@@ -264,7 +257,7 @@ class ContextBuilder:
         if budget <= 0 or not pieces:
             self.counters.add("demos_dropped", len(pieces))
             return [], []
-        ids, dropped, cut = fit(pieces, budget)
+        ids, dropped, _ = fit(pieces, budget)
         kept = len(pieces) - dropped
         self.counters.add("demos_dropped", dropped)
         self.counters.add("context_tokens_kept", len(ids))
