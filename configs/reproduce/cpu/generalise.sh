@@ -6,7 +6,8 @@
 #     bash configs/reproduce/cpu/generalise.sh            # everything, keeping what is done
 #     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo demo_long refine
 #                                                         #   refine_curve partitions mixture
-#                                                         #   mixture_answer report
+#                                                         #   mixture_answer prompt_tuning
+#                                                         #   stage1_budget report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -121,28 +122,61 @@ distiller() {
   done
 }
 
-# stage2 NAME CONFIG: a stage 2 continued from the shipped distiller (MEND), at about the
-# wall time of issue 14's K = 16 class_to_class continuation
-# (docs/results/distill-cpu/k16-continuation), then scored as `distiller` scores it. The
-# first call is cut at CUT seconds, so the run is killed and resumed once.
-stage2() {
-  local name=$1 config=$2 dir="$OUT/$1" rc=0 limit=${CUT:-600}
+# train JOB DIR ARGS...: a training job to its end; the first call is cut at CUT seconds, so
+# the run is killed and resumed once (a cut call exits 124, or 143 when mend saw the SIGTERM).
+train() {
+  local job=$1 dir=$2 rc=0 limit=${CUT:-600}; shift 2
   until [ -f "$dir/done" ]; do
     rc=0
-    timeout -s TERM "$limit" mend finetune --config "$config" init_from="$MEND" \
-      output_dir="$dir" || rc=$?
+    timeout -s TERM "$limit" mend "$job" "$@" output_dir="$dir" || rc=$?
     [ $rc -eq 0 ] && touch "$dir/done"
     [ $rc -eq 0 ] || [ $rc -eq 124 ] || [ $rc -eq 143 ] || return $rc
     limit=${CALL_LIMIT:-7200}
   done
-  local dest="$DOCS/$name"
+  local dest="$DOCS/${dir#"$OUT"/}" f
   mkdir -p "$dest"
   for f in metrics.jsonl config.yaml loss.png provenance.jsonl; do
     [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/"
   done
-  distiller "$name" "$dir"
+  return 0
 }
 
+# stage2 NAME CONFIG [INIT]: a stage 2 continued from INIT (default: the shipped distiller,
+# MEND), at about the wall time of issue 14's K = 16 class_to_class continuation
+# (docs/results/distill-cpu/k16-continuation), then scored as `distiller` scores it.
+stage2() {
+  local name=$1 config=$2 init=${3:-$MEND}
+  train finetune "$OUT/$name" --config "$config" init_from="$init"
+  distiller "$name" "$OUT/$name"
+}
+
+prompt_tuning() {
+  # The best constant prefix trained on the same mixture, scored where every distiller is.
+  local dir="$OUT/prompt-tuning-mixture" p
+  train finetune "$dir" --config "$CFG/prompt-tuning-mixture.yaml"
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/prompt_tuning" method=prompt_tuning \
+    checkpoint="$dir" "${DEMO_REFS[@]}" "$SHORT"
+  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/prompt_tuning" method=prompt_tuning \
+    checkpoint="$dir" "$LONG" references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
+    references.icl="$OUT/demo-long/eval/icl/results.json"
+  for p in "${PARTITIONS[@]}"; do
+    evaluate "$CFG/eval.yaml" "$OUT/$p/eval/prompt_tuning-mixture" method=prompt_tuning \
+      checkpoint="$dir" data.partition="$p" "data.seeds=[100,13]" \
+      label="prompt tuning (mixture)" \
+      references.zero_shot="$OUT/$p/eval/zero_shot/results.json" \
+      references.icl="$OUT/$p/eval/icl/results.json"
+  done
+}
+
+stage1_budget() {
+  # The stage-1 lever at about the CPU time of the shipped distiller's stage 1 + class_to_class
+  # stage 2 + the mixture's: stage 1 twice as long (600 steps, 307k tokens, 1.1 passes over
+  # WikiText-2 valid; the held-out share logged every 100), then the answer-distill mixture.
+  train pretrain "$OUT/stage1-600" --config "$CFG/pretrain.yaml" train.max_steps=600 \
+    train.mixed_precision=bf16
+  stage2 stage1-600-mixture-answer "$CFG/finetune-mixture-answer.yaml" "$OUT/stage1-600"
+}
 
 refine_curve() {
   # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
@@ -164,7 +198,7 @@ report() {
 
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve partitions mixture
-                                  mixture_answer report)
+                                  mixture_answer prompt_tuning stage1_budget report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
@@ -173,6 +207,8 @@ for part in "${parts[@]}"; do
     refine_curve) refine_curve ;;
     mixture) stage2 mixture "$CFG/finetune-mixture.yaml" ;;
     mixture_answer) stage2 mixture-answer "$CFG/finetune-mixture-answer.yaml" ;;
+    prompt_tuning) prompt_tuning ;;
+    stage1_budget) stage1_budget ;;
     partitions) partitions ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
