@@ -10,6 +10,11 @@ other runs. Its table has one row per run:
   (:func:`~mend.evaluation.metrics.recovered_share`, over the tasks where ICL gains at least
   2 points);
 - the memory: demonstration tokens given, prefix positions held, and their ratio.
+
+Its ``ablation`` list, if any, gathers the levers tried into one table: a row per run name
+(the same name in every set), its recovered share and content gap in each set, the content
+share on held-out text its training logged last (or a ``diagnose.json`` gives), and the
+prefix positions each query reads.
 """
 
 from __future__ import annotations
@@ -51,6 +56,48 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def held_out_share(path: Path) -> float | None:
+    """The content share on held-out text: a ``diagnose.json``'s, or the last one a training
+    run's ``metrics.jsonl`` logged. None where the file has none."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".json":
+        return json.loads(path.read_text()).get("content_share")
+    logged = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    shares = [row["monitor_content_share"] for row in logged if "monitor_content_share" in row]
+    return shares[-1] if shares else None
+
+
+def ablation(root: Path, rows: list[dict[str, Any]]) -> str:
+    """The levers in one table (see the module docstring): ``rows`` are ``{"run", "lever",
+    "held_out"}``, ``held_out`` a path relative to ``root``."""
+    sets = sorted(p for p in root.glob("*/eval") if p.is_dir())
+    refs = {s: references([r for _, r in runs(s)]) for s in sets}
+    head = ["lever", *[f"{s.parent.name}: share / gap" for s in sets], "held-out text share",
+            "positions per query"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells, positions = [], "–"
+        for s in sets:
+            path = s / row["run"] / "results.json"
+            zero_shot, icl = refs[s]
+            if not path.is_file() or not (zero_shot and icl):
+                cells.append("–")
+                continue
+            r = json.loads(path.read_text())
+            share = recovered(r, zero_shot, icl)["share"]
+            gap = r.get("content_gap")
+            cells.append(("–" if share is None else f"{share * 100:.0f}%") + " / "
+                         + ("–" if gap is None else f"{gap['mean'] * 100:+.1f}"))
+            if r.get("memory"):
+                positions = f"{r['memory']['prefix_positions']:.0f}"
+        held = held_out_share(root / row["held_out"]) if row.get("held_out") else None
+        lines.append(" | ".join([f"| {row.get('lever') or row['run']}", *cells,
+                                 "–" if held is None else f"{held * 100:.1f}%",
+                                 positions]) + " |")
+    return "\n".join(lines)
+
+
 def section(root: Path, meta: dict[str, Any], link: str) -> str:
     """A transfer setting's report: its description, one table per evaluation set, and the
     curves of its training runs (``<run>/loss.png``, linked through ``link``)."""
@@ -58,6 +105,8 @@ def section(root: Path, meta: dict[str, Any], link: str) -> str:
              ""]
     for folder in sorted(p for p in root.glob("*/eval") if p.is_dir()):
         parts += [f"### {folder.parent.name}", "", table(folder), ""]
+    if meta.get("ablation"):
+        parts += ["### The levers, in one table", "", ablation(root, meta["ablation"]), ""]
     curves = sorted(p.parent.name for p in root.glob("*/loss.png"))
     if curves:
         parts += ["Training curves (loss, selection score, and the held-out content controls): "

@@ -7,23 +7,30 @@ import yaml
 from mend.reporting.report import build
 
 
+def agg(values):
+    mean = sum(values.values()) / len(values)
+    return {"average": {"score": {"mean": mean, "std": 0.0}},
+            "tasks": {t: {"score": {"mean": v, "std": 0.0}} for t, v in values.items()}}
+
+
+def write_run(root, name, method, scores, swapped=None, memory=None, budget=900, where="demo"):
+    """One evaluation's results.json, as the harness writes it, under ``root/where/eval``."""
+    result = {"label": name, "method": method, "results": agg(scores), "memory": memory,
+              "context": {"max_context_tokens": budget}}
+    if swapped:
+        result |= {"swapped": agg(swapped), "content_gap": {
+            "mean": agg(scores)["average"]["score"]["mean"]
+            - agg(swapped)["average"]["score"]["mean"], "std": 0.0}}
+    d = root / where / "eval" / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(result))
+
+
 def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
     root = tmp_path / "results" / "generalise"
 
-    def run(name, method, scores, swapped=None, memory=None, budget=900):
-        def agg(values):
-            mean = sum(values.values()) / len(values)
-            return {"average": {"score": {"mean": mean, "std": 0.0}},
-                    "tasks": {t: {"score": {"mean": v, "std": 0.0}} for t, v in values.items()}}
-        result = {"label": name, "method": method, "results": agg(scores), "memory": memory,
-                  "context": {"max_context_tokens": budget}}
-        if swapped:
-            result |= {"swapped": agg(swapped), "content_gap": {
-                "mean": agg(scores)["average"]["score"]["mean"]
-                - agg(swapped)["average"]["score"]["mean"], "std": 0.0}}
-        d = root / "demo" / "eval" / name
-        d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps(result))
+    def run(*args, **kwargs):
+        write_run(root, *args, **kwargs)
 
     run("zero_shot", "zero_shot", {"a": 0.3, "b": 0.5})
     run("icl", "icl", {"a": 0.9, "b": 0.51}, {"a": 0.2, "b": 0.5},
@@ -43,3 +50,31 @@ def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
                                    "| 120 → 17 | 7.1x |")
     assert "| 100% | 120 → 121 | 1.0x |" in rows["icl"]
     assert "| 33% | 120 → 16 | 7.5x |" in rows["icl-equal-memory"]  # (0.5 - 0.3) / 0.6
+
+
+def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
+    root = tmp_path / "results" / "generalise"
+    mem = {"context_tokens": 120, "prefix_positions": 17, "compression": 120 / 17}
+    for where in ("demo", "c2c"):
+        write_run(root, "zero_shot", "zero_shot", {"a": 0.2}, where=where)
+        write_run(root, "icl", "icl", {"a": 0.6}, {"a": 0.3}, where=where)
+    write_run(root, "mend", "mend", {"a": 0.5}, {"a": 0.4}, mem, where="demo")
+    write_run(root, "mend", "mend", {"a": 0.1}, {"a": 0.2}, mem, where="c2c")
+    # mixture was scored on the demo only.
+    write_run(root, "mixture", "mend", {"a": 0.6}, {"a": 0.3}, mem, where="demo")
+    (root / "mixture").mkdir()
+    (root / "mixture" / "metrics.jsonl").write_text(
+        '{"step": 50, "monitor_content_share": 0.5}\n{"step": 50, "loss": 1.0}\n'
+        '{"step": 100, "monitor_content_share": 0.25}\n')
+    (root / "diagnose.json").write_text(json.dumps({"content_share": 0.4}))
+    (root / "report.yaml").write_text(yaml.safe_dump({"kind": "transfer", "title": "T",
+        "ablation": [{"run": "mend", "lever": "shipped", "held_out": "diagnose.json"},
+                     {"run": "mixture", "held_out": "mixture/metrics.jsonl"}]}))
+    text = build(tmp_path / "results")
+    table = text[text.index("### The levers"):].splitlines()
+    assert table[2] == ("| lever | c2c: share / gap | demo: share / gap | held-out text share "
+                        "| positions per query |")
+    # demo: (0.5 - 0.2) / (0.6 - 0.2) = 75%, gap +10.0; c2c: (0.1 - 0.2) / 0.4 = -25%, gap -10.0.
+    assert table[4] == "| shipped | -25% / -10.0 | 75% / +10.0 | 40.0% | 17 |"
+    # The last share logged in training; "–" for the set it was not scored on.
+    assert table[5] == "| mixture | – | 100% / +30.0 | 25.0% | 17 |"
