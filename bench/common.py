@@ -8,6 +8,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mend.evaluation.efficiency import PeakMemory, count_flops  # noqa: F401  (re-exported for the benches)
+from mend.evaluation.efficiency import PeakMemory, count_flops, uncounted  # noqa: F401  (re-exported for the benches)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,6 +73,7 @@ def write(args, bench: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     name = args.name or f"{bench}-{args.device}{'-tiny' if args.tiny else ''}"
     out = Path(args.out)
     prov = provenance({**vars(args), **(config or {})})
+    notes = [*notes, *(f"FLOPs n/a: {reason}" for reason in uncounted())]
     write_json(out / f"{name}.json", {"bench": bench, "rows": list(rows),
                                        "targets": list(targets), "notes": list(notes),
                                        "provenance": prov})
@@ -106,6 +108,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "**no**"
     if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
         if value == 0:
             return "0"
         if abs(value) >= 1e9:

@@ -34,6 +34,7 @@ import math
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,13 +47,42 @@ from mend.core.kv_cache import Prefill
 from mend.methods.base import Method, prefix_kwargs
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+_UNCOUNTED: dict[str, None] = {}  # why counts failed in this process, in the order first seen
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, float]:
     """Run ``fn`` once under a FLOP counter; returns its result and its FLOPs (matmuls, and
-    attention through mend's own formula for every SDPA kernel: :mod:`mend.evaluation.flops`)."""
+    attention through mend's own formula for every SDPA kernel: :mod:`mend.evaluation.flops`).
+
+    Accounting never costs the measurement: where the counter fails (an op whose formula
+    raises on a kernel or shape it was not written for), ``fn`` runs again uncounted and its
+    FLOPs are NaN, which every cost column prints as "n/a", and :func:`uncounted` keeps the
+    reason. A failure of ``fn`` itself is raised again by that second run.
+    """
     counter = FlopCounterMode(display=False, custom_mapping=FORMULAS)
-    with counter:
-        out = fn()
+    try:
+        with counter:
+            out = fn()
+    except Exception as exc:  # noqa: BLE001 - any failure of the counter, see above
+        out = fn()  # raises again where fn itself failed, and then nothing is recorded
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        if reason not in _UNCOUNTED:
+            warnings.warn(f"FLOPs not counted ({reason}); the cost column says n/a.",
+                          stacklevel=2)
+            _UNCOUNTED[reason] = None
+        return out, math.nan
     return out, counter.get_total_flops()
+
+
+def uncounted() -> list[str]:
+    """Why :func:`count_flops` could not count, each reason once, for the note under a cost
+    table whose column says "n/a"."""
+    return list(_UNCOUNTED)
+
+
+def gflops(flops: float) -> str:
+    """FLOPs as GFLOPs with two decimals, or "n/a" where they could not be counted."""
+    return "n/a" if math.isnan(flops) else f"{flops / 1e9:.2f}"
 
 
 class PeakMemory:
@@ -190,12 +220,14 @@ def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Se
     return {"once": once, "per_query": {**per_query, "cache_bytes": once["cache_bytes"]}}
 
 
-def break_even(a: dict[str, Any], b: dict[str, Any], key: str = "flops") -> int | None:
+def break_even(a: dict[str, Any], b: dict[str, Any], key: str = "flops") -> float | None:
     """The fewest queries after which ``a`` (one-off cost plus per query) costs less in all
     than ``b``, both :func:`serving_costs` results; None when it never does. 1 when ``a`` is
-    cheaper from the first query."""
+    cheaper from the first query; NaN when a cost could not be counted (:func:`count_flops`)."""
     once = a["once"][key] - b["once"][key]
     saved = b["per_query"][key] - a["per_query"][key]
+    if math.isnan(once) or math.isnan(saved):
+        return math.nan
     if once < 0 and saved >= 0:
         return 1
     if saved <= 0:

@@ -19,6 +19,7 @@ meta-training tasks, and says so.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from mend.data import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import LONG_TASKS, NUM_DEMOS
 from mend.errors import ConfigError
+from mend.evaluation.efficiency import break_even, gflops, serving_costs, uncounted
 from mend.evaluation.harness import DemoConfig
 from mend.methods import MethodConfig, build_method
 from mend.reporting.results import compression_text, memory
@@ -183,7 +185,6 @@ def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[st
     serving
     ``queries`` test queries after a warm-up one), averaged over the tasks."""
     from mend.data.demo import SEED
-    from mend.evaluation.efficiency import serving_costs
 
     runs = [serving_costs(method, builder,
                           [(r["input"], r["output"]) for r in task.rows("train", SEED)],
@@ -197,8 +198,6 @@ def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, in
     """For each MEND row, after how many queries of one demonstration set it costs less in
     all than each ICL row, in FLOPs and in measured time: ``{mend row: {ICL row: {"flops",
     "seconds"}}}``."""
-    from mend.evaluation.efficiency import break_even
-
     rows = {r["method"]: r for r in table}
     return {m: {label: {key: break_even(rows[m], rows[label], key)
                         for key in ("flops", "seconds")}
@@ -222,8 +221,8 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
         share = (r.get("recovered_share") or {}).get("share")
         lines.append(f"| {r['method']} | {pct(r['accuracy'])} | {pct(r['swapped_accuracy'])} "
                      f"| {gap} | {pct(share)} | {compression_text(r.get('memory'))} "
-                     f"| {once['flops'] / 1e9:.2f} | {once['seconds'] * 1e3:.0f} | "
-                     f"{q['flops'] / 1e9:.2f} | {q['seconds'] * 1e3:.0f} | "
+                     f"| {gflops(once['flops'])} | {once['seconds'] * 1e3:.0f} | "
+                     f"{gflops(q['flops'])} | {q['seconds'] * 1e3:.0f} | "
                      f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
     lines += ["", "By length of the demonstrations (accuracy, content gap, recovered share):", "",
               "| method | short demonstrations | long demonstrations |", "|---|---|---|"]
@@ -239,11 +238,14 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
         for label, n in against.items():
             lines.append(f"- {mend} is cheaper than {label} {_queries(n['flops'])} in FLOPs, "
                          f"and {_queries(n['seconds'])} in measured time.")
+    lines += [f"- FLOPs n/a: {reason}." for reason in uncounted()]
     return "\n".join(lines) + "\n"
 
 
-def _queries(n: int | None) -> str:
-    return "never (it costs as much or more per query)" if n is None else f"from query {n} on"
+def _queries(n: float | None) -> str:
+    if n is None:
+        return "never (it costs as much or more per query)"
+    return "n/a (not counted)" if math.isnan(n) else f"from query {n} on"
 
 
 def _models(tiny: bool) -> tuple[str, str]:
@@ -331,7 +333,8 @@ def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int |
         ax.set_xticks(list(x), names, fontsize=7)
         ax.set_title(title)
     ax = axes[4]
-    points = [v["flops"] for against in even.values() for v in against.values() if v["flops"]]
+    points = [v["flops"] for against in even.values() for v in against.values()
+              if v["flops"] and not math.isnan(v["flops"])]
     n = max([10] + [2 * p for p in points])
     queries = range(0, n + 1)
     for r, color in zip(table, colors):

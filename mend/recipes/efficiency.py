@@ -8,6 +8,7 @@ Writes ``efficiency.json`` (with provenance), ``efficiency.md`` and ``efficiency
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from mend.core.backbones import pick_device
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
 from mend.errors import ConfigError
+from mend.evaluation.efficiency import gflops, query_costs, uncounted
 from mend.evaluation.harness import demo_pool
 from mend.methods import MethodConfig, build_method
 from mend.recipes import Recipe, run, write_results
@@ -40,9 +42,6 @@ class EfficiencyConfig:
 
 def main(cfg: EfficiencyConfig) -> dict[str, Any]:
     """Measure FLOPs, peak memory and time per query of each method on one task."""
-
-    from mend.evaluation.efficiency import query_costs
-
     device = pick_device(cfg.device)
     task = load_task(cfg.root, cfg.task)
     if task is None:
@@ -77,10 +76,12 @@ def markdown(result: dict[str, Any]) -> str:
              + (" FLOPs vs ICL |" if icl else ""),
              "|---|---|---|---|---|---|" + ("---|" if icl else "")]
     for r in rows:
-        ratio = f" {r['flops'] / icl['flops']:.2f}x |" if icl else ""
-        lines.append(f"| {r['method']} | {r['llm_flops'] / 1e9:.2f} | "
-                     f"{r['context_flops'] / 1e9:.2f} | {r['flops'] / 1e9:.2f} | "
+        ratio = r["flops"] / icl["flops"] if icl else None
+        ratio = "" if ratio is None else " n/a |" if math.isnan(ratio) else f" {ratio:.2f}x |"
+        lines.append(f"| {r['method']} | {gflops(r['llm_flops'])} | "
+                     f"{gflops(r['context_flops'])} | {gflops(r['flops'])} | "
                      f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds'] * 1e3:.1f} |{ratio}")
+    lines += [f"\nFLOPs n/a: {reason}." for reason in uncounted()]
     return "\n".join(lines) + "\n"
 
 

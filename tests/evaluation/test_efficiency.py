@@ -113,3 +113,43 @@ def test_efficiency_job_writes_the_side_by_side_table(setup):
     assert saved["queries"] == 2 and "versions" in saved["provenance"]
     assert (tmp_path / "eff" / "efficiency.png").is_file()
     assert "FLOPs vs ICL" in (tmp_path / "eff" / "efficiency.md").read_text()
+
+
+def test_a_count_that_fails_says_na_with_its_reason_and_costs_nothing_else(setup, monkeypatch):
+    import math
+
+    import torch
+
+    from mend.evaluation import efficiency as eff
+
+    def broken(*args, **kwargs):
+        raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+    # The failure a new kernel or shape gave on CUDA, made here on the CPU's attention.
+    formulas = {**eff.FORMULAS, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                broken, torch.ops.aten._scaled_dot_product_efficient_attention: broken,
+                torch.ops.aten._scaled_dot_product_attention_math: broken}
+    monkeypatch.setattr(eff, "FORMULAS", formulas)
+    monkeypatch.setattr(eff, "_UNCOUNTED", {})
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.warns(UserWarning, match="FLOPs not counted"):
+        out, flops = eff.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, q, q))
+    assert out.shape == (1, 2, 5, 8) and math.isnan(flops)  # the work was still done
+    assert eff.uncounted() == ["AssertionError: sdpa_flop_count: query/key/value shapes are "
+                               "incompatible"]
+    assert eff.gflops(flops) == "n/a" and eff.gflops(2.5e9) == "2.50"
+    costs = {"once": {"flops": 0}, "per_query": {"flops": flops}}
+    assert math.isnan(eff.break_even(costs, {"once": {"flops": 0}, "per_query": {"flops": 9}}))
+    # A failure of the work itself is not hidden, nor taken for the counter's.
+    with pytest.raises(ZeroDivisionError):
+        eff.count_flops(lambda: 1 / 0)
+    assert len(eff.uncounted()) == 1
+
+    # The whole efficiency job finishes, and its table says n/a and why.
+    tmp_path, root, llm = setup
+    cfg = load_config(EfficiencyConfig, None, [
+        f"root={root}", "task=t1", "context.k=4", "queries=3", f"output_dir={tmp_path / 'na'}",
+        f"methods=[{{method: icl, llm: {llm}}}]"])
+    efficiency(cfg)
+    table = (tmp_path / "na" / "efficiency.md").read_text()
+    assert "| icl | n/a | 0.00 | n/a |" in table and "FLOPs n/a: AssertionError" in table
