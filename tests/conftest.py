@@ -1,12 +1,39 @@
-"""Shared fixtures: tiny random models saved as real transformers directories."""
+"""Shared fixtures: tiny random models saved as real transformers directories, and the
+devices under test.
+
+Every test runs on the CPU, on any machine: mend's own default (the GPU when there is one)
+is pinned to the CPU here through accelerate's ``ACCELERATE_USE_CPU``, which subprocesses
+inherit. The tests marked ``device`` take a ``device`` argument instead and run once per
+device under test: the CPU, plus the GPU that ``MEND_TEST_DEVICE=cuda`` names.
+"""
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
 
 from mend import Distiller, MendConfig, tiny
+
+TEST_DEVICE = os.environ.get("MEND_TEST_DEVICE", "cpu")
+os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def devices() -> list[str]:
+    """The devices the ``device``-marked tests run on."""
+    if TEST_DEVICE == "cpu":
+        return ["cpu"]
+    if TEST_DEVICE != "cuda":
+        raise pytest.UsageError(f"MEND_TEST_DEVICE={TEST_DEVICE!r}: use cpu or cuda.")
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("MEND_TEST_DEVICE=cuda, but torch sees no CUDA device here.")
+    return ["cpu", "cuda"]
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames and metafunc.definition.get_closest_marker("device"):
+        metafunc.parametrize("device", devices())
 
 # The tokenizer family each tiny architecture is paired with, like its real counterpart.
 STYLE = {"gpt2": "bytelevel", "opt": "bytelevel", "qwen2": "bytelevel",

@@ -165,7 +165,9 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no", *flags, str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not config.startswith("deepspeed"):  # DeepSpeed finds its CPU accelerator itself
+    if config.startswith("deepspeed"):  # DeepSpeed finds its CPU accelerator itself
+        env.pop("ACCELERATE_USE_CPU", None)
+    else:
         env["ACCELERATE_USE_CPU"] = "true"
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
                           env=env)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from mend import optional
+from mend.core.backbones import pick_device
 from mend.training import engine, precision
 from mend.data import Counters
 from mend.errors import ConfigError, MendError
@@ -118,10 +119,12 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    # The device the Accelerator will train on (this process's, as accelerate sees it), not
+    # whether CUDA exists: a CPU run on a GPU machine (ACCELERATE_USE_CPU) is a CPU run.
+    device_type = torch.device(pick_device()).type
+    if cfg.mixed_precision == "fp16" and device_type != "cuda":
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
-    mixed, why = precision.resolve(cfg.mixed_precision,
-                                   "cuda" if torch.cuda.is_available() else "cpu")
+    mixed, why = precision.resolve(cfg.mixed_precision, device_type)
     if cfg.tensorboard:
         optional.require("tensorboard", "train.tensorboard=true (or set it to false)")
     engine.check_launch()
