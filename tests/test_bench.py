@@ -69,3 +69,37 @@ def test_memory_bench_checks_its_estimate_against_measured_runs(tmp_path):
     rows = [r for r in result["rows"] if r["config"].startswith("tiny")]
     assert [r["engine"] for r in rows] == ["ddp", "fsdp"]
     assert all(r["measured_total_mib"] > 0 and r["estimated_total_mib"] > 0 for r in rows)
+
+
+@needs_data
+@pytest.mark.slow  # every step of the GPU script, on tiny models: about two minutes
+def test_gpu_script_dry_run_runs_every_step_and_bundles_its_results(tmp_path):
+    gpu = [sys.executable, str(ROOT / "bench" / "gpu.py")]
+    subprocess.run([*gpu, "pack", str(tmp_path / "carry"), "--no-wheels"], check=True, cwd=ROOT,
+                   capture_output=True, text=True)
+    assert (tmp_path / "carry" / "smollm2-135m" / "tokenizer.json").is_file()
+    assert not list((tmp_path / "carry").rglob("*.safetensors"))  # the shape, no weights
+    done = subprocess.run([*gpu, "run", "--device", "cpu", "--tiny", "--carried",
+                           str(tmp_path / "carry"), "--out", str(tmp_path / "out"), "--work",
+                           str(tmp_path / "work"), "--bundle", str(tmp_path / "gpu.tgz")],
+                          cwd=ROOT, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "out" / "gpu-cpu-tiny.json").read_text())
+    steps = {r["step"]: r for r in summary["rows"]}
+    assert done.returncode == 0, {k: (r["status"], r.get("tail")) for k, r in steps.items()}
+    assert list(steps) == ["shapes", "tests", "train", "train-7b", "inference", "inference-7b",
+                           "demo", "resume"]
+    assert "passed" in steps["tests"]["summary"]
+    assert steps["resume"]["start_steps"][0] == 0 and steps["resume"]["start_steps"][1] > 0
+    for name in ("train-cpu-tiny", "train-cpu-7b-tiny", "inference-cpu-tiny",
+                 "inference-cpu-7b-tiny"):
+        assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"]
+    import tarfile
+    with tarfile.open(tmp_path / "gpu.tgz") as tar:
+        assert "results/gpu-cpu-tiny.md" in tar.getnames()
+
+
+def test_a_cost_that_was_not_counted_reads_na_in_a_bench_table():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    assert common.table([{"flops": float("nan"), "s": 2.5e9}], ["flops", "s"])[2] == \
+        "| n/a | 2.50G |"
