@@ -246,6 +246,16 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 
 def _step(cfg, accelerator, model, optimizer, scheduler, params, batches, window,
           step) -> float | None:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches; returns the gradient norm.
+
+    It reads the device once, after the backward passes: whether any micro-batch's loss was
+    non-finite on any process, and the gradient norm, in one transfer. Each read is a host
+    sync, which leaves a GPU idle until the host has queued the next kernels; the loss terms
+    are summed on the device until a log line needs them (:class:`~.run_log.Window`). A bad
+    loss stops the run before the optimizer steps, so no weight takes its gradient.
+    """
+    finite = torch.ones((), device=accelerator.device)
+    losses = []
     for micro in range(cfg.grad_accum):
         batch = next(batches)
         # Only the last micro-batch synchronises gradients across processes.
@@ -253,24 +263,31 @@ def _step(cfg, accelerator, model, optimizer, scheduler, params, batches, window
         with sync, accelerator.autocast():
             out = model(batch)
             loss = out["loss"]
-            bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()),
-                               device=accelerator.device)
-            if accelerator.reduce(bad, "sum").item() > 0:  # every process stops together
-                raise TrainingError(
-                    f"The loss became {loss.item()} at step {step} (micro-batch {micro}). "
-                    f"Lower train.lr (now {cfg.lr:g}), use train.mixed_precision=bf16 or no "
-                    f"instead of fp16, or keep train.max_grad_norm set "
-                    f"(now {cfg.max_grad_norm}).")
+            losses.append(loss.detach())
+            finite = finite * torch.isfinite(losses[-1]).to(finite.dtype)
             accelerator.backward(loss / cfg.grad_accum)
         window.add(out, batch.get("tokens", 0))
-    grad_norm = None
+    norm = None
     if cfg.max_grad_norm is not None:
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        grad_norm = None if norm is None else float(norm)  # DeepSpeed: none before a step
+    # Every process stops together: the flags are summed over processes.
+    read = [accelerator.reduce(1 - finite, "sum").reshape(1).float()]
+    if isinstance(norm, torch.Tensor):  # DeepSpeed gives none before its first step
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2's DTensor
+        read.append(norm.detach().reshape(1).float().to(read[0].device))
+    values = torch.cat(read).tolist()
+    if values[0] > 0:
+        bad = [i for i, x in enumerate(losses) if not math.isfinite(float(x))]
+        where = (f"{float(losses[bad[0]])} at step {step} (micro-batch {bad[0]})" if bad else
+                 f"non-finite on another process at step {step}")
+        raise TrainingError(
+            f"The loss became {where}. Lower train.lr (now {cfg.lr:g}), use "
+            f"train.mixed_precision=bf16 or no instead of fp16, or keep train.max_grad_norm "
+            f"set (now {cfg.max_grad_norm}).")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return values[1] if len(values) > 1 else None
 
 
 def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, Any]]:

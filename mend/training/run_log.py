@@ -23,12 +23,15 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.micro, self.tokens, self.start = 0, 0, time.perf_counter()
 
     def add(self, out: dict[str, torch.Tensor], tokens: int) -> None:
+        """Add one micro-batch's loss terms, on their device: reading them here would stall a
+        GPU every step (a host sync); :func:`log_record` reads them once per log line."""
         for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.micro += 1
         self.tokens += tokens
 
@@ -40,8 +43,10 @@ def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, cou
     from accelerate.utils import gather_object
 
     keys = sorted(window.sums)
-    local = torch.tensor([window.sums[k] / max(window.micro, 1) for k in keys] + [window.tokens],
-                         device=accelerator.device, dtype=torch.float64)
+    local = torch.stack([window.sums[k].to(accelerator.device, torch.float64).reshape(())
+                         / max(window.micro, 1) for k in keys]
+                        + [torch.tensor(float(window.tokens), device=accelerator.device,
+                                        dtype=torch.float64)])
     means = accelerator.reduce(local[:-1], "mean") if keys else local[:0]
     tokens = float(accelerator.reduce(local[-1:], "sum")[0])
     elapsed = time.perf_counter() - window.start

@@ -208,6 +208,8 @@ class _Diverging:
 
     def loss(self, model, batch):
         self.calls += 1
+        if self.calls == 3:  # the weights the NaN step starts from
+            self.before = model.weight.detach().clone()
         y = model(torch.ones(1, 1)).sum()
         return {"loss": y * float("nan") if self.calls == 3 else y}
 
@@ -221,6 +223,45 @@ def test_a_nan_loss_stops_the_run_naming_the_step(tmp_path):
     cfg = TrainConfig(max_steps=5, progress=False, save_every=100)
     with pytest.raises(TrainingError, match=r"became nan at step 3.*train.lr"):
         train(cfg, method, lambda start, rank, world: forever, tmp_path)
+
+
+def test_a_nan_loss_leaves_the_weights_as_they_were(tmp_path):
+    method = _Diverging()
+    forever = iter(lambda: {"tokens": 1}, None)
+    cfg = TrainConfig(max_steps=5, progress=False, save_every=100, lr=0.1, warmup_steps=0)
+    with pytest.raises(TrainingError):
+        train(cfg, method, lambda start, rank, world: forever, tmp_path)
+    assert torch.equal(method.before, method.module.weight.detach())  # step 3 took nothing
+
+
+def test_a_training_step_reads_the_device_once(monkeypatch):
+    from accelerate import Accelerator
+
+    from mend.training.loop import _step
+    from mend.training.run_log import Window
+
+    model = torch.nn.Linear(3, 1)
+
+    def terms(batch):  # two loss terms, as MEND logs distill and pred
+        y = model(torch.ones(2, 3)).pow(2).mean()
+        return {"loss": 2 * y, "distill": y}
+    reads = []
+    for name in ("item", "tolist", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, original=original, name=name):
+            reads.append(name)
+            return original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    cfg = TrainConfig(grad_accum=3, max_grad_norm=1.0)
+    window = Window()
+    norm = _step(cfg, Accelerator(cpu=True), terms, optimizer, scheduler,
+                 list(model.parameters()), iter(lambda: {"tokens": 4}, None), window, 1)
+    # Three micro-batches, two terms each, a finiteness check and a gradient norm: one read.
+    assert reads == ["tolist"] and norm > 0 and window.micro == 3
+    assert float(window.sums["loss"]) == pytest.approx(2 * float(window.sums["distill"]))
 
 
 def test_prompt_tuning_trains_through_the_finetune_entry_point(setup, tmp_path, tiny_model):
