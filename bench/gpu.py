@@ -296,7 +296,7 @@ def train_args(args) -> list[str]:
 def step_train(args, env, work, out, limit, suffix):
     variants = "eager-fp32,bf16" if args.tiny else "eager-fp32,bf16,compile,8bit"
     return bench("train.py", args, env, out, limit, f"train-{args.device}{suffix}",
-                 train_args(args) + ["--variants", variants])
+                 train_args(args) + ["--variants", variants, "--profile"])
 
 
 def step_train_7b(args, env, work, out, limit, suffix):

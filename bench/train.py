@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     p.add_argument("--variants", default="eager-fp32,bf16,checkpointing,compile,8bit")
     p.add_argument("--text", default="../shared/data/text/wikitext-2/wiki.valid.tokens.gz")
+    p.add_argument("--profile", action="store_true",
+                   help="also count what one step asks of the host (torch.profiler)")
     args = p.parse_args(argv)
     peaks = peak_flops(args.device)
     rows = []
@@ -70,10 +72,47 @@ def main(argv=None) -> int:
         targets = []
         notes.append("The 25% MFU target is an H100 target; this CPU run measures the same "
                      "step against the CPU's own measured matmul peak.")
-    common.write(args, "train", rows, ["stage", "variant", "status", "step_s", "steps_per_s",
-                                       "tokens_per_s", "model_flops", "mfu", "peak_mb",
-                                       "first_step_s"], targets, notes)
+    columns = ["stage", "variant", "status", "step_s", "steps_per_s", "tokens_per_s",
+               "model_flops", "mfu", "peak_mb", "first_step_s"]
+    if args.profile:
+        columns += ["aten_calls", "host_reads", "kernel_launches", "device_syncs", "top_calls"]
+        notes.append(PROFILE_NOTE)
+    common.write(args, "train", rows, columns, targets, notes)
     return 0
+
+
+PROFILE_NOTE = (
+    "Profile of one step (torch.profiler): aten_calls counts ATen operator calls (views "
+    "included), the host-side work a step asks for; host_reads counts reads of a tensor's value "
+    "by the host (aten::_local_scalar_dense: .item(), float()), including AdamW's reads of its "
+    "step counters, which live on the CPU; on CUDA, kernel_launches counts cudaLaunchKernel "
+    "calls and device_syncs the stream, event and device synchronisations, the reads that "
+    "leave the GPU idle. top_calls: the five most frequent operators.")
+
+
+def profile_step(step, device: str) -> dict:
+    """What one call of ``step`` asks of the host (see PROFILE_NOTE)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        common.sync(device)
+    events = prof.key_averages()
+
+    def calls(match) -> int:
+        return sum(e.count for e in events if match(e.key))
+    aten = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.count)
+    row = {"aten_calls": calls(lambda k: k.startswith("aten::")),
+           "host_reads": calls(lambda k: k == "aten::_local_scalar_dense"),
+           "top_calls": ", ".join(f"{e.key[6:]} {e.count}" for e in aten[:5])}
+    if device == "cuda":
+        row["kernel_launches"] = calls(lambda k: k.startswith(("cudaLaunchKernel",
+                                                               "cuLaunchKernel")))
+        row["device_syncs"] = calls(lambda k: k in ("cudaStreamSynchronize",
+                                                    "cudaDeviceSynchronize",
+                                                    "cudaEventSynchronize"))
+    return row
 
 
 def low_precision(args, variant: str) -> bool:
@@ -179,8 +218,10 @@ def measure(args, stage: str, variant: str, peaks: dict) -> dict:
             common.sync(args.device)
             times.append(time.perf_counter() - began)
     seconds = statistics.median(times)
+    profiled = profile_step(step, args.device) if args.profile else {}
     return {**row, "status": "ok", "step_s": seconds, "steps_per_s": 1 / seconds,
-            "tokens_per_s": batch["tokens"] / seconds, "peak_mb": memory.peak / 2**20}
+            "tokens_per_s": batch["tokens"] / seconds, "peak_mb": memory.peak / 2**20,
+            **profiled}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -178,7 +178,7 @@ class PrefixLM(Scoring):
         if with_prefix_last and head.shape[1] == 0:
             raise InputError("with_prefix_last needs a prefix or a bos token before the input.")
         mask = torch.cat([head_mask, attention_mask], dim=1)
-        self._check_length(int(mask.sum(-1).max()))
+        self._check_length(mask.shape[1], lambda: mask.sum(-1).max())
         embeds = torch.cat([head, self.embed(input_ids)], dim=1)
         return embeds, mask, input_ids.shape[1] + int(with_prefix_last)
 
@@ -253,7 +253,7 @@ class PrefixLM(Scoring):
         input_ids, input_mask = input_ids.to(self.device), input_mask.to(self.device)
         mask = torch.cat([head_mask, input_mask], dim=1)
         pos = head.positions(index).to(self.device) + positions(input_mask)
-        self._check_length(int(pos.max()) + 1)
+        self._check_length(head_mask.shape[1] + input_mask.shape[1], lambda: pos.max() + 1)
         out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                         past_key_values=cache, use_cache=True)
         return torch.cat([head.last.index_select(0, index.to(head.last.device)).unsqueeze(1)
@@ -268,8 +268,15 @@ class PrefixLM(Scoring):
             return input_ids, torch.ones_like(input_ids)
         return input_ids, attention_mask.to(self.device).long()
 
-    def _check_length(self, length: int) -> None:
-        if self.max_length is not None and length > self.max_length:
+    def _check_length(self, width: int, longest: Callable[[], torch.Tensor] | None = None
+                      ) -> None:
+        """Refuse a row longer than the LLM's positions. ``width`` bounds every row's length
+        from the shapes alone; only past the limit is ``longest()`` read from the device,
+        a host sync that every forward pass would otherwise pay."""
+        if self.max_length is None or width <= self.max_length:
+            return
+        length = width if longest is None else int(longest())
+        if length > self.max_length:
             raise InputError(
                 f"A row needs {length} positions but the LLM takes at most {self.max_length} "
                 f"(max_position_embeddings). Shorten the queries or context, or use fewer "

@@ -136,7 +136,7 @@ class Scoring:
                 hidden = self._after_heads(shared_head, prefix, prefix_mask, index, ids, mask)
             else:
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                self._check_length(int(mask.sum(-1).max()))
+                self._check_length(mask.shape[1], lambda mask=mask: mask.sum(-1).max())
                 hidden = self.body(input_ids=ids, attention_mask=mask,
                                    position_ids=positions(mask)).last_hidden_state
                 last = last - 1

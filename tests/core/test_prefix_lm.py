@@ -141,6 +141,10 @@ def test_bad_shapes_and_lengths_are_explained(tiny_model):
         lm.logits(ids, prefix=torch.zeros(1, 2, lm.hidden_size + 1))
     with pytest.raises(InputError, match="at most 2048"):
         lm.logits(torch.ones(1, 2100, dtype=torch.long))
+    # Padding is no length: a row of 10 tokens padded to 2100 columns is read.
+    mask = torch.zeros(1, 2100, dtype=torch.long)
+    mask[:, :10] = 1
+    assert torch.isfinite(lm.logits(torch.ones(1, 2100, dtype=torch.long), mask)[0, :10]).all()
     with pytest.raises(InputError, match="needs 1 \\(shared\\) or one per query"):
         lm.score_options([[1], [2]], [[[3]], [[4]]], prefix=torch.zeros(3, 1, lm.hidden_size))
     with pytest.raises(InputError, match="nothing before them"):
