@@ -90,6 +90,25 @@ Project = Callable[[torch.Tensor], torch.Tensor]
 """Final hidden states ``(N, d)`` -> float32 logits ``(N, V)`` (``PrefixLM.project``)."""
 
 
+CPU_CHUNK = 1024
+"""Positions per chunk off CUDA, where the logits share memory with everything else."""
+
+
+def auto_chunk(device: torch.device | str, vocab: int, share: float = 0.125) -> int:
+    """Positions per chunk for ``objective.logits_chunk: auto``.
+
+    On CUDA, as many as keep their float32 logits and the loss's temporaries (about six
+    ``(N, V)`` copies: the student's and the teacher's logits, their log-softmaxes and the
+    gradient) within ``share`` of the free memory: one chunk, so one projection and no
+    recomputation, at the batch sizes that fit. Elsewhere :data:`CPU_CHUNK`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_CHUNK
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(CPU_CHUNK, int(free * share) // (6 * 4 * vocab))
+
+
 def chunked_kl_distill(project: Project, student_hidden: torch.Tensor,
                        teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None,
                        temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:

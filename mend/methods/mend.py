@@ -28,7 +28,7 @@ import torch
 from mend.data import Counters, Example
 from mend.core.distiller import Distiller
 from mend.errors import ConfigError
-from mend.core.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
+from mend.core.losses import auto_chunk, ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
 from mend.methods.registry import register_method
 from mend.core.text import pad
@@ -50,10 +50,12 @@ class ObjectiveConfig:
     distill_on: Literal["input", "answer"] = "input"
     """Where ``L_distill`` counts: every input position (the paper), or only where the answer
     is predicted (the output tokens of a stage-2 example, as ``L_pred``; stage 2 only)."""
-    logits_chunk: int | None = 1024
+    logits_chunk: int | Literal["auto"] | None = "auto"
     """Positions projected onto the vocabulary at a time, recomputed in backward, so no
-    ``(B, T, V)`` logits are ever held (:func:`mend.core.losses.chunked_kl_distill`). null: the
-    plain path through full logits (same loss, more memory)."""
+    ``(B, T, V)`` logits are ever held (:func:`mend.core.losses.chunked_kl_distill`). auto:
+    from the device's free memory on CUDA (usually one chunk), 1024 on a CPU
+    (:func:`mend.core.losses.auto_chunk`). null: the plain path through full logits (same
+    loss, more memory)."""
 
     def __post_init__(self) -> None:
         weights = (self.distill, self.pred, self.clm, self.reconstruct)
@@ -63,8 +65,8 @@ class ObjectiveConfig:
                               f"reconstruct={self.reconstruct}.")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}.")
-        if self.logits_chunk is not None and self.logits_chunk < 1:
-            raise ConfigError(f"objective.logits_chunk must be >= 1 or null, got "
+        if isinstance(self.logits_chunk, int) and self.logits_chunk < 1:
+            raise ConfigError(f"objective.logits_chunk must be >= 1, auto or null, got "
                               f"{self.logits_chunk}.")
 
 
@@ -99,6 +101,11 @@ class MendObjective:
                  counters: Counters | None = None):
         self.module, self.cfg = distiller, cfg
         self.counters = counters if counters is not None else Counters()
+        self.chunk = cfg.logits_chunk
+        if self.chunk == "auto":  # decided once, before training has taken any memory
+            config = distiller.llm.model.config
+            vocab = getattr(config.get_text_config(), "vocab_size", None) or config.vocab_size
+            self.chunk = auto_chunk(distiller.llm.device, vocab)
 
     def collate(self, examples: Sequence[Example]) -> dict[str, Any]:
         """Examples -> tensors: distiller ids (left-padded), the teacher's context ids
@@ -126,7 +133,7 @@ class MendObjective:
         llm, cfg = self.module.llm, self.cfg
         ids, mask = batch["input_ids"], batch["input_mask"]
         vectors = model(batch["demo_ids"], batch["demo_mask"])
-        chunk = cfg.logits_chunk
+        chunk = self.chunk
         # Index t of the student's outputs predicts input token t (the first from the last
         # vector). The fast path keeps hidden states and projects them chunk by chunk.
         forward = llm.logits if chunk is None else llm.hidden

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mend.core.losses import ce_loss, kl_distill
+from mend.errors import ConfigError
 
 P_T = [0.5, 0.25, 0.25]
 TEACHER = torch.tensor([[[math.log(p) for p in P_T]]])  # (1, 1, 3)
@@ -65,3 +66,21 @@ def test_ce_matches_hand_computation():
     everything = (math.log(3) + math.log(2) + math.log(4)) / 3
     assert ce_loss(logits, targets).item() == pytest.approx(everything, rel=1e-6)
 
+
+
+def test_auto_chunk_fills_an_eighth_of_the_free_gpu_memory(monkeypatch):
+    from mend.config import from_dict
+    from mend.core.losses import CPU_CHUNK, auto_chunk
+    from mend.methods.mend import ObjectiveConfig
+
+    assert auto_chunk("cpu", 49152) == CPU_CHUNK == 1024
+    # 120 GiB free, a 49152-word vocabulary: 15 GiB / (6 x 4 bytes x 49152) = 13653 positions.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (120 * 2**30, 141 * 2**30))
+    assert auto_chunk("cuda", 49152) == 15 * 2**30 // (24 * 49152) == 13653
+    # A full GPU still gets the CPU's chunk, not fewer positions.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**20, 141 * 2**30))
+    assert auto_chunk("cuda:0", 262144) == 1024
+    assert from_dict(ObjectiveConfig, {"logits_chunk": "auto"}).logits_chunk == "auto"
+    assert ObjectiveConfig().logits_chunk == "auto"
+    with pytest.raises(ConfigError, match="auto or null"):
+        ObjectiveConfig(logits_chunk=0)
