@@ -1,5 +1,6 @@
 """Every GPU measurement in one command: the device tests, the training and inference benches at
-the zoo shape and at a 7B shape, `mend demo`, and a stage 1 killed and resumed.
+the zoo shape and at a 7B shape, the 8-bit LLM's gradients, `mend demo`, and a stage 1 killed
+and resumed.
 
 On this machine, before a device call (copies what the GPU machine lacks into an ignored
 folder that the call carries; see docs/gpu.md)::
@@ -16,11 +17,11 @@ And its dry run, which CI runs through tests/test_bench.py so that it cannot rot
 
 Each step is a subprocess under its own time limit, so one failure or hang never costs the
 rest. The steps' results go to ``<out>/gpu-<device>.{json,md}`` beside the benches' own files
-(``train-<device>*``, ``inference-<device>*``; ``-tiny`` in a dry run), each step's output to
-``<out>/logs/``. Speed needs no trained weights, so the models are random-init copies of
-SmolLM2-135M's shape (its config and tokenizer) and of Llama-2-7B's (``bench/architectures``,
-with SmolLM2's tokenizer); `mend demo` runs the shipped distiller over those random weights,
-which makes its times real and its accuracies meaningless.
+(``train-<device>*``, ``eightbit-<device>``, ``inference-<device>*``; ``-tiny`` in a dry run),
+each step's output to ``<out>/logs/``. Speed needs no trained weights, so the models are
+random-init copies of SmolLM2-135M's shape (its config and tokenizer) and of Llama-2-7B's
+(``bench/architectures``, with SmolLM2's tokenizer); `mend demo` runs the shipped distiller
+over those random weights, which makes its times real and its accuracies meaningless.
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ class Step(NamedTuple):
 # The GPU limits add up to 8 minutes, one call's budget with a minute to spare for its start.
 STEPS = (
     Step("shapes", 45, 30, "random-init models of the zoo shape and a 7B shape"),
-    Step("tests", 60, 180, "the device tests (MEND_TEST_DEVICE) on the CPU and this device"),
-    Step("train", 80, 120, "bench/train.py at the zoo shape: eager fp32, bf16, compile, 8-bit"),
-    Step("train-7b", 60, 120, "bench/train.py with the 7B-shaped frozen LLM: bf16, 8-bit"),
-    Step("inference", 45, 180, "bench/inference.py at the zoo shape, output kv"),
-    Step("inference-7b", 45, 180, "bench/inference.py with the 7B-shaped LLM"),
-    Step("demo", 60, 240, "mend demo (the shipped distiller over random weights: times only)"),
-    Step("resume", 85, 60, "mend pretrain stopped at half its time, then resumed"),
+    Step("tests", 50, 180, "the device tests (MEND_TEST_DEVICE) on the CPU and this device"),
+    Step("train", 75, 120, "bench/train.py at the zoo shape: eager fp32, bf16, compile, 8-bit"),
+    Step("train-7b", 55, 120, "bench/train.py with the 7B-shaped frozen LLM: bf16, 8-bit"),
+    Step("eightbit", 35, 120, "bench/eightbit.py: 20 steps through an 8-bit LLM vs bf16"),
+    Step("inference", 40, 180, "bench/inference.py at the zoo shape, output kv"),
+    Step("inference-7b", 40, 180, "bench/inference.py with the 7B-shaped LLM"),
+    Step("demo", 55, 240, "mend demo (the shipped distiller over random weights: times only)"),
+    Step("resume", 80, 60, "mend pretrain stopped at half its time, then resumed"),
 )
 
 
@@ -306,6 +308,14 @@ def step_train_7b(args, env, work, out, limit, suffix):
                  train_args(args) + llm + ["--variants", variants])
 
 
+def step_eightbit(args, env, work, out, limit, suffix):
+    sizes = (["--batch", "2", "--demo-tokens", "48", "--input-tokens", "24", "--placeholders",
+              "4", "--steps", "4"] if args.tiny else [])
+    text = ["--text", str(data_root(args) / "text" / "wikitext-2" / "wiki.valid.tokens.gz")]
+    return bench("eightbit.py", args, env, out, limit, f"eightbit-{args.device}{suffix}",
+                 sizes + text)
+
+
 def inference_args(args) -> list[str]:
     data = ["--data", str(data_root(args) / "metaicl")]
     if args.tiny:
@@ -369,7 +379,7 @@ def step_resume(args, env, work, out, limit, suffix):
 
 
 STEP_RUNNERS = {"shapes": step_shapes, "tests": step_tests, "train": step_train,
-                "train-7b": step_train_7b, "inference": step_inference,
+                "train-7b": step_train_7b, "eightbit": step_eightbit, "inference": step_inference,
                 "inference-7b": step_inference_7b, "demo": step_demo, "resume": step_resume}
 
 

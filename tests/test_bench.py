@@ -86,11 +86,11 @@ def test_gpu_script_dry_run_runs_every_step_and_bundles_its_results(tmp_path):
     summary = json.loads((tmp_path / "out" / "gpu-cpu-tiny.json").read_text())
     steps = {r["step"]: r for r in summary["rows"]}
     assert done.returncode == 0, {k: (r["status"], r.get("tail")) for k, r in steps.items()}
-    assert list(steps) == ["shapes", "tests", "train", "train-7b", "inference", "inference-7b",
-                           "demo", "resume"]
+    assert list(steps) == ["shapes", "tests", "train", "train-7b", "eightbit", "inference",
+                           "inference-7b", "demo", "resume"]
     assert "passed" in steps["tests"]["summary"]
     assert steps["resume"]["start_steps"][0] == 0 and steps["resume"]["start_steps"][1] > 0
-    for name in ("train-cpu-tiny", "train-cpu-7b-tiny", "inference-cpu-tiny",
+    for name in ("train-cpu-tiny", "train-cpu-7b-tiny", "eightbit-cpu-tiny", "inference-cpu-tiny",
                  "inference-cpu-7b-tiny"):
         assert json.loads((tmp_path / "out" / f"{name}.json").read_text())["rows"]
     import tarfile
