@@ -68,7 +68,7 @@ def write(args, bench: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
           targets: Sequence[dict[str, Any]] = (), notes: Sequence[str] = (),
           config: dict[str, Any] | None = None) -> Path:
     """Write ``<name>.json`` and ``<name>.md``; returns the JSON path."""
-    from mend.reporting.results import provenance, write_json
+    from mend.provenance import provenance, write_json
 
     name = args.name or f"{bench}-{args.device}{'-tiny' if args.tiny else ''}"
     out = Path(args.out)

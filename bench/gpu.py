@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 def pack(folder: Path, wheels: bool) -> int:
     """Copy into ``folder``: the zoo model's config and tokenizer (no weights), the text and
     the MetaICL task the steps read, and the wheels the GPU image lacks."""
-    from mend.core import zoo
+    from mend.core.backbones import zoo_path
 
     folder.mkdir(parents=True, exist_ok=True)
     shape = folder / ZOO_NAME
     shape.mkdir(exist_ok=True)
-    source = zoo.path(ZOO_NAME)
+    source = zoo_path(ZOO_NAME)
     for name in SHAPE_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, shape / name)
@@ -244,9 +244,10 @@ import json, shutil, torch
 from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 from mend.core import zoo
+from mend.core.backbones import zoo_path
 target = zoo.cache_root() / "zoo" / "{zoo}"
 if not (target / "zoo.json").is_file():
-    source = Path("{source}") if "{source}" else zoo.path("{zoo}")
+    source = Path("{source}") if "{source}" else zoo_path("{zoo}")
     target.mkdir(parents=True, exist_ok=True)
     for f in source.iterdir():
         if f.suffix != ".safetensors":

@@ -8,15 +8,15 @@ Public API::
     distiller.score(ctx, ["a joyless film"], options=["positive", "negative"])
 """
 
-__version__ = "0.1.0"
-
-from mend.config import MendConfig, load_config  # noqa: E402
-from mend.core.distiller import DistilledContext, Distiller  # noqa: E402
-from mend.errors import (  # noqa: E402
+from mend._version import __version__
+from mend.config import MendConfig, load_config
+from mend.core.distiller import DistilledContext, Distiller
+from mend.core.prefix_lm import PrefixLM
+from mend.errors import (
     BackboneError, CheckpointError, ConfigError, InputError, MendError, TruncationWarning)
-from mend.core.prefix_lm import PrefixLM  # noqa: E402
 
 __all__ = [
-    "BackboneError", "CheckpointError", "ConfigError", "DistilledContext", "Distiller",
-    "InputError", "MendConfig", "MendError", "PrefixLM", "TruncationWarning", "load_config",
+    "__version__", "BackboneError", "CheckpointError", "ConfigError", "DistilledContext",
+    "Distiller", "InputError", "MendConfig", "MendError", "PrefixLM", "TruncationWarning",
+    "load_config",
 ]

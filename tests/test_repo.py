@@ -31,3 +31,16 @@ def test_the_readme_layout_names_every_package_of_mend():
     assert packages and [p for p in packages if f"  {p}/" not in layout] == []
     mirrored = {p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").is_file()}
     assert mirrored <= set(packages), "tests/ folders mirror mend/'s packages"
+
+
+def test_imports_point_down_the_layers():
+    """The contracts of setup.cfg's [importlinter]: core < data < methods < training/evaluation <
+    reporting < recipes < baselines < cli, and the two baselines independent."""
+    import subprocess
+    import sys
+
+    lint = Path(sys.executable).parent / "lint-imports"
+    done = subprocess.run([str(lint) if lint.exists() else "lint-imports"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 kept, 0 broken" in done.stdout

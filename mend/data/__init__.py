@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mend.core.text import Demos
+from mend.counters import Counters
 from mend.errors import ConfigError
 
 T = TypeVar("T")
@@ -34,28 +35,6 @@ class Example:
     context: list[int]
     input: list[int]
     targets_from: int
-
-
-@dataclass
-class Counters:
-    """Running counts of what the data pipeline cut, dropped or skipped, for the logs."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    paused: bool = False
-    """Set by :func:`batches` while it skips batches that are not this process's to train."""
-
-    def add(self, key: str, n: int = 1) -> None:
-        if n and not self.paused:
-            self.counts[key] = self.counts.get(key, 0) + n
-
-
-def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """Several counters' counts added key by key (ranks, tasks), sorted by name."""
-    total = Counters()
-    for part in counts:
-        for key, value in part.items():
-            total.add(key, value)
-    return dict(sorted(total.counts.items()))
 
 
 def batches(epoch_items: Callable[[int], Iterable[T]], batch_size: int,

@@ -10,7 +10,7 @@ Layout (as in ``../shared/data/metaicl``)::
 Each line: ``{"task", "input", "output", "options"}``. A task named in a partition but absent
 from ``root`` is skipped with one warning naming it.
 
-**Truncation rules** (both counted by the caller's :class:`~mend.data.Counters`):
+**Truncation rules** (both counted by the caller's :class:`~mend.counters.Counters`):
 
 1. *Per input:* each demonstration input, and each query input, keeps its first
    ``max_input_tokens`` LLM tokens (it is cut from the end). Outputs are never cut.
@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mend.data import Counters, Example
+from mend.counters import Counters
+from mend.data import Example
 from mend.errors import ConfigError, InputError
 from mend.core.text import Demo, DemoFormat, encode, fit
 

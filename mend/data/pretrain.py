@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mend.data import Counters, Example, shuffled
+from mend.counters import Counters
+from mend.data import Example, shuffled
 from mend.errors import ConfigError
 
 LOCAL_FORMATS = {".txt": "text", ".tokens": "text", ".raw": "text", ".json": "json",

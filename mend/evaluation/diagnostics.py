@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from mend.core import kv_cache
-from mend.data import Counters, Example
+from mend.counters import Counters
+from mend.data import Example
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
 from mend.core.losses import chunked_kl_distill

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mend.data import Counters, Example
+from mend.counters import Counters
+from mend.data import Example
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat

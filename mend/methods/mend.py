@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import torch
 
-from mend.data import Counters, Example
+from mend.counters import Counters
+from mend.data import Example
 from mend.core.distiller import Distiller
 from mend.errors import ConfigError
 from mend.core.losses import auto_chunk, ce_loss, chunked_ce, chunked_kl_distill, kl_distill
@@ -167,5 +168,4 @@ class MendObjective:
         self.module.save_pretrained(path, state_dict=state_dict)
 
 
-register_method("mend", load=Mend.load, needs="checkpoint",
-                finetune="mend.recipes.finetune:MEND")
+register_method("mend", load=Mend.load, needs="checkpoint")

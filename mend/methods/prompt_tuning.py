@@ -20,7 +20,8 @@ from torch import nn
 from mend.core import checkpoint
 from mend.core.backbones import init_vectors, load_model, load_tokenizer
 from mend.config import Dtype, from_dict, replace, to_dict
-from mend.data import Counters, Example
+from mend.counters import Counters
+from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
 from mend.core.losses import ce_loss
 from mend.methods.base import Prefix
@@ -144,5 +145,4 @@ class PromptTuningObjective:
         self.module.save_pretrained(path, state_dict=state_dict)
 
 
-register_method("prompt_tuning", load=PromptTuning.load, needs="checkpoint",
-                finetune="mend.recipes.finetune:PROMPT_TUNING")
+register_method("prompt_tuning", load=PromptTuning.load, needs="checkpoint")

@@ -2,13 +2,13 @@
 
     register_method("icl", load=ICL.load, needs="llm")
 
-``method:`` in any config is checked against this registry, and ``mend finetune`` finds a
-trainable method's stage-2 recipe here. Adding a method is its module plus a YAML file.
+``method:`` in any config is checked against this registry. Which methods ``mend finetune``
+trains, and with which recipe, is the recipes' own table (``mend.recipes.finetune.RECIPES``):
+a method knows nothing of the jobs above it. Adding a method is its module plus a YAML file.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,18 +23,6 @@ class MethodSpec:
     """``load(cfg: MethodConfig, device) -> Method``: the models it needs, ready to score."""
     needs: Literal["llm", "checkpoint"]
     """What a config must name: a frozen ``llm`` (zero-shot, ICL) or a trained ``checkpoint``."""
-    finetune: str | None = None
-    """``"module:attribute"`` of its stage-2 :class:`~mend.recipes.Recipe`; None: not
-    trained by ``mend finetune``."""
-
-    def recipe(self):
-        """The stage-2 recipe, imported when asked for (recipes import the methods)."""
-        if self.finetune is None:
-            trained = ", ".join(n for n, s in _REGISTRY.items() if s.finetune)
-            raise ConfigError(f"method={self.name} is not trained by mend finetune; it trains "
-                              f"{trained}.")
-        module, attribute = self.finetune.split(":")
-        return getattr(importlib.import_module(module), attribute)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -45,11 +33,11 @@ BASELINES = {"pattern_icl": "mend nli icl", "pbft": "mend nli pbft",
              "step_by_step": "mend sbs train (or mend sbs eval)"}
 
 
-def register_method(name: str, *, load: Callable[..., Any], needs: Literal["llm", "checkpoint"],
-                    finetune: str | None = None) -> None:
+def register_method(name: str, *, load: Callable[..., Any], needs: Literal["llm", "checkpoint"]
+                    ) -> None:
     if name in _REGISTRY:
         raise ValueError(f"method {name!r} is registered twice")
-    _REGISTRY[name] = MethodSpec(name, load, needs, finetune)
+    _REGISTRY[name] = MethodSpec(name, load, needs)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -96,7 +96,7 @@ def write_results(cfg: Any, result: dict[str, Any], name: str = "results.json",
     import json
 
     from mend.core.backbones import process_state
-    from mend.reporting.results import provenance, write_json
+    from mend.provenance import provenance, write_json
 
     result["provenance"] = provenance(to_dict(cfg))
     if process_state().is_main_process:

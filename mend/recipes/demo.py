@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from mend.config import replace
-from mend.core.backbones import pick_device
-from mend.data import sum_counts
+from mend.core.backbones import pick_device, zoo_path
+from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import LONG_TASKS, NUM_DEMOS
 from mend.errors import ConfigError
@@ -35,6 +35,7 @@ from mend.evaluation.efficiency import break_even, gflops, serving_costs, uncoun
 from mend.evaluation.harness import DemoConfig
 from mend.methods import MethodConfig, build_method
 from mend.reporting.results import compression_text, memory
+from mend.reporting import plots
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
@@ -111,7 +112,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
         "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": cfg.context.k,
         "cost_queries_per_task": cfg.cost_queries,
         "wall_time_s": time.perf_counter() - started})
-    _plot(table, even, cfg.context.k, out / "demo.png")
+    plots.demo(table, even, cfg.context.k, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")
     print(markdown(table, even))
     print(f"written: {out / 'results.json'}, {out / 'demo.png'} "
@@ -250,9 +251,8 @@ def _queries(n: float | None) -> str:
 
 def _models(tiny: bool) -> tuple[str, str]:
     if not tiny:
-        from mend.core import zoo
         for name in set(ZOO_PAIR):
-            zoo.path(name)  # converts on first use; a missing package names its pip command
+            zoo_path(name)  # converts on first use; a missing package names its pip command
         return ZOO_PAIR
     from mend import tiny as tiny_models
     from mend.core.zoo import cache_root
@@ -300,55 +300,6 @@ def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out
         train=TrainConfig(max_steps=cfg.train_steps, batch_size=4, lr=1e-4, warmup_steps=5,
                           log_every=5, save_every=cfg.train_steps),
         objective=ObjectiveConfig(pred=1.0, distill=1.0), output_dir=str(out)))
-
-
-def _plot(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int | None]]],
-          k: int, path: Path) -> None:
-    """Accuracy (own and swapped demonstrations), per-query FLOPs, latency and peak memory,
-    and the total FLOPs of n queries, where the break-even points are."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["method"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in table]
-    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#228833",
-              "#aa3377"][:len(table)]
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
-    own = [r["accuracy"] * 100 for r in table]
-    swapped = [(r["swapped_accuracy"] or 0) * 100 for r in table]
-    x = range(len(table))
-    axes[0].bar([i - 0.2 for i in x], own, 0.4, color=colors, label="own demos")
-    axes[0].bar([i + 0.2 for i in x], swapped, 0.4, color=colors, alpha=0.4,
-                label="swapped demos")
-    axes[0].legend(fontsize=7)
-    panels = [("accuracy (%)", None),
-              ("GFLOPs per query", [r["per_query"]["flops"] / 1e9 for r in table]),
-              ("ms per query", [r["per_query"]["seconds"] * 1e3 for r in table]),
-              ("peak MB per query (+ KV cache)",
-               [(r["per_query"]["peak_bytes"] + r["per_query"]["cache_bytes"]) / 2**20
-                for r in table])]
-    for ax, (title, values) in zip(axes, panels):
-        if values is not None:
-            ax.bar(x, values, color=colors)
-        ax.set_xticks(list(x), names, fontsize=7)
-        ax.set_title(title)
-    ax = axes[4]
-    points = [v["flops"] for against in even.values() for v in against.values()
-              if v["flops"] and not math.isnan(v["flops"])]
-    n = max([10] + [2 * p for p in points])
-    queries = range(0, n + 1)
-    for r, color in zip(table, colors):
-        once, q = r["once"]["flops"], r["per_query"]["flops"]
-        ax.plot(queries, [(once + i * q) / 1e9 for i in queries], color=color, label=r["method"])
-    for point in points:
-        ax.axvline(point, color="k", ls=":", lw=0.8)
-    ax.set_xlabel("queries served by one demonstration set")
-    ax.set_title("total GFLOPs (dotted: break-even)")
-    ax.legend(fontsize=7)
-    fig.suptitle(f"mend demo: built-in tasks, k = {k}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cli(argv=None) -> int:

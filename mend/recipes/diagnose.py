@@ -35,7 +35,7 @@ def main(cfg: DiagnoseConfig) -> dict[str, Any]:
     """Content controls of a MEND checkpoint on held-out text."""
 
     from mend.core.distiller import Distiller
-    from mend.reporting.results import provenance, write_json
+    from mend.provenance import provenance, write_json
 
     device = pick_device(cfg.device)
     distiller = Distiller.from_pretrained(cfg.checkpoint, device=device).eval()

@@ -21,6 +21,7 @@ from mend.evaluation.efficiency import gflops, query_costs, uncounted
 from mend.evaluation.harness import demo_pool
 from mend.methods import MethodConfig, build_method
 from mend.recipes import Recipe, run, write_results
+from mend.reporting import plots
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def main(cfg: EfficiencyConfig) -> dict[str, Any]:
                                  "device": device, "methods": table}, "efficiency.json")
     out = Path(cfg.output_dir)
     (out / "efficiency.md").write_text(markdown(result))
-    plot(result, out / "efficiency.png")
+    plots.efficiency(result, out / "efficiency.png")
     print(markdown(result))
     return result
 
@@ -83,27 +84,6 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['peak_bytes'] / 2**20:.1f} | {r['seconds'] * 1e3:.1f} |{ratio}")
     lines += [f"\nFLOPs n/a: {reason}." for reason in uncounted()]
     return "\n".join(lines) + "\n"
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["methods"]
-    names = [r["method"] for r in rows]
-    panels = [("GFLOPs per query", [r["flops"] / 1e9 for r in rows]),
-              ("peak memory (MiB)", [r["peak_bytes"] / 2**20 for r in rows]),
-              ("time per query (ms)", [r["seconds"] * 1e3 for r in rows])]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["#999999", "#4477aa", "#cc6677", "#228833"][:len(names)])
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{result['task']}, k={result['k']}, batch size 1 ({result['device']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cli(argv=None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from mend.core.backbones import pick_device
 from mend.config import replace, to_dict
-from mend.data import sum_counts
+from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition, load_task
 from mend.errors import ConfigError
 from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
@@ -28,6 +28,7 @@ from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, cont
 from mend.methods import MethodConfig, build_method
 from mend.recipes import Recipe, run, write_results
 from mend.reporting.results import memory, recovered
+from mend.reporting import plots
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     tables = "\n".join(f"### {cfg.sweep.key} = {lab}\n\n{results_table(r)}"
                        for lab, r in zip(labels, runs))
     (out / "results.md").write_text(tables)
-    plot_sweep([result], out / "sweep.png")
+    plots.sweep([result], out / "sweep.png")
     print(tables)
     return result
 
@@ -200,28 +201,6 @@ def _nested(key: str, value: Any) -> dict[str, Any]:
     for part in reversed(rest):
         value = {part: value}
     return {head: value}
-
-
-def plot_sweep(results: list[dict[str, Any]], path: str | Path) -> None:
-    """The partition average against the swept value, one line per results file."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for result in results:
-        labels = result["sweep"]["labels"]
-        means = [r["results"]["average"]["score"]["mean"] * 100 for r in result["runs"]]
-        stds = [r["results"]["average"]["score"]["std"] * 100 for r in result["runs"]]
-        ax.errorbar(range(len(labels)), means, yerr=stds, marker="o", capsize=3,
-                    label=result["label"])
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel(result["sweep"]["key"])
-    ax.set_ylabel("average score (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cli(argv=None) -> int:

@@ -17,7 +17,8 @@ from typing import Literal
 
 from mend.training.engine import load_device
 from mend.config import MendConfig, replace, to_dict
-from mend.data import Counters, batches
+from mend.counters import Counters
+from mend.data import batches
 from mend.data.metaicl import (DEMO_PARTITION, ContextBuilder, ContextConfig, FinetuneData,
                                MetaICLConfig, Task, load_partitions)
 from mend.errors import ConfigError
@@ -162,14 +163,20 @@ def _select_scores(method, tasks, select: SelectionConfig, demos: DemoConfig, bu
                           batch_size=select.batch_size)[0]
 
 
-MEND = Recipe(FinetuneConfig, main)
-PROMPT_TUNING = Recipe(PromptTuningFinetuneConfig, main_prompt_tuning)
+RECIPES = {"mend": Recipe(FinetuneConfig, main),
+           "prompt_tuning": Recipe(PromptTuningFinetuneConfig, main_prompt_tuning)}
+"""The methods ``mend finetune`` trains, by name (hypertuning is mend with its objective)."""
 
 
 def recipe_for(data: dict) -> Recipe:
-    """Stage 2 of MEND and its ablations, or of prompt tuning: the registered recipe of the
-    config's ``method`` (mend by default)."""
-    return get_method(str(data.get("method", "mend"))).recipe()
+    """Stage 2 of MEND and its ablations, or of prompt tuning: the recipe of the config's
+    ``method`` (mend by default)."""
+    name = str(data.get("method", "mend"))
+    get_method(name)  # an unknown name is refused with the registry's list
+    if name not in RECIPES:
+        raise ConfigError(f"method={name} is not trained by mend finetune; it trains "
+                          f"{', '.join(RECIPES)}.")
+    return RECIPES[name]
 
 
 def cli(argv=None) -> int:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from mend.training.engine import load_device
 from mend.config import MendConfig, to_dict
-from mend.data import Counters, batches
+from mend.counters import Counters
+from mend.data import batches
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor

@@ -31,6 +31,7 @@ import yaml
 from mend.reporting.controls import controls_section
 from mend.reporting.results import fmt, provenance_summary, recovered
 from mend.training.run_log import train_cost
+from mend.reporting import plots
 
 MAIN_ROWS = (("zero-shot", "zero_shot"), ("PromptTuning", "prompt_tuning"),
              ("vanilla ICL", "icl"), ("HyperTuning", "hypertuning"), ("MEND", "mend"))
@@ -164,7 +165,6 @@ class Setting:
 
     def sweep_tables(self) -> str:
         """The K sweep (ICL and MEND) and the l sweep (MEND), tables plus one plot each."""
-        from mend.recipes.evaluate import plot_sweep
 
         p, out = ANALYSIS_PARTITION, []
         for key, names in (("k", ("sweep-k-icl", "sweep-k-mend")), ("l", ("sweep-l-mend",))):
@@ -180,7 +180,7 @@ class Setting:
                 lines.append(f"| {_method_of(name)} | "
                              + " | ".join(fmt(s) for s in means[_method_of(name)]) + " |")
             figure = self.root / f"sweep-{key}.png"
-            plot_sweep([r for _, r in found], figure)
+            plots.sweep([r for _, r in found], figure)
             out.append("\n".join(lines) + f"\n\n![{key} sweep]({self.link}/{figure.name})")
             if len(means.get("MEND", [])) > 1:
                 s = means["MEND"]

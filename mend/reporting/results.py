@@ -8,60 +8,12 @@ command line and the time. :func:`compare` puts several results files side by si
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mend.evaluation.metrics import recovered_share
-
-PACKAGES = ("mend", "torch", "transformers", "accelerate", "peft", "datasets", "safetensors",
-            "numpy", "scikit-learn", "bitsandbytes")
-
-
-def provenance(config: dict[str, Any] | None = None) -> dict[str, Any]:
-    import torch
-
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"config": config, "versions": versions, "git": git_state(),
-            "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                        "device": device, "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
-            "command": " ".join(sys.argv),
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def git_state() -> dict[str, Any] | None:
-    """The commit of the repository mend was installed from, and whether it was dirty.
-
-    A copy of the tree without ``.git`` (a remote GPU machine, say) reports the commit that
-    ``MEND_GIT_COMMIT`` names, marked as such.
-    """
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = os.environ.get("MEND_GIT_COMMIT")
-        return {"commit": commit, "dirty": None, "source": "MEND_GIT_COMMIT"} if commit else None
-    return {"commit": commit, "dirty": bool(dirty)}
-
 
 def provenance_summary(root: Path, link: str) -> str:
     """One line naming the commits and devices behind every ``results.json`` under ``root``."""
@@ -73,15 +25,6 @@ def provenance_summary(root: Path, link: str) -> str:
         devices.add((prov.get("machine") or {}).get("device", "?"))
     return (f"Results in `{link}/` (each `results.json` carries its provenance): "
             f"git {', '.join(sorted(commits))}; device {', '.join(sorted(devices))}.")
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 def fmt(stat: dict[str, float] | None, scale: float = 100.0) -> str:

@@ -13,9 +13,9 @@ import shutil
 import signal
 from pathlib import Path
 
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import CheckpointError
-from mend.data import sum_counts
+from mend.counters import sum_counts
 from mend.training.engine import SHARDED, engine_of, save_state_kwargs
 
 ENGINE_FILE = "mend_engine.json"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from mend.config import replace
-from mend.data import Counters, batches
+from mend.counters import Counters
+from mend.data import batches
 from mend.errors import ConfigError
 
 

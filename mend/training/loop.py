@@ -47,7 +47,7 @@ import torch
 from mend import optional
 from mend.core.backbones import pick_device
 from mend.training import engine, precision
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import ConfigError, MendError
 from mend.methods.base import Trainable
 from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult

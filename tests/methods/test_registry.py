@@ -4,7 +4,7 @@ import pytest
 
 from mend.errors import ConfigError
 from mend.methods import MethodConfig, get_method, method_names, register_method
-from mend.recipes.finetune import MEND, PROMPT_TUNING, recipe_for
+from mend.recipes.finetune import RECIPES, recipe_for
 
 
 def test_every_method_registers_itself_once():
@@ -27,8 +27,9 @@ def test_an_unknown_method_is_a_config_error_listing_the_registered_ones():
         MethodConfig("hypertuning")
 
 
-def test_finetune_finds_a_methods_stage_two_recipe_in_the_registry():
-    assert recipe_for({}) is MEND and recipe_for({"method": "prompt_tuning"}) is PROMPT_TUNING
+def test_finetune_finds_a_methods_stage_two_recipe_in_its_own_table():
+    assert recipe_for({}) is RECIPES["mend"]
+    assert recipe_for({"method": "prompt_tuning"}) is RECIPES["prompt_tuning"]
     with pytest.raises(ConfigError, match="icl is not trained by mend finetune; it trains "
-                                          "prompt_tuning, mend"):
+                                          "mend, prompt_tuning"):
         recipe_for({"method": "icl"})

@@ -29,7 +29,7 @@ from torch import nn
 from mend.core import checkpoint
 from mend.core.backbones import add_lora, enable_checkpointing, load_model, load_tokenizer
 from mend.config import Dtype, from_dict, to_dict
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import CheckpointError, ConfigError
 from mend.baselines.nli.data import LABELS, NLIExample
 from mend.baselines.nli.patterns import get_pattern

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import ConfigError
 
 PHRASES = {"cqa": "So the answer is", "svamp": "The answer is", "esnli": "So the answer is"}

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from mend.core.backbones import pick_device
 from mend.config import to_dict
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import ConfigError
 from mend.baselines.step_by_step.student import Student, StepByStepObjective, StudentConfig
 from mend.baselines.step_by_step.data import (RationaleDataConfig, RationaleExample, is_correct,

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mend.config import Dtype, from_dict, to_dict
-from mend.data import Counters
+from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.baselines.step_by_step.data import RationaleExample
 from mend.core.text import bos_ids, pad
