@@ -34,7 +34,42 @@ T = TypeVar("T")
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+def checked(cls: type[T]) -> type[T]:
+    """Make a config dataclass check its choices when built in Python too, not only when read
+    from YAML or a checkpoint: every field whose type names a ``Literal`` (the choices, the
+    dtypes) is checked as :func:`from_dict` checks it, before the class's own
+    ``__post_init__``. Put it under ``@dataclass``, which then calls the check::
+
+        @dataclass(frozen=True)
+        @checked
+        class MyConfig: ...
+    """
+    own = cls.__dict__.get("__post_init__")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.init and _names_literal(hints[f.name]):
+                _coerce(hints[f.name], getattr(self, f.name), f.name)
+        if own is not None:
+            own(self)
+        else:
+            parent = super(cls, self)
+            if hasattr(parent, "__post_init__"):
+                parent.__post_init__()
+
+    cls.__post_init__ = __post_init__
+    return cls
+
+
+def _names_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal or any(_names_literal(a)
+                                                  for a in typing.get_args(tp))
+
+
+
 @dataclasses.dataclass(frozen=True)
+@checked
 class MendConfig:
     """Everything that defines a MEND distiller and the frozen LLM it feeds.
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mend.config import checked
 from mend.counters import Counters
 from mend.data import Example
 from mend.errors import ConfigError, InputError
@@ -40,6 +41,7 @@ DEMO_PARTITION = "demo"
 
 
 @dataclass(frozen=True)
+@checked
 class ContextConfig:
     """How many demonstrations a context holds and how much of them is read: one section,
     ``context:``, of every config that builds contexts (stage 2 and its model selection,
@@ -66,6 +68,7 @@ class ContextConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class MetaICLConfig:
     root: str = "../shared/data/metaicl"
     partition: str | tuple[str, ...] = "class_to_class"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mend.config import checked
 from mend.counters import Counters
 from mend.data import Example, shuffled
 from mend.errors import ConfigError
@@ -37,6 +38,7 @@ LOCAL_FORMATS = {".txt": "text", ".tokens": "text", ".raw": "text", ".json": "js
 
 
 @dataclass(frozen=True)
+@checked
 class TextDataConfig:
     path: str = "allenai/c4"
     """A hub dataset id, or a local file, glob or directory of text/JSON-lines/parquet files."""

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from mend.config import checked
 from mend.core import kv_cache
 from mend.counters import Counters
 from mend.data import Example
@@ -43,6 +44,7 @@ HELD_OUT = TextDataConfig(path="../shared/data/text/wikitext-2/wiki.test.tokens.
 
 
 @dataclass(frozen=True)
+@checked
 class ContentConfig:
     """Held-out text for the content controls (logged every ``train.eval_every`` steps)."""
 

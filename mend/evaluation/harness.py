@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mend.config import checked
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
 from mend.methods.base import Method, prefix_kwargs, prefix_positions
@@ -48,6 +49,7 @@ PERTURBATIONS = ("none", "no_label", "no_input", "random_label", "wrong_label")
 
 
 @dataclass(frozen=True)
+@checked
 class EvalDataConfig:
     root: str = "../shared/data/metaicl"
     partition: str | None = "class_to_class"
@@ -67,6 +69,7 @@ class EvalDataConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class DemoConfig:
     """How the ``context.k`` demonstrations are chosen (:class:`~mend.data.metaicl.ContextConfig`
     says how many)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mend.config import Dtype
+from mend.config import checked, Dtype
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
 from mend.methods.registry import get_method, method_names, register_method
@@ -23,6 +23,7 @@ __all__ = ["Method", "MethodConfig", "Prefix", "Trainable", "build_method", "get
 
 
 @dataclass(frozen=True)
+@checked
 class MethodConfig:
     method: str = "mend"
     """A registered method (:func:`~mend.methods.registry.method_names`)."""

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from mend.config import checked
 from mend.counters import Counters
 from mend.data import Example
 from mend.core.distiller import Distiller
@@ -36,6 +37,7 @@ from mend.core.text import pad
 
 
 @dataclass(frozen=True)
+@checked
 class ObjectiveConfig:
     distill: float = 1.0
     """Weight of ``L_distill`` (lambda in stage 2, gamma in the CLM + distill ablation)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from mend.core import checkpoint
 from mend.core.backbones import init_vectors, load_model, load_tokenizer
-from mend.config import Dtype, from_dict, replace, to_dict
+from mend.config import checked, Dtype, from_dict, replace, to_dict
 from mend.counters import Counters
 from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
@@ -34,6 +34,7 @@ LEGACY_KEYS = {"num_vectors": "num_placeholders", "init": "placeholder_init"}
 
 
 @dataclass(frozen=True)
+@checked
 class PromptTuningConfig:
     llm: str
     """The frozen LLM: a hub id, a local directory, a ``.gguf`` file or a zoo name."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.config import replace
+from mend.config import checked, replace
 from mend.core.backbones import pick_device, zoo_path
 from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
@@ -42,6 +42,7 @@ ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
 
 
 @dataclass(frozen=True)
+@checked
 class DemoJobConfig:
     tiny: bool = False
     """Random tiny models instead of the zoo's SmolLM2 (for CI and a quick look)."""

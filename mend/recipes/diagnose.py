@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mend.config import checked
 from mend.core.backbones import pick_device
 from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
 
 
 @dataclass(frozen=True)
+@checked
 class DiagnoseConfig:
     checkpoint: str
     """A MEND (or HyperTuning) checkpoint directory."""

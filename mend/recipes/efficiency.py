@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mend.config import checked
 from mend.core.backbones import pick_device
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
 from mend.errors import ConfigError
@@ -25,6 +26,7 @@ from mend.reporting import plots
 
 
 @dataclass(frozen=True)
+@checked
 class EfficiencyConfig:
     methods: tuple[MethodConfig, ...]
     root: str = "../shared/data/metaicl"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mend.core.backbones import pick_device
-from mend.config import replace, to_dict
+from mend.config import checked, replace, to_dict
 from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition, load_task
 from mend.errors import ConfigError
@@ -32,6 +32,7 @@ from mend.reporting import plots
 
 
 @dataclass(frozen=True)
+@checked
 class SweepConfig:
     key: str
     """A dotted config key, e.g. ``context.k`` or ``checkpoint``."""
@@ -41,6 +42,7 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class ReferenceConfig:
     """Zero-shot and ICL evaluations (``results.json``) of the same tasks and seeds: given
     both, the results carry the method's recovered share of ICL's gain."""
@@ -50,6 +52,7 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class EvalConfig(MethodConfig):
     """The method to evaluate (``method``, ``checkpoint`` or ``llm``, load-time settings; see
     :class:`~mend.methods.MethodConfig`), and what to evaluate it on."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mend.training.engine import load_device
-from mend.config import MendConfig, replace, to_dict
+from mend.config import checked, MendConfig, replace, to_dict
 from mend.counters import Counters
 from mend.data import batches
 from mend.data.metaicl import (DEMO_PARTITION, ContextBuilder, ContextConfig, FinetuneData,
@@ -33,6 +33,7 @@ from mend.training.loop import train
 
 
 @dataclass(frozen=True)
+@checked
 class SelectionConfig:
     split: str = "dev"
     """Which files of the meta-test tasks select the model (their ``dev`` files)."""
@@ -55,6 +56,7 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class FinetuneConfig:
     model: MendConfig
     method: Literal["mend"] = "mend"
@@ -73,6 +75,7 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class PromptTuningFinetuneConfig:
     model: PromptTuningConfig
     method: Literal["prompt_tuning"] = "prompt_tuning"

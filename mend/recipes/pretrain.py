@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mend.training.engine import load_device
-from mend.config import MendConfig, to_dict
+from mend.config import checked, MendConfig, to_dict
 from mend.counters import Counters
 from mend.data import batches
 from mend.data.pretrain import PretrainData, TextDataConfig
@@ -25,6 +25,7 @@ from mend.training.loop import train
 
 
 @dataclass(frozen=True)
+@checked
 class PretrainConfig:
     model: MendConfig
     data: TextDataConfig = field(default_factory=TextDataConfig)

@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from mend.config import replace
+from mend.config import checked, replace
 from mend.counters import Counters
 from mend.data import batches
 from mend.errors import ConfigError
 
 
 @dataclass(frozen=True)
+@checked
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps."""

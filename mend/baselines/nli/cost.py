@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from mend.core.backbones import pick_device
-from mend.config import Dtype
+from mend.config import checked, Dtype
 from mend.recipes import write_results
 from mend.baselines.nli.data import NLIDataConfig, nli_data
 
 
 @dataclass(frozen=True)
+@checked
 class NLICostConfig:
     llm: str = "smollm2-135m"
     """The ICL model, the PBFT model and the CD student."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
+from mend.config import checked
 from mend.errors import ConfigError
 
 LABELS = ("entailment", "non-entailment")
@@ -112,6 +113,7 @@ def balanced_sample(pool: Sequence[NLIExample], n: int, rng: random.Random
 
 
 @dataclass(frozen=True)
+@checked
 class NLIDataConfig:
     root: str = "../shared/data/metaicl"
     task: Literal["glue-mnli", "glue-rte"] = "glue-mnli"

@@ -28,7 +28,7 @@ from torch import nn
 
 from mend.core import checkpoint
 from mend.core.backbones import add_lora, enable_checkpointing, load_model, load_tokenizer
-from mend.config import Dtype, from_dict, to_dict
+from mend.config import checked, Dtype, from_dict, to_dict
 from mend.counters import Counters
 from mend.errors import CheckpointError, ConfigError
 from mend.baselines.nli.data import LABELS, NLIExample
@@ -39,6 +39,7 @@ KIND = "pattern_lm"
 
 
 @dataclass(frozen=True)
+@checked
 class PatternModelConfig:
     model: str
     """A hub id, local directory, ``.gguf`` file or zoo name."""

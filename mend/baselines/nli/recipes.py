@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mend.core.backbones import pick_device
-from mend.config import Dtype, to_dict
+from mend.config import checked, Dtype, to_dict
 from mend.errors import ConfigError
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
 from mend.baselines.nli import cost
@@ -41,6 +41,7 @@ from mend.training.loop import train
 
 
 @dataclass(frozen=True)
+@checked
 class PatternICLConfig:
     llm: str
     llm_dtype: Dtype = "float32"
@@ -98,6 +99,7 @@ def _over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+@checked
 class PBFTConfig:
     model: PatternModelConfig
     n: int = 16
@@ -114,6 +116,7 @@ class PBFTConfig:
 
 
 @dataclass(frozen=True)
+@checked
 class CDConfig:
     student: PatternModelConfig
     teacher: str
@@ -236,6 +239,7 @@ def _selections(output_dir: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+@checked
 class PatternEvalConfig:
     checkpoint: str
     data: NLIDataConfig = field(default_factory=NLIDataConfig)

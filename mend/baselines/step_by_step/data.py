@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mend.config import checked
 from mend.counters import Counters
 from mend.errors import ConfigError
 
@@ -164,6 +165,7 @@ def _esnli(folder: Path, split: str) -> list[RationaleExample]:
 
 
 @dataclass(frozen=True)
+@checked
 class RationaleDataConfig:
     dataset: Literal["cqa", "svamp", "esnli"] = "cqa"
     root: str = "../shared/data"

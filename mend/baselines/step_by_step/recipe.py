@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mend.core.backbones import pick_device
-from mend.config import to_dict
+from mend.config import checked, to_dict
 from mend.counters import Counters
 from mend.errors import ConfigError
 from mend.baselines.step_by_step.student import Student, StepByStepObjective, StudentConfig
@@ -32,6 +32,7 @@ from mend.training.loop import train
 
 
 @dataclass(frozen=True)
+@checked
 class StepByStepConfig:
     student: StudentConfig
     data: RationaleDataConfig = field(default_factory=RationaleDataConfig)
@@ -100,6 +101,7 @@ def _fraction(examples: list, fraction: float, seed: int) -> list:
 
 
 @dataclass(frozen=True)
+@checked
 class StepByStepEvalConfig:
     checkpoint: str
     data: RationaleDataConfig = field(default_factory=RationaleDataConfig)

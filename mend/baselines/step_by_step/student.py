@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mend.config import Dtype, from_dict, to_dict
+from mend.config import checked, Dtype, from_dict, to_dict
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.baselines.step_by_step.data import RationaleExample
@@ -39,6 +39,7 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
+@checked
 class StudentConfig:
     model: str
     """A causal LM or a seq2seq model (T5-style): hub id, directory or zoo name."""
