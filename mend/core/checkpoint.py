@@ -29,6 +29,10 @@ def paths(directory: str | os.PathLike, kind: str) -> tuple[Path, Path]:
 def save(directory: str | os.PathLike, kind: str, config: dict[str, Any],
          tensors: dict[str, torch.Tensor]) -> None:
     config_path, weights_path = paths(directory, kind)
+    if config_path.parent.exists() and not config_path.parent.is_dir():
+        raise CheckpointError(f"Cannot save a checkpoint to {config_path.parent}: it is a file, "
+                              f"and a checkpoint is a directory. Choose another path (the file "
+                              f"was left as it is).")
     config_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with tempfile.NamedTemporaryFile(dir=config_path.parent, suffix=".tmp", delete=False) as f:

@@ -81,15 +81,18 @@ class ServesContext:
             queries: query texts.
             options: one list of option strings shared by every query, or a list per query.
         """
+        _check_context(ctx)
         queries = _strings(queries, "queries")
+        if isinstance(options, str):
+            raise InputError(f"`options` must be a list of option strings, got the string "
+                             f"{options!r:.80}: wrap it in a list.")
         if len(options) > 0 and all(isinstance(o, str) for o in options):
             options = [options] * len(queries)
         if len(options) != len(queries):
             raise InputError(f"Got {len(queries)} queries but {len(options)} option lists.")
         tok = self.llm.tokenizer
         q_ids = encode(tok, [self.format.query(q) for q in queries])
-        o_ids = [encode(tok, [self.format.option(o) for o in _strings(opts, "options")])
-                 for opts in options]
+        o_ids = [encode(tok, [self.format.option(o) for o in _options(opts)]) for opts in options]
         if ctx.vectors is None:  # a key/value prefix: the LLM continues from it directly
             scores = self.llm.score_options(q_ids, o_ids, batch_size=batch_size,
                                             prefill=ctx.prefill)
@@ -107,11 +110,31 @@ class ServesContext:
     def generate(self, ctx: DistilledContext, prompts: Sequence[str], max_new_tokens: int = 32,
                  do_sample: bool = False, **generate_kwargs) -> list[str]:
         """Greedy (default) or sampled text after each prompt, read behind the vectors."""
+        _check_context(ctx)
         prompts = _strings(prompts, "prompts")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a whole number >= 1, got "
+                             f"{max_new_tokens!r}.")
         ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
         out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, **generate_kwargs)
         return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def _check_context(ctx: object) -> None:
+    if not isinstance(ctx, DistilledContext):
+        raise InputError(f"`ctx` must be the DistilledContext that compress() returns, got "
+                         f"{type(ctx).__name__}: call ctx = distiller.compress(demos) first.")
+
+
+def _options(options: Sequence[str]) -> list[str]:
+    options = _strings(options, "options")
+    empty = [i for i, o in enumerate(options) if not o.strip()]
+    if empty:
+        raise InputError(f"Option {empty[0]} is empty: a score is a mean over the option's "
+                         f"tokens, and it has none. Give every option some text.")
+    return options
 
 
 def _strings(items: Sequence[str], name: str) -> list[str]:

@@ -37,7 +37,7 @@ class DemoFormat:
             if not demos.strip():
                 raise InputError("The demonstrations are an empty string. Pass (input, output) "
                                  "pairs, strings, or one non-empty string.")
-            return [demos]
+            return unicode_text([demos], "demonstration")
         if isinstance(demos, tuple) and len(demos) == 2 and all(isinstance(x, str) for x in demos):
             raise InputError("Got a single (input, output) pair as the demonstrations: wrap it "
                              "in a list, [(input, output)], to make a set of one.")
@@ -57,7 +57,7 @@ class DemoFormat:
             if not text.strip():
                 raise InputError(f"Demonstration {i} is empty.")
             texts.append(text)
-        return texts
+        return unicode_text(texts, "demonstration")
 
     def pieces(self, demos: Demos) -> list[str]:
         """The text pieces of a context, each tokenized on its own (see the module docs)."""
@@ -80,11 +80,25 @@ def bos_ids(tokenizer) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
+def unicode_text(texts: Sequence[str], what: str = "text") -> list[str]:
+    """``texts``, refused with an :class:`InputError` where one is not valid Unicode (a lone
+    surrogate, as a bad decode leaves, which a tokenizer rejects with a raw TypeError)."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(
+                f"{what.capitalize()} {i} holds {text[e.start]!r} at character {e.start}, which is "
+                f"not valid Unicode (a lone surrogate). Decode the source with errors='replace', "
+                f"or drop that character.") from None
+    return list(texts)
+
+
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens."""
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return tokenizer(unicode_text(texts), add_special_tokens=False)["input_ids"]
 
 
 def fit(pieces: Sequence[Sequence[int]], budget: int, head: Sequence[int] = ()
