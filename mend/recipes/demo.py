@@ -68,7 +68,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mend.data.demo import PARTITION, materialize
-    from mend.recipes import write_results
+    from mend.recipes.run import write_results
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -307,7 +307,7 @@ def cli(argv=None) -> int:
     """``mend demo [--tiny] [--checkpoint DIR] [key=value ...]``."""
     import sys
 
-    from mend.recipes import Recipe, run
+    from mend.recipes.run import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     flags = {"--tiny": "tiny=true"}

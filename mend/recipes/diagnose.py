@@ -67,7 +67,7 @@ def cli(argv=None) -> int:
     """``mend diagnose CHECKPOINT [key=value ...]`` (or ``checkpoint=...``)."""
     import sys
 
-    from mend.recipes import Recipe, run
+    from mend.recipes.run import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):

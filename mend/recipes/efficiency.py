@@ -21,7 +21,7 @@ from mend.errors import ConfigError
 from mend.evaluation.efficiency import gflops, query_costs, uncounted
 from mend.evaluation.harness import demo_pool
 from mend.methods import MethodConfig, build_method
-from mend.recipes import Recipe, run, write_results
+from mend.recipes.run import Recipe, run, write_results
 from mend.reporting import plots
 
 

@@ -26,7 +26,7 @@ from mend.errors import ConfigError
 from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
                            evaluate_tasks)
 from mend.methods import MethodConfig, build_method
-from mend.recipes import Recipe, run, write_results
+from mend.recipes.run import Recipe, run, write_results
 from mend.reporting.results import memory, recovered
 from mend.reporting import plots
 

@@ -27,7 +27,7 @@ from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.methods import get_method
-from mend.recipes import Recipe, load_distiller, run, write_config
+from mend.recipes.run import Recipe, load_distiller, run, write_config
 from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 

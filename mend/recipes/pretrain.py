@@ -19,7 +19,7 @@ from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.recipes import load_distiller, Recipe, run, write_config
+from mend.recipes.run import load_distiller, Recipe, run, write_config
 from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from mend.core.backbones import pick_device
 from mend.config import checked, Dtype
-from mend.recipes import write_results
+from mend.recipes.run import write_results
 from mend.baselines.nli.data import NLIDataConfig, nli_data
 
 

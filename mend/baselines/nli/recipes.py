@@ -31,7 +31,7 @@ from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjec
 from mend.baselines.nli import cost
 from mend.baselines.nli.context_distillation import DEFAULT_INSTRUCTION
 from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, nli_data
-from mend.recipes import Recipe, run_verb, write_config, write_results
+from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
 from mend.training.loop import train
 

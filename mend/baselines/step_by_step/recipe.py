@@ -26,7 +26,7 @@ from mend.errors import ConfigError
 from mend.baselines.step_by_step.student import Student, StepByStepObjective, StudentConfig
 from mend.baselines.step_by_step.data import (RationaleDataConfig, RationaleExample, is_correct,
                                               load, teacher_rationales)
-from mend.recipes import Recipe, run_verb, write_config, write_results
+from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
 from mend.training.loop import train
 
