@@ -18,6 +18,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from mend.errors import MendError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -68,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     module, function = commands[argv[0]].entry.split(":")
-    from mend.errors import MendError
     try:
         return getattr(importlib.import_module(module), function)(argv[1:])
     except MendError as e:

@@ -34,6 +34,8 @@ from mend.counters import Counters
 from mend.data import Example
 from mend.errors import ConfigError, InputError
 from mend.core.text import Demo, DemoFormat, encode, fit
+from mend.core.zoo import cache_root
+from mend.data.demo import materialize
 
 SEEDS = (100, 13, 21, 42, 87)
 DEMO_PARTITION = "demo"
@@ -176,8 +178,6 @@ def load_partitions(root: str | Path, names: Sequence[str]) -> tuple[list[Task],
     for name in names:
         part_root = root
         if name == DEMO_PARTITION:
-            from mend.core.zoo import cache_root
-            from mend.data.demo import materialize
             part_root = materialize(cache_root() / "demo-tasks")
         tr, te = load_partition(part_root, name)
         train.update((t.name, t) for t in tr)

@@ -29,6 +29,7 @@ from mend.data import Example
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat
+from mend.core.backbones import load_model, load_tokenizer
 
 Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
 """``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix;
@@ -44,8 +45,6 @@ class LLMOnly:
     @classmethod
     def load(cls, cfg, device=None):
         """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
-        from mend.core.backbones import load_model, load_tokenizer
-
         model = load_model(cfg.llm, dtype=cfg.llm_dtype, device=device,
                            load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
         fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else " ",

@@ -25,17 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.config import checked, replace
+from mend.config import checked, MendConfig, replace
 from mend.core.backbones import pick_device, zoo_path
 from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
-from mend.data.demo import LONG_TASKS, NUM_DEMOS
+from mend.data.demo import LONG_TASKS, NUM_DEMOS, PARTITION, SEED, materialize
 from mend.errors import ConfigError
 from mend.evaluation.efficiency import break_even, gflops, serving_costs, uncounted
-from mend.evaluation.harness import DemoConfig
+from mend.evaluation.harness import DemoConfig, evaluate_tasks
 from mend.methods import MethodConfig, build_method
 from mend.reporting.results import compression_text, memory
 from mend.reporting import plots
+from mend.recipes.run import Recipe, run, write_results
+from mend.core.distiller import read_config
+from mend.evaluation.metrics import recovered_share
+from mend import tiny as tiny_models
+from mend.core.zoo import cache_root
+from mend.methods.mend import ObjectiveConfig
+from mend.recipes.finetune import FinetuneConfig, main as finetune
+from mend.training.config import TrainConfig
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
@@ -67,15 +75,12 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     """Zero-shot vs ICL vs MEND on the built-in tasks, with their costs."""
     from tqdm.auto import tqdm
 
-    from mend.data.demo import PARTITION, materialize
-    from mend.recipes.run import write_results
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     root = materialize(out / "tasks")
     distiller, llm = _models(cfg.tiny)
     checkpoint, origin = _checkpoint(cfg, distiller, llm, root)
-    from mend.core.distiller import read_config
     fmt = read_config(checkpoint)
     # The equal-memory rows hold what MEND's prefix holds: bos + l positions.
     equal = replace(cfg.context, max_context_tokens=fmt.num_placeholders)
@@ -134,8 +139,6 @@ demonstrations that fit in its l tokens, and ICL's KV cache cut to 1 + l positio
 
 def _add_shares(table: list[dict[str, Any]]) -> None:
     """Each row's recovered share of ICL's gain over zero-shot, over the tasks."""
-    from mend.evaluation.metrics import recovered_share
-
     rows = {r["method"]: r for r in table}
     zero_shot, icl = rows["zero-shot"]["tasks"], rows["ICL + KV cache"]["tasks"]
     for r in table:
@@ -161,8 +164,6 @@ def _by_length(tasks) -> dict[str, list[str]]:
 def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
     """Accuracy over the tasks with their own demonstrations and, for a method that reads
     them, with the next task's (the swap control): the difference is the content gap."""
-    from mend.data.demo import SEED
-    from mend.evaluation.harness import evaluate_tasks
 
     scores: dict[str, dict[str, float]] = {"own": {}, "swapped": {}}
     held = None
@@ -186,7 +187,6 @@ def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[st
     """:func:`~mend.evaluation.efficiency.serving_costs` on every task (its 16 demonstrations
     serving
     ``queries`` test queries after a warm-up one), averaged over the tasks."""
-    from mend.data.demo import SEED
 
     runs = [serving_costs(method, builder,
                           [(r["input"], r["output"]) for r in task.rows("train", SEED)],
@@ -255,17 +255,12 @@ def _models(tiny: bool) -> tuple[str, str]:
         for name in set(ZOO_PAIR):
             zoo_path(name)  # converts on first use; a missing package names its pip command
         return ZOO_PAIR
-    from mend import tiny as tiny_models
-    from mend.core.zoo import cache_root
     base = cache_root() / "demo"
     return (str(tiny_models.build(base / "tiny-distiller", "llama", "metaspace", hidden=32)),
             str(tiny_models.build(base / "tiny-llm", "gpt2", "bytelevel", hidden=48)))
 
 
 def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tuple[Path, str]:
-    from mend.core.distiller import read_config
-    from mend.core.zoo import cache_root
-
     if cfg.checkpoint:
         return Path(cfg.checkpoint), "given with --checkpoint"
     if not cfg.tiny and (ASSET / "mend_config.json").is_file():
@@ -284,13 +279,6 @@ def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tup
 
 
 def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out: Path) -> None:
-    from mend.config import MendConfig
-    from mend.data.demo import PARTITION
-    from mend.methods.mend import ObjectiveConfig
-    from mend.recipes.finetune import FinetuneConfig
-    from mend.recipes.finetune import main as finetune
-    from mend.training.config import TrainConfig
-
     if cfg.train_steps < 1:
         raise ConfigError("train_steps must be >= 1 when no checkpoint is available.")
     finetune(FinetuneConfig(
@@ -307,7 +295,6 @@ def cli(argv=None) -> int:
     """``mend demo [--tiny] [--checkpoint DIR] [key=value ...]``."""
     import sys
 
-    from mend.recipes.run import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     flags = {"--tiny": "tiny=true"}

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.config import checked
+from mend.config import checked, to_dict
 from mend.core.backbones import pick_device
 from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
+from mend.core.distiller import Distiller
+from mend.provenance import provenance, write_json
+from mend.recipes.run import Recipe, run
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,12 @@ class DiagnoseConfig:
 def main(cfg: DiagnoseConfig) -> dict[str, Any]:
     """Content controls of a MEND checkpoint on held-out text."""
 
-    from mend.core.distiller import Distiller
-    from mend.provenance import provenance, write_json
-
     device = pick_device(cfg.device)
     distiller = Distiller.from_pretrained(cfg.checkpoint, device=device).eval()
     examples = held_out_examples(cfg.content, distiller.llm.tokenizer, distiller.llm.bos)
     result = content_gain(distiller, examples, cfg.content.batch_size)
     print(table(cfg.checkpoint, result))
     if cfg.output:
-        from mend.config import to_dict
         write_json(Path(cfg.output), {"checkpoint": cfg.checkpoint, **result,
                                       "provenance": provenance(to_dict(cfg))})
     return result
@@ -67,7 +66,6 @@ def cli(argv=None) -> int:
     """``mend diagnose CHECKPOINT [key=value ...]`` (or ``checkpoint=...``)."""
     import sys
 
-    from mend.recipes.run import Recipe, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):

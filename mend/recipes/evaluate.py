@@ -24,11 +24,12 @@ from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition, load_task
 from mend.errors import ConfigError
 from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
-                           evaluate_tasks)
+                                   demo_pool, evaluate_tasks)
 from mend.methods import MethodConfig, build_method
 from mend.recipes.run import Recipe, run, write_results
-from mend.reporting.results import memory, recovered
+from mend.reporting.results import memory, recovered, results_table
 from mend.reporting import plots
+from mend.evaluation.retrieval import Retriever
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ class EvalConfig(MethodConfig):
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate a method on MetaICL tasks (results.json and results.md)."""
-    from mend.reporting.results import results_table
-
     out = Path(cfg.output_dir)
     if cfg.sweep is None:
         result = write_results(cfg, evaluate(cfg))
@@ -107,7 +106,6 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
 def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     """One evaluation; ``methods`` caches loaded methods across the points of a sweep."""
-
     started = time.perf_counter()
     device = pick_device(cfg.device)
     key = repr(cfg.method_config)
@@ -153,8 +151,6 @@ def _score(method, tasks, cfg: EvalConfig, demos: DemoConfig, builder: ContextBu
     def retriever_for(source, seed):  # one index per pool, shared across a run's calls
         if demos.selection == "random" or not method.reads_context:
             return None
-        from mend.evaluation.harness import demo_pool
-        from mend.evaluation.retrieval import Retriever
         key = (source.name, seed if demos.pool == "seed" else 0)
         if key not in retrievers:
             pool = demo_pool(source, seed, demos.pool)

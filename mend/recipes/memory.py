@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 from mend.config import config_data, from_dict
+from mend.recipes.pretrain import PretrainConfig
+from mend.training import memory
 
 
 def table(rows: list[dict]) -> str:
@@ -30,8 +32,6 @@ def table(rows: list[dict]) -> str:
 def main(config: str, overrides: list[str], engines: list[str], processes: int,
          checkpointing: bool = False) -> list[dict]:
     """One row per engine for the stage-1 config ``config`` (with ``overrides``)."""
-    from mend.recipes.pretrain import PretrainConfig
-    from mend.training import memory
 
     cfg = from_dict(PretrainConfig, config_data(config, overrides))
     return [memory.estimate(cfg.model, cfg.data, cfg.train.batch_size, engine,

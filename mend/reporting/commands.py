@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from mend.reporting import controls as controls_table, report as reports, results
+
 
 def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -14,21 +16,16 @@ def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentP
 
 def compare(argv=None) -> int:
     """``mend compare RESULTS.json ... [--output FILE]``."""
-    from mend.reporting.results import compare, emit
-
     parser = _parser("mend compare", "one markdown table of several results.json",
                      "also write the table to this file")
     parser.add_argument("results", nargs="+")
     args = parser.parse_args(argv)
-    emit(compare(args.results), args.output)
+    results.emit(results.compare(args.results), args.output)
     return 0
 
 
 def controls(argv=None) -> int:
     """``mend controls RUN ... [--reference ICL.json [--zero-shot ZS.json]] [--output FILE]``."""
-    from mend.reporting.controls import table
-    from mend.reporting.results import emit
-
     parser = _parser("mend controls", "one table of the content controls of runs",
                      "also write the table to this file")
     parser.add_argument("runs", nargs="+", help="training output directories")
@@ -37,17 +34,15 @@ def controls(argv=None) -> int:
     parser.add_argument("--zero-shot", help="zero-shot's results.json on the same tasks: with "
                         "--reference, each run's recovered share of ICL's gain")
     args = parser.parse_args(argv)
-    emit(table(args.runs, args.reference, args.zero_shot), args.output)
+    results.emit(controls_table.table(args.runs, args.reference, args.zero_shot), args.output)
     return 0
 
 
 def report(argv=None) -> int:
     """``mend report RESULTS_ROOT [--output FILE]``."""
-    from mend.reporting.report import write
-
     parser = _parser("mend report", "the MEND paper's tables from a reproduction",
                      "default: the root with .md (docs/results.md)")
     parser.add_argument("results", help="the results root, e.g. docs/results")
     args = parser.parse_args(argv)
-    print(f"wrote {write(args.results, args.output)}")
+    print(f"wrote {reports.write(args.results, args.output)}")
     return 0

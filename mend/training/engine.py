@@ -33,6 +33,7 @@ from torch import nn
 
 from mend import optional
 from mend.errors import ConfigError
+from mend.core.backbones import pick_device
 
 Engine = Literal["single", "ddp", "fsdp", "deepspeed"]
 SHARDED = ("fsdp", "deepspeed")
@@ -60,7 +61,6 @@ def load_device(llm_8bit: bool = False) -> str:
     the engine moves each process's shard to its GPU itself (a 70B LLM does not fit one GPU
     whole); else this process's device. An 8-bit LLM under a sharding engine is refused here,
     before anything loads."""
-    from mend.core.backbones import pick_device
 
     sharded = launched_sharded()
     if sharded is None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from mend import optional
-from mend.core.backbones import pick_device
+from mend.core.backbones import bitsandbytes_problem, pick_device
 from mend.training import engine, precision
 from mend.counters import Counters
 from mend.errors import ConfigError, MendError
@@ -310,7 +310,6 @@ def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, A
 
 def _optimizer(cfg: TrainConfig, params):
     if cfg.optimizer == "adamw_8bit":
-        from mend.core.backbones import bitsandbytes_problem
         problem = bitsandbytes_problem()
         if problem is not None:
             raise TrainingError(f"train.optimizer=adamw_8bit needs bitsandbytes on CUDA, but "

@@ -37,7 +37,12 @@ from torch import nn
 
 from mend.config import MendConfig, replace
 from mend.data.pretrain import TextDataConfig
-from mend.errors import ConfigError
+from mend.errors import BackboneError, ConfigError
+from mend.core.backbones import DTYPES, add_lora, load_tokenizer, resolve
+from mend import tiny
+from mend.core.distiller import Distiller
+from mend.core.prefix_lm import PrefixLM
+from mend.methods.mend import MendObjective, ObjectiveConfig
 
 Engine = Literal["ddp", "fsdp", "8bit"]
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -92,7 +97,6 @@ def model_config(name: str):
     Read once per name (a GGUF file takes seconds to parse); callers must not change it."""
     from transformers import AutoConfig
 
-    from mend.core.backbones import resolve
     source, gguf_file = resolve(name)
     return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
 
@@ -129,7 +133,6 @@ def trainable_bytes(model: MendConfig, distiller: Sizes) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoModel
 
-    from mend.core.backbones import add_lora
     with init_empty_weights():
         adapted = add_lora(AutoModel.from_config(enc), model.lora_r, model.lora_alpha, 0.0,
                            model.lora_target_modules)
@@ -180,9 +183,6 @@ def lengths(model: MendConfig, data: TextDataConfig, bos: int = 1) -> dict[str, 
 def token_ratio(model: MendConfig) -> float:
     """Distiller tokens per LLM token on English text (:data:`mend.tiny.CORPUS`), where both
     tokenizers can be loaded here; 1.0 where one cannot (a hub model offline)."""
-    from mend import tiny
-    from mend.core.backbones import load_tokenizer
-    from mend.errors import BackboneError
 
     try:
         counts = [len(load_tokenizer(name)(tiny.CORPUS, add_special_tokens=False)["input_ids"])
@@ -233,10 +233,6 @@ def _probe(model: MendConfig, n: dict[str, int], distiller_layers: int, llm_laye
            mixed_precision: str, checkpointing: bool) -> int:
     """Bytes saved for backward by one example of :func:`lengths` ``n`` on the models cut to
     the given depths."""
-    from mend import tiny
-    from mend.core.distiller import Distiller
-    from mend.core.prefix_lm import PrefixLM
-    from mend.methods.mend import MendObjective, ObjectiveConfig
 
     tok = tiny.tokenizer("metaspace")  # only bos and padding are read from it
     llm_dtype = "bfloat16" if model.llm_8bit else model.llm_dtype
@@ -268,7 +264,6 @@ def _cut(name: str, layers: int, dtype: str, head: bool) -> nn.Module:
     """``name``'s architecture with ``layers`` layers, weights left at zero (no init cost)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from mend.core.backbones import DTYPES
     cfg = copy.deepcopy(model_config(name))  # the cached config stays whole
     cfg.num_hidden_layers = layers
     if getattr(cfg, "layer_types", None):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from mend.counters import Counters, sum_counts
+from mend.provenance import provenance
 
 
 class Window:
@@ -73,7 +74,6 @@ def write_record(accelerator, output_dir: Path, record: dict[str, Any], tensorbo
 def record_call(output_dir: Path, step: int, **resolved: Any) -> None:
     """Append this start (or resume) to ``provenance.jsonl``; the config is in config.yaml,
     and ``resolved`` adds what this start decided (e.g. the precision ``auto`` chose)."""
-    from mend.provenance import provenance
 
     with open(output_dir / "provenance.jsonl", "a") as f:
         record = {"start_step": step, **resolved, **provenance()}

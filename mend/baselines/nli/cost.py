@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.core.backbones import pick_device
+from mend.core.backbones import load_model, load_tokenizer, pick_device
 from mend.config import checked, Dtype
 from mend.recipes.run import write_results
-from mend.baselines.nli.data import NLIDataConfig, nli_data
+from mend.baselines.nli.data import balanced_sample, nli_data, NLIDataConfig
+from mend.baselines.nli.patterns import context_text, get_pattern
+from mend.evaluation.efficiency import measure
+from mend.core.prefix_lm import PrefixLM
+from mend.baselines.nli.context_distillation import DistillObjective
+from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,6 @@ class NLICostConfig:
 def main(cfg: NLICostConfig) -> dict[str, Any]:
     """Measure ICL, PBFT and CD memory and time for each context size."""
 
-    from mend.baselines.nli.patterns import get_pattern
-
     device = pick_device()
     pool, sets = nli_data(cfg.data)
     queries = sets["in_domain"][:cfg.queries + 1]
@@ -78,8 +81,6 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
 
 def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
     """Median seconds and peak bytes of ``fn()`` over ``repeats`` calls, after a warm-up."""
-    from mend.evaluation.efficiency import measure
-
     fn()
     runs = [measure(fn, device)[1:] for _ in range(repeats)]
     return statistics.median(s for s, _ in runs), max(p for _, p in runs)
@@ -87,11 +88,6 @@ def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
 
 def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -> None:
     """An LLM reading k demonstrations and one query (ICL; the CD teacher's cached pass)."""
-    from mend.core.backbones import load_model, load_tokenizer
-    from mend.baselines.nli.data import balanced_sample
-    from mend.baselines.nli.patterns import context_text
-    from mend.core.prefix_lm import PrefixLM
-
     llm = PrefixLM(load_model(model_id, device=device), load_tokenizer(model_id))
     tok = llm.tokenizer
     for k in cfg.ks:
@@ -109,9 +105,6 @@ def _training_costs(cfg, key, mode, dtype, pool, rows, device) -> None:
     """One training step: PBFT on the k examples, or the CD student (context never read)."""
     import torch
 
-    from mend.baselines.nli.context_distillation import DistillObjective
-    from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
-    from mend.baselines.nli.data import balanced_sample
 
     model = PatternLM.from_config(PatternModelConfig(cfg.llm, mode=mode, dtype=dtype,
                                                      pattern=cfg.pattern,

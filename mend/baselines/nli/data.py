@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mend.config import checked
 from mend.errors import ConfigError
+from mend.data.metaicl import load_task as load_metaicl
 
 LABELS = ("entailment", "non-entailment")
 _LABEL_MAP = {"entailment": "entailment", "contradiction": "non-entailment",
@@ -44,8 +45,6 @@ class NLIExample:
 
 def load_task(root: str | Path, task: str = "glue-mnli") -> list[NLIExample]:
     """Binary NLI examples of a MetaICL task (``glue-mnli`` or ``glue-rte``), deduplicated."""
-    from mend.data.metaicl import load_task as load_metaicl
-
     if task not in _FIELDS:
         raise ConfigError(f"NLI task {task!r} is not supported; use one of {', '.join(_FIELDS)}.")
     meta = load_metaicl(root, task)

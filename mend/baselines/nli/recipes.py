@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mend.core.backbones import pick_device
+from mend.core.backbones import load_model, load_tokenizer, pick_device
 from mend.config import checked, Dtype, to_dict
 from mend.errors import ConfigError
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
@@ -34,6 +34,10 @@ from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, 
 from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
 from mend.training.loop import train
+from mend.baselines.nli.evaluation import evaluate_icl, evaluate_model
+from mend.baselines.nli.patterns import get_pattern
+from mend.core.prefix_lm import PrefixLM
+from mend.evaluation.efficiency import PeakMemory
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,10 +65,6 @@ def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
     """Pattern-based ICL over k and data seeds, in domain and on HANS."""
     from tqdm.auto import tqdm
 
-    from mend.core.backbones import load_model, load_tokenizer
-    from mend.baselines.nli.evaluation import evaluate_icl
-    from mend.baselines.nli.patterns import get_pattern
-    from mend.core.prefix_lm import PrefixLM
 
     pool, sets = nli_data(cfg.data)
     llm = PrefixLM(load_model(cfg.llm, dtype=cfg.llm_dtype, device=pick_device()),
@@ -166,12 +166,8 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     import torch
     from accelerate.utils import set_seed
 
-    from mend.core.backbones import load_model, load_tokenizer
-    from mend.evaluation.efficiency import PeakMemory
     from mend.baselines.nli.context_distillation import (DistillObjective, TeacherCache,
                                                    teacher_logits)
-    from mend.baselines.nli.patterns import get_pattern
-    from mend.core.prefix_lm import PrefixLM
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
@@ -208,7 +204,6 @@ def _fit(cfg, method: str, objective, examples: list[NLIExample], sets, extra: d
                                         objective.counters)
 
     def evaluate(model) -> dict[str, Any]:
-        from mend.baselines.nli.evaluation import evaluate_model
         report = evaluate_model(model, sets, cfg.eval_batch_size)
         return {"score": report["in_domain"], **report}
 
@@ -249,8 +244,6 @@ class PatternEvalConfig:
 
 def main_pattern_eval(cfg: PatternEvalConfig) -> dict[str, Any]:
     """A trained pattern model (PBFT or CD) in domain and on HANS."""
-    from mend.baselines.nli.evaluation import evaluate_model
-
     _, sets = nli_data(cfg.data)
     model = PatternLM.from_pretrained(cfg.checkpoint, device=pick_device())
     return _write(cfg, {"method": "pattern_lm", "checkpoint": cfg.checkpoint,

@@ -39,6 +39,8 @@ from typing import Literal
 from mend.config import checked
 from mend.counters import Counters
 from mend.errors import ConfigError
+from mend.core.backbones import load_model, load_tokenizer
+from mend.core.prefix_lm import PrefixLM
 
 PHRASES = {"cqa": "So the answer is", "svamp": "The answer is", "esnli": "So the answer is"}
 
@@ -193,8 +195,6 @@ def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExampl
     (its shots: the first training examples that have file rationales)."""
     from tqdm.auto import tqdm
 
-    from mend.core.backbones import load_model, load_tokenizer
-    from mend.core.prefix_lm import PrefixLM
 
     phrase = PHRASES[data.dataset]
     shots = [e for e in examples if e.rationale and e.teacher_label][:data.teacher_shots]

@@ -32,6 +32,7 @@ from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.baselines.step_by_step.data import RationaleExample
 from mend.core.text import bos_ids, pad
+from mend.core.backbones import DTYPES, enable_checkpointing, load_model, load_tokenizer, resolve
 
 PREFIXES = {"brackets": ("[label] ", "[rationale] "), "words": ("predict: ", "explain: ")}
 CONFIG_FILE = "step_by_step_config.json"
@@ -64,7 +65,6 @@ class Student(nn.Module):
         """Load the student named in ``config`` (or the one saved at ``path``)."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-        from mend.core.backbones import DTYPES, load_model, load_tokenizer, resolve
         source = path or config.model
         directory, gguf = resolve(source)
         if gguf is None and AutoConfig.from_pretrained(directory).is_encoder_decoder:
@@ -92,7 +92,6 @@ class Student(nn.Module):
         os.replace(tmp, path / CONFIG_FILE)
 
     def gradient_checkpointing_enable(self) -> None:
-        from mend.core.backbones import enable_checkpointing
         enable_checkpointing(self.model)
 
     @property
