@@ -29,7 +29,8 @@ from mend.config import checked, Dtype, to_dict
 from mend.errors import ConfigError
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
 from mend.baselines.nli import cost
-from mend.baselines.nli.context_distillation import DEFAULT_INSTRUCTION
+from mend.baselines.nli.context_distillation import (DEFAULT_INSTRUCTION, DistillObjective,
+                                                   TeacherCache, teacher_logits)
 from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, nli_data
 from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
@@ -165,9 +166,6 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     """Context distillation: a teacher with k demonstrations, a student without them."""
     import torch
     from accelerate.utils import set_seed
-
-    from mend.baselines.nli.context_distillation import (DistillObjective, TeacherCache,
-                                                   teacher_logits)
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
