@@ -70,6 +70,25 @@ def _names_literal(tp: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 @checked
+class FrozenLLM:
+    """How to load a frozen LLM: the one spec from which the distiller, prompt tuning, zero-shot
+    and ICL, and both baselines load their LLM or teacher
+    (:meth:`mend.core.prefix_lm.PrefixLM.load`). Their configs keep the flat YAML keys
+    (``llm``, ``llm_dtype``, ``llm_8bit``, ``allow_8bit_fallback``, ``attn_implementation``)
+    and build this from them (``cfg.frozen_llm``)."""
+
+    name: str
+    """A hub id, a local directory, a ``.gguf`` file or a zoo name."""
+    dtype: Dtype = "float32"
+    load_in_8bit: bool = False
+    """bitsandbytes' LLM.int8() (CUDA only)."""
+    allow_8bit_fallback: bool = False
+    """Where 8-bit cannot load (no CUDA), load in bfloat16 with a warning instead of failing."""
+    attn_implementation: str | None = "sdpa"
+
+
+@dataclasses.dataclass(frozen=True)
+@checked
 class MendConfig:
     """Everything that defines a MEND distiller and the frozen LLM it feeds.
 
@@ -122,6 +141,11 @@ class MendConfig:
     allow_8bit_fallback: bool = False
     """Where 8-bit cannot run, load the LLM in ``llm_dtype`` with a warning instead of failing."""
     attn_implementation: str = "sdpa"
+
+    @property
+    def frozen_llm(self) -> FrozenLLM:
+        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
+                         self.attn_implementation)
 
     def __post_init__(self) -> None:
         if not self.distiller or not self.llm:

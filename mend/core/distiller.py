@@ -100,12 +100,8 @@ class Distiller(ServesContext, nn.Module):
         """Load the distiller and the frozen LLM that ``config`` names; fresh placeholders."""
         encoder = load_model(config.distiller, with_head=False, dtype=config.distiller_dtype,
                              device=device, attn_implementation=config.attn_implementation)
-        llm = load_model(config.llm, dtype=config.llm_dtype, device=device,
-                         load_in_8bit=config.llm_8bit,
-                         allow_8bit_fallback=config.allow_8bit_fallback,
-                         attn_implementation=config.attn_implementation)
         return cls(config, encoder, load_tokenizer(config.distiller),
-                   PrefixLM(llm, load_tokenizer(config.llm)))
+                   PrefixLM.load(config.frozen_llm, device))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,

@@ -32,7 +32,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mend.core.backbones import enable_checkpointing, freeze, hidden_size, max_positions
+from mend.config import FrozenLLM
+from mend.core.backbones import (enable_checkpointing, freeze, hidden_size, load_model,
+                                 load_tokenizer, max_positions)
 from mend.errors import InputError
 from mend.core.kv_cache import Prefill, fresh_cache
 from mend.core.scoring import Scoring
@@ -40,6 +42,16 @@ from mend.core.text import bos_ids, pad, positions
 
 
 class PrefixLM(Scoring):
+    @classmethod
+    def load(cls, spec: FrozenLLM, device: str | torch.device | None = None) -> PrefixLM:
+        """The frozen LLM that ``spec`` names, with its tokenizer: the one loader of every
+        frozen LLM and teacher in mend."""
+        model = load_model(spec.name, dtype=spec.dtype, device=device,
+                           load_in_8bit=spec.load_in_8bit,
+                           allow_8bit_fallback=spec.allow_8bit_fallback,
+                           attn_implementation=spec.attn_implementation)
+        return cls(model, load_tokenizer(spec.name))
+
     def __init__(self, model, tokenizer):
         self.model = freeze(model)
         self.tokenizer = tokenizer

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mend.config import checked, Dtype
+from mend.config import checked, Dtype, FrozenLLM
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
 from mend.methods.registry import get_method, method_names, register_method
@@ -34,6 +34,8 @@ class MethodConfig:
     llm_dtype: Dtype = "float32"
     llm_8bit: bool = False
     allow_8bit_fallback: bool = False
+    attn_implementation: str | None = "sdpa"
+    """The LLM's attention kernel (transformers' name); None: its default."""
     io_sep: str | None = None
     """Between input and output; None: the checkpoint's setting, or " "."""
     demo_sep: str | None = None
@@ -45,6 +47,11 @@ class MethodConfig:
     """mend and kv_compress: gradient steps on each compressed prefix against the ICL
     teacher on its own demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the
     prefix as compressed."""
+
+    @property
+    def frozen_llm(self) -> FrozenLLM:
+        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
+                         self.attn_implementation)
 
     def __post_init__(self) -> None:
         needs_llm = get_method(self.method).needs == "llm"

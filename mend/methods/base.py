@@ -29,7 +29,6 @@ from mend.data import Example
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat
-from mend.core.backbones import load_model, load_tokenizer
 
 Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
 """``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix;
@@ -45,11 +44,9 @@ class LLMOnly:
     @classmethod
     def load(cls, cfg, device=None):
         """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
-        model = load_model(cfg.llm, dtype=cfg.llm_dtype, device=device,
-                           load_in_8bit=cfg.llm_8bit, allow_8bit_fallback=cfg.allow_8bit_fallback)
         fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else " ",
                          cfg.demo_sep if cfg.demo_sep is not None else " ")
-        return cls(PrefixLM(model, load_tokenizer(cfg.llm)), fmt)
+        return cls(PrefixLM.load(cfg.frozen_llm, device), fmt)
 
 
 def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from mend.core import checkpoint
-from mend.core.backbones import init_vectors, load_model, load_tokenizer
-from mend.config import checked, Dtype, from_dict, replace, to_dict
+from mend.core.backbones import init_vectors
+from mend.config import checked, Dtype, from_dict, FrozenLLM, replace, to_dict
 from mend.counters import Counters
 from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
@@ -50,6 +50,11 @@ class PromptTuningConfig:
     allow_8bit_fallback: bool = False
     attn_implementation: str = "sdpa"
 
+    @property
+    def frozen_llm(self) -> FrozenLLM:
+        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
+                         self.attn_implementation)
+
     def __post_init__(self) -> None:
         if self.num_placeholders < 1:
             raise ConfigError(f"num_placeholders must be >= 1, got {self.num_placeholders}.")
@@ -73,11 +78,7 @@ class PromptTuning(nn.Module):
 
     @classmethod
     def from_config(cls, config: PromptTuningConfig, device=None) -> PromptTuning:
-        model = load_model(config.llm, dtype=config.llm_dtype, device=device,
-                           load_in_8bit=config.llm_8bit,
-                           allow_8bit_fallback=config.allow_8bit_fallback,
-                           attn_implementation=config.attn_implementation)
-        return cls(config, PrefixLM(model, load_tokenizer(config.llm)))
+        return cls(config, PrefixLM.load(config.frozen_llm, device))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, **overrides) -> PromptTuning:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mend.core.backbones import load_model, load_tokenizer, pick_device
-from mend.config import checked, Dtype
+from mend.core.backbones import pick_device
+from mend.config import checked, Dtype, FrozenLLM
 from mend.recipes.run import write_results
 from mend.baselines.nli.data import balanced_sample, nli_data, NLIDataConfig
 from mend.baselines.nli.patterns import context_text, get_pattern
@@ -88,7 +88,7 @@ def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
 
 def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -> None:
     """An LLM reading k demonstrations and one query (ICL; the CD teacher's cached pass)."""
-    llm = PrefixLM(load_model(model_id, device=device), load_tokenizer(model_id))
+    llm = PrefixLM.load(FrozenLLM(model_id), device)
     tok = llm.tokenizer
     for k in cfg.ks:
         demos = balanced_sample(pool, k, random.Random(k))

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from mend.core.backbones import load_model, load_tokenizer, pick_device
-from mend.config import checked, Dtype, to_dict
+from mend.core.backbones import pick_device
+from mend.config import checked, Dtype, FrozenLLM, to_dict
 from mend.errors import ConfigError
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
 from mend.baselines.nli import cost
@@ -68,8 +68,7 @@ def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
 
 
     pool, sets = nli_data(cfg.data)
-    llm = PrefixLM(load_model(cfg.llm, dtype=cfg.llm_dtype, device=pick_device()),
-                   load_tokenizer(cfg.llm))
+    llm = PrefixLM.load(FrozenLLM(cfg.llm, cfg.llm_dtype), pick_device())
     pattern = get_pattern(cfg.pattern, cfg.patterns_file)
     runs = {}
     for k, seed in tqdm([(k, s) for k in cfg.ks for s in cfg.seeds], desc="pattern ICL"):
@@ -174,8 +173,7 @@ def main_cd(cfg: CDConfig) -> TrainResult:
     demos = balanced_sample(pool, cfg.k, rng)
     examples = balanced_sample([e for e in pool if e not in set(demos)], cfg.n, rng)
     device = pick_device()
-    teacher = PrefixLM(load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device),
-                       load_tokenizer(cfg.teacher))
+    teacher = PrefixLM.load(FrozenLLM(cfg.teacher, cfg.teacher_dtype), device)
     pattern = get_pattern(cfg.teacher_pattern or cfg.student.pattern,
                           cfg.student.patterns_file)
     cache = TeacherCache(cfg.cache)

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mend.config import checked
+from mend.config import checked, FrozenLLM
 from mend.counters import Counters
 from mend.errors import ConfigError
-from mend.core.backbones import load_model, load_tokenizer
 from mend.core.prefix_lm import PrefixLM
 
 PHRASES = {"cqa": "So the answer is", "svamp": "The answer is", "esnli": "So the answer is"}
@@ -200,7 +199,7 @@ def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExampl
     shots = [e for e in examples if e.rationale and e.teacher_label][:data.teacher_shots]
     prompt = "".join(f"Q: {e.input}\nA: {e.rationale} {phrase} {e.teacher_label}.\n\n"
                      for e in shots)
-    teacher = PrefixLM(load_model(data.teacher, device=device), load_tokenizer(data.teacher))
+    teacher = PrefixLM.load(FrozenLLM(data.teacher), device)
     tok = teacher.tokenizer
     out = []
     for i in tqdm(range(0, len(examples), 8), desc="teacher rationales"):
