@@ -33,6 +33,10 @@ T = TypeVar("T")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
+SEP = " "
+"""The default separator, between a demonstration's input and output and between
+demonstrations (MetaICL's); the shipped configs for SmolLM2 use newlines instead."""
+
 
 def checked(cls: type[T]) -> type[T]:
     """Make a config dataclass check its choices when built in Python too, not only when read
@@ -126,9 +130,9 @@ class MendConfig:
     lora_dropout: float = 0.05
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     """Passed to ``peft.LoraConfig(target_modules=...)``."""
-    io_sep: str = " "
+    io_sep: str = SEP
     """Between a demonstration's input and output (and between a query and its option)."""
-    demo_sep: str = " "
+    demo_sep: str = SEP
     """Between demonstrations, and before a query that follows a context. The paper uses
     whitespace; set ``io_sep: "\\n"`` and ``demo_sep: "\\n\\n"`` for newlines."""
     max_distiller_length: int = 1024

@@ -18,6 +18,7 @@ from typing import Union
 
 import torch
 
+from mend.config import SEP
 from mend.errors import InputError
 
 Demo = Union[tuple[str, str], str]
@@ -28,8 +29,8 @@ Demos = Union[Sequence[Demo], str]
 
 @dataclass(frozen=True)
 class DemoFormat:
-    io_sep: str = " "
-    demo_sep: str = " "
+    io_sep: str = SEP
+    demo_sep: str = SEP
 
     def demo_texts(self, demos: Demos) -> list[str]:
         """Render a demonstration set as one string per demonstration; reject bad input."""

@@ -30,6 +30,7 @@ over seeds and the partition average, which counts each task exactly once.
 from __future__ import annotations
 
 import random
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ from mend.methods.base import Method, prefix_kwargs, prefix_positions
 from mend.evaluation.metrics import task_metrics
 from mend.core.text import Demo
 
-PERTURBATIONS = ("none", "no_label", "no_input", "random_label", "wrong_label")
+Perturbation = Literal["none", "no_label", "no_input", "random_label", "wrong_label"]
+PERTURBATIONS: tuple[str, ...] = typing.get_args(Perturbation)
+"""How the demonstrations may be perturbed (Min et al. 2022's analysis); "none" first."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,7 @@ class DemoConfig:
     source: Literal["own", "other_task"] = "own"
     """``own``: the task's own demonstrations. ``other_task``: those of another task (the
     swap control; the harness names the donor), drawn by the same rules."""
-    perturbation: Literal["none", "no_label", "no_input", "random_label",
-                          "wrong_label"] = "none"
+    perturbation: Perturbation = "none"
     scoring: Literal["direct", "channel"] = "direct"
     retriever_model: str | None = None
     """Sentence-transformers model for dense retrieval (None: all-MiniLM-L6-v2, offline)."""

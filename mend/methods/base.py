@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from mend.config import SEP
 from mend.counters import Counters
 from mend.data import Example
 from mend.core.kv_cache import Prefill
@@ -44,8 +45,8 @@ class LLMOnly:
     @classmethod
     def load(cls, cfg, device=None):
         """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
-        fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else " ",
-                         cfg.demo_sep if cfg.demo_sep is not None else " ")
+        fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else SEP,
+                         cfg.demo_sep if cfg.demo_sep is not None else SEP)
         return cls(PrefixLM.load(cfg.frozen_llm, device), fmt)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from mend.core import checkpoint
 from mend.core.backbones import init_vectors
-from mend.config import checked, Dtype, from_dict, FrozenLLM, replace, to_dict
+from mend.config import checked, Dtype, from_dict, FrozenLLM, replace, SEP, to_dict
 from mend.counters import Counters
 from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
@@ -43,8 +43,8 @@ class PromptTuningConfig:
     placeholder_init: Literal["vocab", "random"] = "vocab"
     """``vocab``: embeddings of random vocabulary tokens (Lester et al.); ``random``:
     N(0, 0.02)."""
-    io_sep: str = " "
-    demo_sep: str = " "
+    io_sep: str = SEP
+    demo_sep: str = SEP
     llm_dtype: Dtype = "float32"
     llm_8bit: bool = False
     allow_8bit_fallback: bool = False

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from mend.evaluation.harness import PERTURBATIONS
 from mend.reporting.controls import controls_section
 from mend.reporting.results import fmt, provenance_summary, recovered
 from mend.training.run_log import train_cost
@@ -39,7 +40,6 @@ ABLATION_ROWS = (("MEND", "mend"), ("no pretraining", "mend-no-pretraining"),
                  ("CLM pretraining", "mend-clm-pretraining"),
                  ("MEND without L_pred", "mend-no-pred"),
                  ("MEND without L_distill", "mend-no-distill"))
-PERTURBATIONS = ("no_label", "no_input", "random_label", "wrong_label")
 BUDGET_PREFIXES = ("", "long-")
 """The MEND distillers of the training-budget table: the tables' own (no prefix) and one
 trained longer, whose evaluations are named ``long-mend``, ``long-sweep-k-mend``, ..."""
@@ -191,7 +191,7 @@ class Setting:
     def analysis_table(self) -> str:
         p = ANALYSIS_PARTITION
         rows = [(kind.replace("_", " "), f"perturb-{kind}-icl", f"perturb-{kind}-mend")
-                for kind in PERTURBATIONS]
+                for kind in PERTURBATIONS[1:]]
         rows += [("BM25-retrieved demonstrations", "retrieval-bm25-icl", "retrieval-bm25-mend")]
         found = [self.result(p, name) for _, *names in rows for name in names]
         like = next((r for r in found if r), None)
