@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from mend.counters import Counters
 from mend.errors import CheckpointError
@@ -20,8 +22,13 @@ from mend.training.engine import SHARDED, engine_of, save_state_kwargs
 
 ENGINE_FILE = "mend_engine.json"
 
+if TYPE_CHECKING:  # accelerate is imported when a run starts; the loop imports this module
+    from accelerate import Accelerator
 
-def resume(accelerator, checkpoints: Path, state) -> Path | None:
+    from mend.training.loop import TrainState
+
+
+def resume(accelerator: Accelerator, checkpoints: Path, state: TrainState) -> Path | None:
     """Load the newest readable checkpoint; returns it, or None when there is none.
 
     One that cannot be read (a disk filled up, a copy cut short) is renamed
@@ -55,8 +62,8 @@ def resume(accelerator, checkpoints: Path, state) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator, checkpoints: Path, state, counters: Counters,
-                    keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainState,
+                    counters: Counters, keep: int) -> None:
     """Save the run's state as ``step-N`` (atomically: a temporary directory, then a
     rename), keeping the newest ``keep`` checkpoints."""
     from accelerate.utils import gather_object
@@ -80,7 +87,7 @@ def save_checkpoint(accelerator, checkpoints: Path, state, counters: Counters,
     accelerator.wait_for_everyone()
 
 
-def _check_engine(accelerator, path: Path) -> None:
+def _check_engine(accelerator: Accelerator, path: Path) -> None:
     """A checkpoint written by a sharding engine holds that engine's files (FSDP's DCP shards,
     DeepSpeed's partitions), which another engine cannot read: say so, rather than take it
     for a damaged checkpoint."""
@@ -109,7 +116,7 @@ class SigtermFlag:
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.raised = True
 
     def restore(self) -> None:

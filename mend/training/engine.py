@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,12 @@ from torch import nn
 from mend import optional
 from mend.errors import ConfigError
 from mend.core.backbones import pick_device
+
+if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
+    from accelerate import Accelerator
+
+    from mend.methods.base import Trainable
+    from mend.training.config import TrainConfig
 
 Engine = Literal["single", "ddp", "fsdp", "deepspeed"]
 SHARDED = ("fsdp", "deepspeed")
@@ -75,7 +81,7 @@ _NO_8BIT = ("The frozen LLM is loaded in 8-bit (llm_8bit: true), whose weights {
             "keep 8-bit on one GPU or under DDP (configs/accelerate/multi_gpu.yaml).")
 
 
-def engine_of(accelerator) -> Engine:
+def engine_of(accelerator: Accelerator) -> Engine:
     """Which engine ``accelerator`` runs: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
     from accelerate.utils import DistributedType
 
@@ -98,7 +104,7 @@ def frozen_models(module: nn.Module) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else []
 
 
-def check_shardable(method, accelerator, train_cfg) -> None:
+def check_shardable(method: Trainable, accelerator: Accelerator, train_cfg: TrainConfig) -> None:
     """A sharding engine needs a method that saves from gathered weights, and a frozen LLM
     whose parameters it can shard (not bitsandbytes' 8-bit ones); DeepSpeed, settings that
     agree with the loop's (:func:`_check_deepspeed`)."""
@@ -124,7 +130,7 @@ def check_shardable(method, accelerator, train_cfg) -> None:
                           "accelerate config, or use output: embeddings.")
 
 
-def _check_deepspeed(accelerator, train_cfg) -> None:
+def _check_deepspeed(accelerator: Accelerator, train_cfg: TrainConfig) -> None:
     """DeepSpeed steps the optimizer inside its backward and clips by its own config, so the
     loop's accumulation and clipping must be what DeepSpeed's config says. It also reads the
     batch size from a dataloader, which this loop does not hand to accelerate: it is set
@@ -153,7 +159,7 @@ class TrainStep(nn.Module):
             parameters; under DDP it stays outside, one copy per rank.
     """
 
-    def __init__(self, method, shard_frozen: bool):
+    def __init__(self, method: Trainable, shard_frozen: bool):
         super().__init__()
         self.trained = method.module
         self.frozen = nn.ModuleList(frozen_models(method.module) if shard_frozen else [])
@@ -193,14 +199,15 @@ class TrainStep(nn.Module):
         return self
 
 
-def _drop_untrained(module: TrainStep, state_dict, prefix: str, local_metadata) -> None:
+def _drop_untrained(module: TrainStep, state_dict: dict[str, Any], prefix: str,
+                    local_metadata: dict[str, Any]) -> None:
     """State-dict post-hook: leave out frozen parameters and buffers (see the module doc)."""
     if not module._keep_untrained:
         for name in module._untrained:
             state_dict.pop(prefix + name, None)
 
 
-def _restore_untrained(module: TrainStep, state_dict, prefix: str, *args) -> None:
+def _restore_untrained(module: TrainStep, state_dict: dict[str, Any], prefix: str, *args) -> None:
     """Load pre-hook: what :func:`_drop_untrained` left out is loaded from the module itself
     (names and tensors as its own state dict gives them, sharded ones included). Checkpoints
     written before this module existed hold the trained module's own keys, and load too."""
@@ -215,7 +222,7 @@ def _restore_untrained(module: TrainStep, state_dict, prefix: str, *args) -> Non
 
 
 @contextlib.contextmanager
-def gathered(accelerator, model: nn.Module) -> Iterator[None]:
+def gathered(accelerator: Accelerator, model: nn.Module) -> Iterator[None]:
     """Run code that reads the prepared model outside its forward (evaluation, monitoring).
 
     Under FSDP the root unit's parameters (embeddings, norms, heads, placeholders) are
@@ -233,7 +240,7 @@ def gathered(accelerator, model: nn.Module) -> Iterator[None]:
         model.reshard()
 
 
-def trained_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+def trained_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained module's full state dict (frozen parameters left out) on the main process,
     an empty dict on the others; every rank must call it, since the weights are gathered.
 
@@ -253,7 +260,7 @@ def trained_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor]
             if k.startswith("trained.")}
 
 
-def save_state_kwargs(accelerator) -> dict[str, Any]:
+def save_state_kwargs(accelerator: Accelerator) -> dict[str, Any]:
     """Keyword arguments for ``accelerator.save_state``: DeepSpeed writes its own checkpoint,
     told to leave the frozen parameters out as :class:`TrainStep`'s state dict does."""
     return {"exclude_frozen_parameters": True} if engine_of(accelerator) == "deepspeed" else {}

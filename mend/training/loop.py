@@ -37,12 +37,14 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from mend import optional
 from mend.core.backbones import bitsandbytes_problem, pick_device
@@ -54,6 +56,9 @@ from mend.training.config import BatchFactory, Position, TrainConfig, TrainResul
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
+
+if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
+    from accelerate import Accelerator
 
 
 class TrainingError(MendError, RuntimeError):
@@ -244,8 +249,9 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
 # One optimizer step
 
 
-def _step(cfg, accelerator, model, optimizer, scheduler, params, batches, window,
-          step) -> float | None:
+def _step(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module,
+          optimizer: torch.optim.Optimizer, scheduler: LRScheduler, params: list[nn.Parameter],
+          batches: Iterator[dict[str, Any]], window: Window, step: int) -> float | None:
     """One optimizer step over ``cfg.grad_accum`` micro-batches; returns the gradient norm.
 
     It reads the device once, after the backward passes: whether any micro-batch's loss was
@@ -308,7 +314,7 @@ def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, A
     return [{"params": groups[m], "lr": cfg.lr * m} for m in sorted(groups, key=lambda m: m != 1.0)]
 
 
-def _optimizer(cfg: TrainConfig, params):
+def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
     if cfg.optimizer == "adamw_8bit":
         problem = bitsandbytes_problem()
         if problem is not None:
@@ -320,7 +326,7 @@ def _optimizer(cfg: TrainConfig, params):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def _scheduler(cfg: TrainConfig, optimizer):
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     from transformers import get_scheduler
 
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * cfg.max_steps)
@@ -332,7 +338,8 @@ def _scheduler(cfg: TrainConfig, optimizer):
 # Model selection and monitoring
 
 
-def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainConfig,
+def _select(accelerator: Accelerator, model: nn.Module, method: Trainable,
+            evaluate: Callable[[nn.Module], dict[str, Any]], state: TrainState, cfg: TrainConfig,
             output_dir: Path, keep_best: dict[str, str]) -> None:
     """Evaluate, keep the best model(s), and decide on early stopping."""
     from accelerate.utils import broadcast
@@ -363,7 +370,8 @@ def _select(accelerator, model, method, evaluate, state: TrainState, cfg: TrainC
     accelerator.wait_for_everyone()
 
 
-def _monitor(accelerator, model, monitor, step: int, output_dir: Path) -> None:
+def _monitor(accelerator: Accelerator, model: nn.Module,
+             monitor: Callable[[nn.Module], dict[str, Any]], step: int, output_dir: Path) -> None:
     """Log ``monitor``'s metrics (main process); nothing is selected by them."""
     metrics = _run_on_model(accelerator, model, monitor)
     if accelerator.is_main_process:
@@ -375,7 +383,8 @@ def _monitor(accelerator, model, monitor, step: int, output_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def _run_on_model(accelerator, model, fn) -> dict[str, Any] | None:
+def _run_on_model(accelerator: Accelerator, model: nn.Module, fn: Callable[[nn.Module], Any]
+                  ) -> dict[str, Any] | None:
     """``fn(trained module)`` in eval mode: on the main process alone (None elsewhere), or,
     where the model is sharded, on every rank in step, each gathering what it reads."""
     sharded = engine.engine_of(accelerator) in engine.SHARDED
@@ -389,7 +398,7 @@ def _run_on_model(accelerator, model, fn) -> dict[str, Any] | None:
         model.train()
 
 
-def _save_model(accelerator, model, method, path: Path) -> None:
+def _save_model(accelerator: Accelerator, model: nn.Module, method: Trainable, path: Path) -> None:
     """``method.save_pretrained(path)`` on the main process, from weights gathered off every
     rank where the model is sharded."""
     if engine.engine_of(accelerator) in engine.SHARDED:
