@@ -188,6 +188,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(f"Unknown config key `{_join(where, key)}`.{hint} Valid keys of "
                           f"{cls.__name__}: {', '.join(sorted(fields))}.")
     hints = typing.get_type_hints(cls)
+    data = {k: _onto_default(fields[k], v) for k, v in data.items()}
     kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in data.items()}
     missing = [name for name, f in fields.items() if name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -198,6 +199,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def _onto_default(f: dataclasses.Field, value: Any) -> Any:
+    """Keys given for a nested config override that field's own default, not its class's: a
+    job whose default held-out text is WikiText-2 keeps it when only ``content.windows`` is
+    set."""
+    if not isinstance(value, Mapping) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    return _merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict)
+                  else v)
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

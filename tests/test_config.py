@@ -121,3 +121,16 @@ def test_every_shipped_config_parses_and_opens_with_its_command(path):
     assert str(path.relative_to(ROOT)) in first
     assert any(word in first for word in ("run.py", "mend "))
     assert cfg.output_dir.startswith("out/")
+
+
+def test_an_override_of_a_nested_config_keeps_that_fields_own_default():
+    """`mend diagnose CKPT content.windows=64` (docs/evaluation.md) keeps diagnose's held-out
+    WikiText-2 text, which is its field's default, not ContentConfig's (no text)."""
+    from mend.config import load_config
+    from mend.recipes.diagnose import DiagnoseConfig
+    cfg = load_config(DiagnoseConfig, None, ["checkpoint=x", "content.windows=64"])
+    assert cfg.content.windows == 64 and cfg.content.data.path.endswith("wiki.test.tokens.gz")
+    cfg = load_config(DiagnoseConfig, None, ["checkpoint=x", "content.data.max_length=64"])
+    assert cfg.content.data.max_length == 64 and cfg.content.data.documents == "wikitext"
+    assert load_config(DiagnoseConfig, None, ["checkpoint=x", "content.data=null"]
+                       ).content.data is None
