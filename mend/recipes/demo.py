@@ -12,7 +12,7 @@ memory, with the number of queries after which compress-once MEND is the cheaper
 ``results.json`` (with provenance) and ``demo.png`` to ``out/demo``.
 
 The MEND checkpoint is, in order: ``--checkpoint``; the trained distiller shipped in the
-package (``mend/assets/demo-distiller``, see the README); one trained by an earlier demo run
+package (``mend/assets/demo-distiller``, see docs/demo.md); one trained by an earlier demo run
 (in ``$MEND_CACHE/demo``). If there is none, the demo first trains one briefly on its
 meta-training tasks, and says so.
 """
@@ -272,8 +272,8 @@ def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tup
         return cached, f"trained briefly by an earlier `mend demo` run, {cached}"
     print(f"mend demo: no trained MEND checkpoint found, so training one briefly first: "
           f"{cfg.train_steps} steps of meta-distillation finetuning on the demo's "
-          f"meta-training tasks. A checkpoint trained for longer scores better; see the "
-          f"README (\"The demo's checkpoint\").", flush=True)
+          f"meta-training tasks. A checkpoint trained for longer scores better; see "
+          f"docs/demo.md (\"The demo's checkpoint\").", flush=True)
     _train_briefly(cfg, distiller, llm, root, cached)
     return cached, "trained briefly by this run (no shipped checkpoint was found)"
 
