@@ -21,13 +21,14 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from mend.core.backbones import pick_device
 from mend.config import checked, Dtype, FrozenLLM
 from mend.recipes.run import write_results
-from mend.baselines.nli.data import balanced_sample, nli_data, NLIDataConfig
-from mend.baselines.nli.patterns import context_text, get_pattern
+from mend.baselines.nli.data import balanced_sample, nli_data, NLIDataConfig, NLIExample
+from mend.baselines.nli.patterns import context_text, get_pattern, Pattern
 from mend.evaluation.efficiency import measure
 from mend.core.prefix_lm import PrefixLM
 from mend.baselines.nli.context_distillation import DistillObjective
@@ -79,14 +80,16 @@ def main(cfg: NLICostConfig) -> dict[str, Any]:
     return result
 
 
-def _timed(fn, repeats: int, device: str) -> tuple[float, int]:
+def _timed(fn: Callable[[], Any], repeats: int, device: str) -> tuple[float, int]:
     """Median seconds and peak bytes of ``fn()`` over ``repeats`` calls, after a warm-up."""
     fn()
     runs = [measure(fn, device)[1:] for _ in range(repeats)]
     return statistics.median(s for s, _ in runs), max(p for _, p in runs)
 
 
-def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -> None:
+def _inference_costs(cfg: NLICostConfig, key: str, model_id: str, pattern: Pattern,
+                     pool: list[NLIExample], queries: list[NLIExample],
+                     rows: dict[int, dict[str, Any]], device: str) -> None:
     """An LLM reading k demonstrations and one query (ICL; the CD teacher's cached pass)."""
     llm = PrefixLM.load(FrozenLLM(model_id), device)
     tok = llm.tokenizer
@@ -101,10 +104,11 @@ def _inference_costs(cfg, key, model_id, pattern, pool, queries, rows, device) -
         rows[k][f"{key}_ms"], rows[k][f"{key}_peak_mib"] = seconds * 1e3, peak / 2**20
 
 
-def _training_costs(cfg, key, mode, dtype, pool, rows, device) -> None:
+def _training_costs(cfg: NLICostConfig, key: str, mode: str, dtype: str,
+                    pool: list[NLIExample], rows: dict[int, dict[str, Any]], device: str
+                    ) -> None:
     """One training step: PBFT on the k examples, or the CD student (context never read)."""
     import torch
-
 
     model = PatternLM.from_config(PatternModelConfig(cfg.llm, mode=mode, dtype=dtype,
                                                      pattern=cfg.pattern,
@@ -121,7 +125,8 @@ def _training_costs(cfg, key, mode, dtype, pool, rows, device) -> None:
             objective = DistillObjective(model, {e: torch.zeros(2) for e in part})
             batch = objective.collate(part)
 
-        def step(objective=objective, batch=batch):
+        def step(objective: PatternObjective | DistillObjective = objective,
+                 batch: dict[str, Any] = batch) -> None:
             objective.loss(model, batch)["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
