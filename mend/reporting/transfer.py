@@ -11,7 +11,7 @@ other runs. Its table has one row per run:
   2 points);
 - the memory: demonstration tokens given, prefix positions held, and their ratio.
 
-Its ``ablation`` list, if any, gathers the levers tried into one table: a row per run name
+Its ``ablation`` block, if any, gathers the levers tried into one table: a row per run name
 (the same name in every set), its recovered share and content gap in each set, the content
 share on held-out text its training logged last (or a ``diagnose.json`` gives), and the
 prefix positions each query reads.
@@ -68,10 +68,13 @@ def held_out_share(path: Path) -> float | None:
     return shares[-1] if shares else None
 
 
-def ablation(root: Path, rows: list[dict[str, Any]]) -> str:
-    """The levers in one table (see the module docstring): ``rows`` are ``{"run", "lever",
-    "held_out"}``, ``held_out`` a path relative to ``root``."""
-    sets = sorted(p for p in root.glob("*/eval") if p.is_dir())
+def ablation(root: Path, spec: dict[str, Any]) -> str:
+    """The levers in one table (see the module docstring). ``spec["rows"]`` are ``{"run",
+    "lever", "held_out"}``, ``held_out`` a path relative to ``root``; ``spec["sets"]`` names
+    the evaluation sets, in order (default: every set under ``root``)."""
+    sets = ([root / name / "eval" for name in spec["sets"]] if spec.get("sets") else
+            sorted(p for p in root.glob("*/eval") if p.is_dir()))
+    rows = spec["rows"]
     refs = {s: references([r for _, r in runs(s)]) for s in sets}
     head = ["lever", *[f"{s.parent.name}: share / gap" for s in sets], "held-out text share",
             "positions per query"]

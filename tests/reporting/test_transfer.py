@@ -68,8 +68,9 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
         '{"step": 100, "monitor_content_share": 0.25}\n')
     (root / "diagnose.json").write_text(json.dumps({"content_share": 0.4}))
     (root / "report.yaml").write_text(yaml.safe_dump({"kind": "transfer", "title": "T",
-        "ablation": [{"run": "mend", "lever": "shipped", "held_out": "diagnose.json"},
-                     {"run": "mixture", "held_out": "mixture/metrics.jsonl"}]}))
+        "ablation": {"sets": ["c2c", "demo"], "rows": [
+            {"run": "mend", "lever": "shipped", "held_out": "diagnose.json"},
+            {"run": "mixture", "held_out": "mixture/metrics.jsonl"}]}}))
     text = build(tmp_path / "results")
     table = text[text.index("### The levers"):].splitlines()
     assert table[2] == ("| lever | c2c: share / gap | demo: share / gap | held-out text share "
