@@ -27,7 +27,7 @@ from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
 from mend.methods import get_method
-from mend.recipes.run import Recipe, load_distiller, run, write_config
+from mend.recipes.run import Recipe, begin_distiller, run, write_config
 from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 
@@ -89,11 +89,7 @@ class PromptTuningFinetuneConfig:
 
 def main(cfg: FinetuneConfig) -> TrainResult:
     """Meta-distillation finetuning of a MEND distiller on MetaICL tasks."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
-    write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, load_device(cfg.model.llm_8bit))
+    distiller = begin_distiller(cfg)
     counters = Counters()
     return _finetune(cfg, MendObjective(distiller, cfg.objective, counters), counters,
                      lambda module: Mend(module),

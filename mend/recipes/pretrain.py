@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mend.training.engine import load_device
 from mend.config import checked, MendConfig, to_dict
 from mend.counters import Counters
 from mend.data import batches
@@ -19,7 +18,7 @@ from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.recipes.run import load_distiller, Recipe, run, write_config
+from mend.recipes.run import begin_distiller, Recipe, run
 from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 
@@ -46,11 +45,7 @@ class PretrainConfig:
 
 def main(cfg: PretrainConfig) -> TrainResult:
     """Meta-distillation pretraining of a MEND distiller."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)  # before the model: fresh placeholders and projection are random
-    write_config(cfg, cfg.output_dir)
-    distiller = load_distiller(cfg.model, cfg.init_from, load_device(cfg.model.llm_8bit))
+    distiller = begin_distiller(cfg)
     counters = Counters()
     objective = MendObjective(distiller, cfg.objective, counters)
 

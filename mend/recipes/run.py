@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
+from accelerate.utils import set_seed
 
 from mend.config import MendConfig, config_data, from_dict, to_dict
 from mend.core.backbones import process_state
 from mend.core.distiller import IDENTITY, Distiller, read_config
 from mend.errors import ConfigError, MendError
 from mend.provenance import provenance, write_json
-from mend.training.engine import check_launch
+from mend.training.engine import check_launch, load_device
 
 
 class Recipe(NamedTuple):
@@ -67,7 +68,16 @@ def _description(recipe) -> str:
     return (main.__doc__ or "").split("\n")[0]
 
 
-def load_distiller(model: MendConfig, init_from: str | None, device):
+def begin_distiller(cfg: Any) -> Distiller:
+    """How a MEND training job begins (``cfg``: a stage's config): the seed first, since fresh
+    placeholders and a fresh projection are random; the resolved config written; then the
+    distiller, fresh or continued from ``cfg.init_from``."""
+    set_seed(cfg.train.seed)
+    write_config(cfg, cfg.output_dir)
+    return load_distiller(cfg.model, cfg.init_from, load_device(cfg.model.llm_8bit))
+
+
+def load_distiller(model: MendConfig, init_from: str | None, device: str) -> Distiller:
     """A fresh distiller, or one whose trainable weights come from a checkpoint."""
     if init_from is None:
         return Distiller.from_config(model, device=device)
