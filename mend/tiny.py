@@ -15,6 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import BpeTrainer
+from transformers import PreTrainedTokenizerFast
+import transformers as tf
 
 ARCHS = ("gpt2", "opt", "llama", "qwen2", "gemma3")
 """The causal architectures; ``t5`` (seq2seq) is built too, for the step-by-step student."""
@@ -33,9 +37,6 @@ Review: an instant classic. Sentiment: positive. Review: a waste of time. Sentim
 
 def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
     """A fast tokenizer trained on :data:`CORPUS`; deterministic for a given style and size."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import BpeTrainer
-    from transformers import PreTrainedTokenizerFast
 
     if style == "bytelevel":
         tok = Tokenizer(models.BPE())
@@ -66,7 +67,6 @@ def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
 def model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0,
           max_positions: int = 2048, tok=None):
     """A randomly initialised causal LM of architecture ``arch`` (one of :data:`ARCHS`)."""
-    import transformers as tf
 
     special = {}
     if tok is not None:

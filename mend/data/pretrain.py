@@ -71,8 +71,7 @@ class TextDataConfig:
 
 def load_rows(cfg: TextDataConfig) -> Iterable[dict]:
     """The raw rows, streamed, through ``datasets.load_dataset``."""
-    from datasets import load_dataset
-
+    from datasets import load_dataset  # lazy: slow to import, and only stage 1 reads text
     fmt, files = _local_files(cfg)
     if fmt == "hub":
         return load_dataset(cfg.path, cfg.name, split=cfg.split, streaming=True)
@@ -133,7 +132,7 @@ def documents(cfg: TextDataConfig, rank: int = 0, world: int = 1) -> Iterator[st
     rank ``rank``'s share of them (see the module doc)."""
     rows = load_rows(cfg)
     if world > 1 and cfg.documents == "rows":
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # lazy, as above
         rows = split_dataset_by_node(rows, rank=rank, world_size=world)
 
     def texts() -> Iterator[str]:

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
@@ -26,8 +27,7 @@ def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
 
 
 def macro_f1(preds: Sequence[str], golds: Sequence[str]) -> float:
-    from sklearn.metrics import f1_score
-
+    from sklearn.metrics import f1_score  # lazy: scikit-learn is slow to import
     _check(preds, golds)
     return float(f1_score(list(golds), list(preds), labels=sorted(set(golds)), average="macro",
                           zero_division=0))
@@ -97,7 +97,6 @@ def label_scores(logits, label_ids: Sequence[int], golds: Sequence[int]) -> dict
         token; ``non_label_fraction``: the share of whole-vocabulary argmaxes that are no
         label token at all; ``predictions``: the label-restricted choices.
     """
-    import torch
 
     ids = torch.as_tensor(list(label_ids))
     gold = torch.as_tensor(list(golds))

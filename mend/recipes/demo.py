@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+import sys
 from mend.config import checked, MendConfig, replace
 from mend.core.backbones import pick_device, zoo_path
 from mend.counters import sum_counts
@@ -73,7 +75,6 @@ class DemoJobConfig:
 
 def main(cfg: DemoJobConfig) -> dict[str, Any]:
     """Zero-shot vs ICL vs MEND on the built-in tasks, with their costs."""
-    from tqdm.auto import tqdm
 
 
     started = time.perf_counter()
@@ -293,7 +294,6 @@ def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out
 
 def cli(argv=None) -> int:
     """``mend demo [--tiny] [--checkpoint DIR] [key=value ...]``."""
-    import sys
 
 
     args = list(sys.argv[1:] if argv is None else argv)

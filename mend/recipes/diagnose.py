@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sys
 from mend.config import checked, to_dict
 from mend.core.backbones import pick_device
 from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
@@ -64,7 +65,6 @@ def table(name: str, r: dict[str, Any]) -> str:
 
 def cli(argv=None) -> int:
     """``mend diagnose CHECKPOINT [key=value ...]`` (or ``checkpoint=...``)."""
-    import sys
 
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from accelerate.utils import set_seed
 from mend.training.engine import load_device
 from mend.config import checked, MendConfig, replace, to_dict
 from mend.counters import Counters
@@ -98,7 +99,6 @@ def main(cfg: FinetuneConfig) -> TrainResult:
 
 def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
     """Prompt tuning on the meta-train tasks of a MetaICL partition."""
-    from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from accelerate.utils import gather_object
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.counters import sum_counts
@@ -66,7 +67,6 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainSta
                     counters: Counters, keep: int) -> None:
     """Save the run's state as ``step-N`` (atomically: a temporary directory, then a
     rename), keeping the newest ``keep`` checkpoints."""
-    from accelerate.utils import gather_object
 
     state.counts = sum_counts(gather_object([counters.counts]))
     final = checkpoints / f"step-{state.step:08d}"

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from accelerate.utils import DistributedType
+import inspect
 from mend import optional
 from mend.errors import ConfigError
 from mend.core.backbones import pick_device
@@ -83,7 +85,6 @@ _NO_8BIT = ("The frozen LLM is loaded in 8-bit (llm_8bit: true), whose weights {
 
 def engine_of(accelerator: Accelerator) -> Engine:
     """Which engine ``accelerator`` runs: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
-    from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
@@ -108,7 +109,6 @@ def check_shardable(method: Trainable, accelerator: Accelerator, train_cfg: Trai
     """A sharding engine needs a method that saves from gathered weights, and a frozen LLM
     whose parameters it can shard (not bitsandbytes' 8-bit ones); DeepSpeed, settings that
     agree with the loop's (:func:`_check_deepspeed`)."""
-    import inspect
 
     name = type(method).__name__
     if "state_dict" not in inspect.signature(method.save_pretrained).parameters:
@@ -248,8 +248,7 @@ def trained_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, 
     state dict, so the frozen LLM is never gathered. Under ZeRO-3 only the trained module's
     parameters are gathered (DeepSpeed's ``GatheredParameters``), for the same reason."""
     if engine_of(accelerator) == "deepspeed":
-        import deepspeed
-
+        import deepspeed  # optional: mend[deepspeed]
         trained = accelerator.unwrap_model(model).trained
         with deepspeed.zero.GatheredParameters(list(trained.parameters())):
             if not accelerator.is_main_process:

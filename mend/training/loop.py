@@ -46,6 +46,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 from mend import optional
 from mend.core.backbones import bitsandbytes_problem, pick_device
 from mend.training import engine, precision
@@ -118,9 +122,6 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     ``monitor_<name>``) but select nothing (the content controls of
     :mod:`mend.evaluation.diagnostics`).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -320,14 +321,13 @@ def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
         if problem is not None:
             raise TrainingError(f"train.optimizer=adamw_8bit needs bitsandbytes on CUDA, but "
                                 f"{problem}. Use train.optimizer=adamw.")
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: mend[8bit]
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas,
                                    weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    from transformers import get_scheduler
 
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * cfg.max_steps)
     return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup,
@@ -342,7 +342,6 @@ def _select(accelerator: Accelerator, model: nn.Module, method: Trainable,
             evaluate: Callable[[nn.Module], dict[str, Any]], state: TrainState, cfg: TrainConfig,
             output_dir: Path, keep_best: dict[str, str]) -> None:
     """Evaluate, keep the best model(s), and decide on early stopping."""
-    from accelerate.utils import broadcast
 
     keys = ["score", *keep_best.values()]
     values = torch.zeros(len(keys), device=accelerator.device, dtype=torch.float64)

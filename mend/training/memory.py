@@ -35,6 +35,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from accelerate import init_empty_weights
+from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
 from mend.config import MendConfig, replace
 from mend.data.pretrain import TextDataConfig
 from mend.errors import BackboneError, ConfigError
@@ -95,7 +98,6 @@ class Estimate:
 def model_config(name: str):
     """The transformers config of a model reference (hub id, directory, .gguf file, zoo).
     Read once per name (a GGUF file takes seconds to parse); callers must not change it."""
-    from transformers import AutoConfig
 
     source, gguf_file = resolve(name)
     return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
@@ -103,9 +105,6 @@ def model_config(name: str):
 
 def sizes(name: str, with_head: bool) -> Sizes:
     """accelerate's parameter sizes of ``name`` (float32), split into layers and root."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
-    from transformers import AutoModel, AutoModelForCausalLM
 
     with init_empty_weights():
         model = (AutoModelForCausalLM if with_head else AutoModel).from_config(
@@ -130,8 +129,6 @@ def trainable_bytes(model: MendConfig, distiller: Sizes) -> int:
         extra += d_enc * d_llm + d_llm
     if model.train_mode == "full":
         return distiller.total + 4 * extra
-    from accelerate import init_empty_weights
-    from transformers import AutoModel
 
     with init_empty_weights():
         adapted = add_lora(AutoModel.from_config(enc), model.lora_r, model.lora_alpha, 0.0,
@@ -262,7 +259,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _cut(name: str, layers: int, dtype: str, head: bool) -> nn.Module:
     """``name``'s architecture with ``layers`` layers, weights left at zero (no init cost)."""
-    from transformers import AutoModel, AutoModelForCausalLM
 
     cfg = copy.deepcopy(model_config(name))  # the cached config stays whole
     cfg.num_hidden_layers = layers

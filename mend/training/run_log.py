@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from accelerate.utils import gather_object
 from mend.counters import Counters, sum_counts
 from mend.provenance import provenance
 
@@ -41,7 +42,6 @@ def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, cou
                ) -> dict[str, Any]:
     """One log line: the window's mean loss terms over all processes, LR, gradient norm,
     throughput (``steps_per_s`` counts micro-batches) and the data pipeline's counts."""
-    from accelerate.utils import gather_object
 
     keys = sorted(window.sums)
     local = torch.stack([window.sums[k].to(accelerator.device, torch.float64).reshape(())
@@ -102,7 +102,7 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     path = output_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    import matplotlib
+    import matplotlib  # lazy: slow to import; the curves are drawn once, at the end
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -203,9 +203,11 @@ def test_pattern_icl_end_to_end(nli_data, tiny_model, tmp_path):
 def test_pbft_and_cd_train_and_select(nli_data, tiny_model, tmp_path):
     from mend.baselines.nli.model import PatternLM
     from mend.baselines.nli.recipes import PatternEvalConfig, cli, main_pattern_eval
+    # One precision for both: accelerate fixes it for the whole process at its first
+    # Accelerator (CD's own default is bf16; pbft's auto depends on the CPU).
     common = [f"model.patterns_file={nli_data}/patterns.yaml", "model.pattern=tiny",
               *_nli_args(nli_data, tiny_model), "epochs=3", "train.batch_size=4",
-              "train.progress=false"]
+              "train.progress=false", "train.mixed_precision=bf16"]
     assert cli(["pbft", f"model.model={tiny_model('llama')}", "model.mode=lora",
                 "n=8", "train.lr=1e-3", f"output_dir={tmp_path / 'pbft'}", *common]) == 0
     result = json.loads((tmp_path / "pbft" / "results.json").read_text())

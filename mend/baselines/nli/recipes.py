@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from tqdm.auto import tqdm
+from accelerate.utils import set_seed
+import torch
 from mend.core.backbones import pick_device
 from mend.config import checked, Dtype, FrozenLLM, to_dict
 from mend.errors import ConfigError
@@ -64,7 +67,6 @@ class PatternICLConfig:
 
 def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
     """Pattern-based ICL over k and data seeds, in domain and on HANS."""
-    from tqdm.auto import tqdm
 
 
     pool, sets = nli_data(cfg.data)
@@ -151,7 +153,6 @@ class CDConfig:
 
 def main_pbft(cfg: PBFTConfig) -> TrainResult:
     """Pattern-based fine-tuning (full, LoRA or BitFit) on n balanced examples."""
-    from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
@@ -163,8 +164,6 @@ def main_pbft(cfg: PBFTConfig) -> TrainResult:
 
 def main_cd(cfg: CDConfig) -> TrainResult:
     """Context distillation: a teacher with k demonstrations, a student without them."""
-    import torch
-    from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)

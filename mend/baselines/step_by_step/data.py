@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tqdm.auto import tqdm
 from mend.config import checked, FrozenLLM
 from mend.counters import Counters
 from mend.errors import ConfigError
@@ -192,7 +193,6 @@ def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExampl
                        counters: Counters, device) -> list[RationaleExample]:
     """Rationales and labels written by a teacher LLM from a few-shot chain-of-thought prompt
     (its shots: the first training examples that have file rationales)."""
-    from tqdm.auto import tqdm
 
 
     phrase = PHRASES[data.dataset]

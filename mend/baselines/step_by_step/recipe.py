@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from accelerate.utils import set_seed
 from mend.core.backbones import pick_device
 from mend.config import checked, to_dict
 from mend.counters import Counters
@@ -49,7 +50,6 @@ class StepByStepConfig:
 
 def main(cfg: StepByStepConfig) -> TrainResult:
     """Train a student on labels (and rationales); keep the best by test accuracy."""
-    from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
