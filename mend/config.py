@@ -79,7 +79,7 @@ class FrozenLLM:
     and ICL, and both baselines load their LLM or teacher
     (:meth:`mend.core.prefix_lm.PrefixLM.load`). Their configs keep the flat YAML keys
     (``llm``, ``llm_dtype``, ``llm_8bit``, ``allow_8bit_fallback``, ``attn_implementation``)
-    and build this from them (``cfg.frozen_llm``)."""
+    and build this from them (:meth:`of`)."""
 
     name: str
     """A hub id, a local directory, a ``.gguf`` file or a zoo name."""
@@ -89,6 +89,13 @@ class FrozenLLM:
     allow_8bit_fallback: bool = False
     """Where 8-bit cannot load (no CUDA), load in bfloat16 with a warning instead of failing."""
     attn_implementation: str | None = "sdpa"
+
+    @classmethod
+    def of(cls, cfg: Any) -> FrozenLLM:
+        """The spec that a config's flat keys name (``llm``, ``llm_dtype``, ``llm_8bit``,
+        ``allow_8bit_fallback``, ``attn_implementation``)."""
+        return cls(cfg.llm, cfg.llm_dtype, cfg.llm_8bit, cfg.allow_8bit_fallback,
+                   cfg.attn_implementation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +152,6 @@ class MendConfig:
     allow_8bit_fallback: bool = False
     """Where 8-bit cannot run, load the LLM in ``llm_dtype`` with a warning instead of failing."""
     attn_implementation: str = "sdpa"
-
-    @property
-    def frozen_llm(self) -> FrozenLLM:
-        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
-                         self.attn_implementation)
 
     def __post_init__(self) -> None:
         if not self.distiller or not self.llm:

@@ -30,7 +30,7 @@ from mend.core import checkpoint, kv_cache
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
                                  load_model, load_tokenizer)
-from mend.config import MendConfig, from_dict, replace, to_dict
+from mend.config import FrozenLLM, MendConfig, from_dict, replace, to_dict
 from mend.counters import Counters
 from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
@@ -102,7 +102,7 @@ class Distiller(ServesContext, nn.Module):
         encoder = load_model(config.distiller, with_head=False, dtype=config.distiller_dtype,
                              device=device, attn_implementation=config.attn_implementation)
         return cls(config, encoder, load_tokenizer(config.distiller),
-                   PrefixLM.load(config.frozen_llm, device))
+                   PrefixLM.load(FrozenLLM.of(config), device))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,

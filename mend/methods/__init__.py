@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mend.config import checked, Dtype, FrozenLLM
+from mend.config import checked, Dtype
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
 from mend.methods.registry import get_method, method_names, register_method
@@ -47,11 +47,6 @@ class MethodConfig:
     """mend and kv_compress: gradient steps on each compressed prefix against the ICL
     teacher on its own demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the
     prefix as compressed."""
-
-    @property
-    def frozen_llm(self) -> FrozenLLM:
-        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
-                         self.attn_implementation)
 
     def __post_init__(self) -> None:
         needs_llm = get_method(self.method).needs == "llm"

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mend.config import SEP
+from mend.config import FrozenLLM, SEP
 from mend.counters import Counters
 from mend.data import Example
 from mend.core.kv_cache import Prefill
@@ -47,7 +47,7 @@ class LLMOnly:
         """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
         fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else SEP,
                          cfg.demo_sep if cfg.demo_sep is not None else SEP)
-        return cls(PrefixLM.load(cfg.frozen_llm, device), fmt)
+        return cls(PrefixLM.load(FrozenLLM.of(cfg), device), fmt)
 
 
 def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:

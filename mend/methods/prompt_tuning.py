@@ -50,11 +50,6 @@ class PromptTuningConfig:
     allow_8bit_fallback: bool = False
     attn_implementation: str = "sdpa"
 
-    @property
-    def frozen_llm(self) -> FrozenLLM:
-        return FrozenLLM(self.llm, self.llm_dtype, self.llm_8bit, self.allow_8bit_fallback,
-                         self.attn_implementation)
-
     def __post_init__(self) -> None:
         if self.num_placeholders < 1:
             raise ConfigError(f"num_placeholders must be >= 1, got {self.num_placeholders}.")
@@ -78,7 +73,7 @@ class PromptTuning(nn.Module):
 
     @classmethod
     def from_config(cls, config: PromptTuningConfig, device=None) -> PromptTuning:
-        return cls(config, PrefixLM.load(config.frozen_llm, device))
+        return cls(config, PrefixLM.load(FrozenLLM.of(config), device))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, **overrides) -> PromptTuning:

@@ -161,13 +161,13 @@ def test_every_config_loads_its_frozen_llm_through_one_spec(tiny_model):
     from mend.methods.prompt_tuning import PromptTuningConfig
     llm = tiny_model("gpt2", 48)
     spec = FrozenLLM(llm, "bfloat16", False, True, "eager")
-    assert MendConfig(distiller=llm, llm=llm, llm_dtype="bfloat16", allow_8bit_fallback=True,
-                      attn_implementation="eager").frozen_llm == spec
-    assert PromptTuningConfig(llm=llm, llm_dtype="bfloat16", allow_8bit_fallback=True,
-                              attn_implementation="eager").frozen_llm == spec
+    assert FrozenLLM.of(MendConfig(distiller=llm, llm=llm, llm_dtype="bfloat16",
+                                   allow_8bit_fallback=True, attn_implementation="eager")) == spec
+    assert FrozenLLM.of(PromptTuningConfig(llm=llm, llm_dtype="bfloat16", allow_8bit_fallback=True,
+                                           attn_implementation="eager")) == spec
     icl = MethodConfig("icl", llm=llm, llm_dtype="bfloat16", allow_8bit_fallback=True,
                        attn_implementation="eager")
-    assert icl.frozen_llm == spec
+    assert FrozenLLM.of(icl) == spec
     # ICL now loads with the attention it names (it was always sdpa).
     model = build_method(icl).llm.model
     assert model.config._attn_implementation == "eager" and model.dtype == torch.bfloat16
