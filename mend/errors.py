@@ -27,5 +27,9 @@ class CheckpointError(MendError, ValueError):
     """A checkpoint directory is missing files or does not fit the models it is loaded with."""
 
 
+class TrainingError(MendError, RuntimeError):
+    """Training cannot go on (a non-finite loss, an optimizer that cannot run here)."""
+
+
 class TruncationWarning(UserWarning):
     """Input was cut to fit a length budget; the message counts what was dropped."""

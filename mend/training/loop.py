@@ -5,10 +5,10 @@ DeepSpeed ZeRO-3, as the launch config chooses (:mod:`mend.training.engine`).
 
 What it does:
 
-- AdamW (or bitsandbytes' 8-bit AdamW) over the method's trainable parameters; a
-  transformers LR schedule with warmup, stepped once per optimizer step whatever the number
-  of processes; gradient clipping; bf16/fp16 autocast; gradient accumulation; gradient
-  checkpointing where the method's module supports it.
+- AdamW (or bitsandbytes' 8-bit AdamW) over the method's trainable parameters and a
+  transformers LR schedule with warmup (:mod:`mend.training.optim`), stepped once per
+  optimizer step whatever the number of processes; gradient clipping; bf16/fp16 autocast;
+  gradient accumulation; gradient checkpointing where the method's module supports it.
 - **Checkpoints** every ``save_every`` steps, at the end, and on SIGTERM, under
   ``output_dir/checkpoints/step-NNNNNNNN``: the trainable weights, optimizer, scheduler, RNG
   states (through ``accelerator.save_state``: sharded by DCP under FSDP), and the step and
@@ -49,12 +49,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 from mend import optional
-from mend.core.backbones import bitsandbytes_problem, pick_device
-from mend.training import engine, precision
+from mend.core.backbones import pick_device
+from mend.training import engine, optim, precision
 from mend.counters import Counters
-from mend.errors import ConfigError, MendError
+from mend.errors import ConfigError, TrainingError
 from mend.methods.base import Trainable
 from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
@@ -63,10 +62,6 @@ from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
     from accelerate import Accelerator
-
-
-class TrainingError(MendError, RuntimeError):
-    """Training cannot go on (a non-finite loss, an optimizer that cannot run here)."""
 
 
 @dataclass
@@ -153,8 +148,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         compile_modules(module)
     if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError("The method has no trainable parameters.")
-    optimizer = _optimizer(cfg, _param_groups(cfg, module))
-    scheduler = _scheduler(cfg, optimizer)
+    optimizer = optim.optimizer(cfg, optim.param_groups(cfg, module))
+    scheduler = optim.scheduler(cfg, optimizer)
     step = engine.TrainStep(method, shard_frozen=kind in engine.SHARDED)
     with step.whole_state_dict():
         model, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
@@ -295,43 +290,6 @@ def _step(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return values[1] if len(values) > 1 else None
-
-
-def _param_groups(cfg: TrainConfig, module: torch.nn.Module) -> list[dict[str, Any]]:
-    """The trainable parameters, grouped by their LR (``lr_multipliers``: longest prefix wins)."""
-    prefixes = sorted(cfg.lr_multipliers, key=len, reverse=True)
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            hit = next((k for k in prefixes if name.startswith(k)), None)
-            groups.setdefault(cfg.lr_multipliers[hit] if hit else 1.0, []).append(p)
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    unused = [k for k in prefixes if not any(n.startswith(k) for n in names)]
-    if unused:
-        starts = ", ".join(sorted({n.split(".")[0] for n in names}))
-        raise ConfigError(f"train.lr_multipliers names {unused}, which starts no trainable "
-                          f"parameter's name; names start with: {starts}.")
-    # The base group first: the logged "lr" is the first group's.
-    return [{"params": groups[m], "lr": cfg.lr * m} for m in sorted(groups, key=lambda m: m != 1.0)]
-
-
-def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]):
-    if cfg.optimizer == "adamw_8bit":
-        problem = bitsandbytes_problem()
-        if problem is not None:
-            raise TrainingError(f"train.optimizer=adamw_8bit needs bitsandbytes on CUDA, but "
-                                f"{problem}. Use train.optimizer=adamw.")
-        import bitsandbytes as bnb  # optional: mend[8bit]
-        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas,
-                                   weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    return get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=warmup,
-                         num_training_steps=cfg.max_steps)
 
 
 # --------------------------------------------------------------------------------------------

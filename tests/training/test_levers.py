@@ -11,7 +11,7 @@ from mend.errors import ConfigError
 from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.core.text import encode
 from mend.training.config import TrainConfig
-from mend.training.loop import _param_groups
+from mend.training.optim import param_groups
 
 
 @pytest.mark.parametrize("bf16, fp32, expected", [(400e9, 130e9, "bf16"), (1e9, 130e9, "no")])
@@ -35,9 +35,9 @@ def test_lr_multipliers_group_parameters_by_name_prefix():
     cfg = TrainConfig(lr=1e-3, lr_multipliers={"placeholders": 10, "projection.0": 3,
                                                "projection": 5})
     with pytest.raises(ConfigError, match="starts no trainable parameter's name"):
-        _param_groups(cfg, module)
+        param_groups(cfg, module)
     cfg = TrainConfig(lr=1e-3, lr_multipliers={"placeholders": 10, "projection": 5})
-    groups = _param_groups(cfg, module)
+    groups = param_groups(cfg, module)
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2, 5e-3])  # the base first
     assert [len(g["params"]) for g in groups] == [2, 1, 2]
     with pytest.raises(ConfigError, match="must all be > 0"):
