@@ -28,20 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from train import make_batch  # noqa: E402
+from train import batch_arguments, make_batch  # noqa: E402
 
 COLUMNS = ["llm", "status", "grad_cosine", "loss_first", "loss_last", "moved", "step_s"]
 
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--demo-tokens", type=int, default=256)
-    p.add_argument("--input-tokens", type=int, default=128)
-    p.add_argument("--placeholders", type=int, default=16)
+    batch_arguments(p, batch=8, demo_tokens=256, input_tokens=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--text", default="../shared/data/text/wikitext-2/wiki.valid.tokens.gz")
     args = p.parse_args(argv)
     rows, grads = [], {}
     for llm in ("bf16", "8bit"):

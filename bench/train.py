@@ -37,13 +37,9 @@ H100_PEAK = {"bfloat16": 989.4e12, "float32": 66.9e12}
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--demo-tokens", type=int, default=192)
-    p.add_argument("--input-tokens", type=int, default=64)
-    p.add_argument("--placeholders", type=int, default=16)
+    batch_arguments(p, batch=2, demo_tokens=192, input_tokens=64)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     p.add_argument("--variants", default="eager-fp32,bf16,checkpointing,compile,8bit")
-    p.add_argument("--text", default="../shared/data/text/wikitext-2/wiki.valid.tokens.gz")
     p.add_argument("--profile", action="store_true",
                    help="also count what one step asks of the host (torch.profiler)")
     args = p.parse_args(argv)
@@ -143,6 +139,15 @@ def peak_flops(device: str) -> dict:
         seconds = common.timed(lambda a=a: a @ a, device, repeats=3)
         peaks[name] = 2 * size ** 3 / seconds
     return {**peaks, "source": "measured: square matmuls on this CPU"}
+
+
+def batch_arguments(p, batch: int, demo_tokens: int, input_tokens: int) -> None:
+    """The command-line arguments :func:`make_batch` and the distiller it feeds read."""
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--demo-tokens", type=int, default=demo_tokens)
+    p.add_argument("--input-tokens", type=int, default=input_tokens)
+    p.add_argument("--placeholders", type=int, default=16)
+    p.add_argument("--text", default="../shared/data/text/wikitext-2/wiki.valid.tokens.gz")
 
 
 def make_batch(args, objective, stage: str):
