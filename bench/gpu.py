@@ -287,13 +287,12 @@ def step_tests(args, env, work, out, limit, suffix):
 
 
 def train_args(args) -> list[str]:
+    text = ["--text", str(data_root(args) / "text" / "wikitext-2" / "wiki.valid.tokens.gz")]
     if args.tiny:
         return ["--batch", "2", "--demo-tokens", "48", "--input-tokens", "24",
-                "--placeholders", "4", "--steps", "2", "--text",
-                str(data_root(args) / "text" / "wikitext-2" / "wiki.valid.tokens.gz")]
+                "--placeholders", "4", "--steps", "2", *text]
     return ["--batch", "8", "--demo-tokens", "800", "--input-tokens", "300", "--placeholders",
-            "100", "--steps", "5", "--text",
-            str(data_root(args) / "text" / "wikitext-2" / "wiki.valid.tokens.gz")]
+            "100", "--steps", "5", *text]
 
 
 def step_train(args, env, work, out, limit, suffix):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -51,10 +52,8 @@ def checked(cls: type[T]) -> type[T]:
     own = cls.__dict__.get("__post_init__")
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            if f.init and _names_literal(hints[f.name]):
-                _coerce(hints[f.name], getattr(self, f.name), f.name)
+        for name, tp in _choice_fields(type(self)):
+            _coerce(tp, getattr(self, name), name)
         if own is not None:
             own(self)
         else:
@@ -64,6 +63,15 @@ def checked(cls: type[T]) -> type[T]:
 
     cls.__post_init__ = __post_init__
     return cls
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, type)`` of a config class's fields whose type names a ``Literal``, resolved once
+    per class rather than at every instance."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
+                 if f.init and _names_literal(hints[f.name]))
 
 
 def _names_literal(tp: Any) -> bool:
