@@ -20,7 +20,7 @@ from mend.core.backbones import process_state
 from mend.core.distiller import IDENTITY, Distiller, read_config
 from mend.errors import ConfigError, MendError
 from mend.provenance import provenance, write_json
-from mend.training.engine import check_launch, load_device
+from mend.training.engine import check_launch, end_launch, load_device
 
 
 class Recipe(NamedTuple):
@@ -48,6 +48,7 @@ def run(recipe: Recipe | Callable[[dict[str, Any]], Recipe], argv: Sequence[str]
     except MendError as e:
         print(f"mend: error: {e}", file=sys.stderr)
         return 2
+    end_launch()
     return 143 if getattr(result, "status", None) == "interrupted" else 0
 
 

@@ -24,6 +24,7 @@ engines: one device, DDP, FSDP (FSDP2) or DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,10 +33,10 @@ import torch
 from torch import nn
 
 from accelerate.utils import DistributedType
-import inspect
+
 from mend import optional
-from mend.errors import ConfigError
 from mend.core.backbones import pick_device
+from mend.errors import ConfigError
 
 if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
     from accelerate import Accelerator
@@ -53,6 +54,15 @@ def check_launch() -> None:
     if launched_sharded() == "deepspeed":
         optional.require("deepspeed", "The DeepSpeed engine (configs/accelerate/deepspeed_zero3"
                                       ".yaml)")
+
+
+def end_launch() -> None:
+    """Destroy the process group of a launch whose job finished on every rank. Left to
+    interpreter shutdown, gloo's worker threads can outlive the interpreter and abort a run
+    that succeeded (SIGABRT, "terminate called without an active exception"). Not after an
+    error: a rank still waiting in a collective would hang on it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def launched_sharded() -> str | None:

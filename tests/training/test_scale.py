@@ -358,3 +358,30 @@ def test_deepspeed_zero3_one_process_killed_and_resumed(scale_runs):
     assert not any("frozen" in k for k in states["param_shapes"][0])
     assert not states["frozen_param_shapes"]
     assert json.loads((last / "mend_engine.json").read_text())["engine"] == "deepspeed"
+
+
+def test_a_finished_job_destroys_its_process_group_and_a_failed_one_leaves_it(tmp_path):
+    """Left to interpreter shutdown, gloo's worker threads can abort a launched job that
+    succeeded (SIGABRT); after an error another rank may still be in a collective."""
+    from dataclasses import dataclass
+
+    import torch.distributed as dist
+
+    from mend.recipes.run import Recipe, run
+
+    @dataclass
+    class Job:
+        steps: int = 1
+
+    def fail(cfg):
+        raise ConfigError("steps must be even")
+    ran = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        assert run(Recipe(Job, fail), ["steps=3"]) == 2 and dist.is_initialized()
+        assert run(Recipe(Job, lambda cfg: ran.append(cfg.steps)), ["steps=2"]) == 0
+        assert ran == [2] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
