@@ -7,7 +7,7 @@
 #     bash configs/reproduce/cpu/generalise.sh demo       # one part: demo demo_long refine
 #                                                         #   refine_curve partitions mixture
 #                                                         #   mixture_answer prompt_tuning
-#                                                         #   stage1_budget report
+#                                                         #   stage1_budget capacity report
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -45,17 +45,38 @@ references() {
   evaluate "$config" "$out/icl" method=icl "$@"
 }
 
+# equal_memory CONFIG OUTDIR ARGS...: the two training-free rows that hold bos + L positions
+# (named -L when L is not the shipped 16).
+equal_memory() {
+  local config=$1 out=$2 tag=""; shift 2
+  [ "$L" = 16 ] || tag="-$L"
+  local refs=(references.zero_shot="$out/zero_shot/results.json"
+              references.icl="$out/icl/results.json")
+  evaluate "$config" "$out/icl-equal-memory$tag" method=icl context.max_context_tokens="$L" \
+    label="ICL at equal memory${tag:+ (bos + $L)}" "${refs[@]}" "$@"
+  evaluate "$config" "$out/kv_compress$tag" method=kv_compress num_placeholders="$L" \
+    label="kv_compress${tag:+ (bos + $L)}" "${refs[@]}" "$@"
+}
+
 # methods CONFIG OUTDIR ARGS...: the references first, then the rest.
 methods() {
   local config=$1 out=$2; shift 2
   references "$config" "$out" "$@"
-  local refs=(references.zero_shot="$out/zero_shot/results.json"
-              references.icl="$out/icl/results.json")
-  evaluate "$config" "$out/icl-equal-memory" method=icl context.max_context_tokens="$L" \
-    label="ICL at equal memory" "${refs[@]}" "$@"
-  evaluate "$config" "$out/kv_compress" method=kv_compress num_placeholders="$L" \
-    "${refs[@]}" "$@"
-  evaluate "$config" "$out/mend" method=mend checkpoint="$MEND" "${refs[@]}" "$@"
+  equal_memory "$config" "$out" "$@"
+  evaluate "$config" "$out/mend" method=mend checkpoint="$MEND" \
+    references.zero_shot="$out/zero_shot/results.json" references.icl="$out/icl/results.json" "$@"
+}
+
+# every_set FN [FN-ARGS...]: FN FN-ARGS... CONFIG OUTDIR SET-ARGS... on the demo's short and
+# long tasks and on each partition.
+every_set() {
+  local p
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+  for p in "${PARTITIONS[@]}"; do
+    "$@" "$CFG/eval.yaml" "$OUT/$p/eval" data.partition="$p" "data.seeds=[100,13]"
+  done
 }
 
 DEMO_REFS=(references.zero_shot="$OUT/demo/eval/zero_shot/results.json"
@@ -99,27 +120,19 @@ partitions() {
 # distiller NAME DIR: a trained distiller on the demo's tasks (with refinement too) and on
 # the partitions, beside the shipped one.
 distiller() {
-  local name=$1 dir=$2 p
-  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  references "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
-  references "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
-  for p in "${PARTITIONS[@]}"; do
-    references "$CFG/eval.yaml" "$OUT/$p/eval" data.partition="$p" "data.seeds=[100,13]"
-  done
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name" method=mend checkpoint="$dir" \
-    label="$name" "${DEMO_REFS[@]}" "$SHORT"
+  local name=$1 dir=$2
+  every_set references
+  every_set mend_row "$name" "$dir"
   evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
     checkpoint="$dir" refine_steps="$REFINE" label="$name + $REFINE refine steps" \
     "${DEMO_REFS[@]}" "$SHORT"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/$name" method=mend checkpoint="$dir" \
-    label="$name" "$LONG" references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
-    references.icl="$OUT/demo-long/eval/icl/results.json"
-  for p in "${PARTITIONS[@]}"; do
-    evaluate "$CFG/eval.yaml" "$OUT/$p/eval/$name" method=mend checkpoint="$dir" \
-      data.partition="$p" "data.seeds=[100,13]" label="$name" \
-      references.zero_shot="$OUT/$p/eval/zero_shot/results.json" \
-      references.icl="$OUT/$p/eval/icl/results.json"
-  done
+}
+
+# mend_row NAME DIR CONFIG OUTDIR ARGS...: the distiller at DIR, labelled NAME, on one set.
+mend_row() {
+  local name=$1 dir=$2 config=$3 out=$4; shift 4
+  evaluate "$config" "$out/$name" method=mend checkpoint="$dir" label="$name" \
+    references.zero_shot="$out/zero_shot/results.json" references.icl="$out/icl/results.json" "$@"
 }
 
 # train JOB DIR ARGS...: a training job to its end; the first call is cut at CUT seconds, so
@@ -141,12 +154,13 @@ train() {
   return 0
 }
 
-# stage2 NAME CONFIG [INIT]: a stage 2 continued from INIT (default: the shipped distiller,
-# MEND), at about the wall time of issue 14's K = 16 class_to_class continuation
+# stage2 NAME CONFIG [INIT [ARGS...]]: a stage 2 continued from INIT (default: the shipped
+# distiller, MEND), at about the wall time of issue 14's K = 16 class_to_class continuation
 # (docs/results/distill-cpu/k16-continuation), then scored as `distiller` scores it.
 stage2() {
   local name=$1 config=$2 init=${3:-$MEND}
-  train finetune "$OUT/$name" --config "$config" init_from="$init"
+  shift $(( $# < 3 ? $# : 3 ))
+  train finetune "$OUT/$name" --config "$config" init_from="$init" "$@"
   distiller "$name" "$OUT/$name"
 }
 
@@ -178,6 +192,18 @@ stage1_budget() {
   stage2 stage1-600-mixture-answer "$CFG/finetune-mixture-answer.yaml" "$OUT/stage1-600"
 }
 
+capacity() {
+  # The capacity lever at the shipped stage 1's budget: l = 32 placeholders from scratch (300
+  # steps), then the answer-distill mixture; beside it, the equal-memory rows at its 33
+  # positions, since a prefix twice as long is weighed against what fits in twice the memory.
+  local l=32
+  train pretrain "$OUT/stage1-l$l" --config "$CFG/pretrain.yaml" model.num_placeholders=$l \
+    train.mixed_precision=bf16
+  stage2 "l$l-mixture-answer" "$CFG/finetune-mixture-answer.yaml" "$OUT/stage1-l$l" \
+    model.num_placeholders=$l
+  L=$l every_set equal_memory
+}
+
 refine_curve() {
   # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
   local steps
@@ -198,7 +224,7 @@ report() {
 
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve partitions mixture
-                                  mixture_answer prompt_tuning stage1_budget report)
+                                  mixture_answer prompt_tuning stage1_budget capacity report)
 for part in "${parts[@]}"; do
   case $part in
     demo) demo ;;
@@ -209,6 +235,7 @@ for part in "${parts[@]}"; do
     mixture_answer) stage2 mixture-answer "$CFG/finetune-mixture-answer.yaml" ;;
     prompt_tuning) prompt_tuning ;;
     stage1_budget) stage1_budget ;;
+    capacity) capacity ;;
     partitions) partitions ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
