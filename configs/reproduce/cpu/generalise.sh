@@ -8,6 +8,7 @@
 #                                                         #   refine_curve partitions mixture
 #                                                         #   mixture_answer prompt_tuning
 #                                                         #   stage1_budget capacity report
+#     SHIP=RUN bash configs/reproduce/cpu/generalise.sh ship  # RUN becomes the demo's distiller
 #
 # Each evaluation carries the swap control (content gap), its memory (demonstration tokens,
 # prefix positions, compression) and, beside zero-shot and full ICL of the same tasks and
@@ -204,6 +205,13 @@ capacity() {
   L=$l every_set equal_memory
 }
 
+ship() {
+  # The distiller chosen from these runs (SHIP, a run under $OUT) becomes the demo's default,
+  # in bf16; the demo runs with it and `mend diagnose` scores it on held-out text
+  # (run.sh's ship, its outputs under ship/).
+  OUT="$OUT" DOCS="$DOCS/ship" DEMO_RUN="${SHIP:?name the run to ship}" bash "$CFG/run.sh" ship
+}
+
 refine_curve() {
   # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
   local steps
@@ -236,6 +244,7 @@ for part in "${parts[@]}"; do
     prompt_tuning) prompt_tuning ;;
     stage1_budget) stage1_budget ;;
     capacity) capacity ;;
+    ship) ship ;;
     partitions) partitions ;;
     report) report ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
