@@ -57,14 +57,19 @@ def table(folder: Path) -> str:
 
 
 def held_out_share(path: Path) -> float | None:
-    """The content share on held-out text: a ``diagnose.json``'s, or the last one a training
-    run's ``metrics.jsonl`` logged. None where the file has none."""
+    """The content share on held-out text: a ``diagnose.json``'s, or one a training run's
+    ``metrics.jsonl`` logged: at the step whose weights the run kept, the first best
+    ``eval_score`` where it selected by one (a later share describes weights it did not
+    save), else the last. None where the file has none."""
     if not path.is_file():
         return None
     if path.suffix == ".json":
         return json.loads(path.read_text()).get("content_share")
-    logged = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    shares = [row["monitor_content_share"] for row in logged if "monitor_content_share" in row]
+    logged = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [row for row in logged if "eval_score" in row]
+    kept = max(evals, key=lambda row: row["eval_score"])["step"] if evals else None
+    shares = [row["monitor_content_share"] for row in logged if "monitor_content_share" in row
+              and (kept is None or row["step"] <= kept)]
     return shares[-1] if shares else None
 
 

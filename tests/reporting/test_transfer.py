@@ -66,11 +66,18 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
     (root / "mixture" / "metrics.jsonl").write_text(
         '{"step": 50, "monitor_content_share": 0.5}\n{"step": 50, "loss": 1.0}\n'
         '{"step": 100, "monitor_content_share": 0.25}\n')
+    # selected kept step 100's weights (its first best dev score), not step 150's.
+    (root / "selected").mkdir()
+    (root / "selected" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"step": 50, "monitor_content_share": 0.5}, {"step": 50, "eval_score": 0.3},
+        {"step": 100, "monitor_content_share": 0.6}, {"step": 100, "eval_score": 0.4},
+        {"step": 150, "monitor_content_share": 0.7}, {"step": 150, "eval_score": 0.4}]))
     (root / "diagnose.json").write_text(json.dumps({"content_share": 0.4}))
     (root / "report.yaml").write_text(yaml.safe_dump({"kind": "transfer", "title": "T",
         "ablation": {"sets": ["c2c", "demo"], "rows": [
             {"run": "mend", "lever": "shipped", "held_out": "diagnose.json"},
-            {"run": "mixture", "held_out": "mixture/metrics.jsonl"}]}}))
+            {"run": "mixture", "held_out": "mixture/metrics.jsonl"},
+            {"run": "selected", "held_out": "selected/metrics.jsonl"}]}}))
     text = build(tmp_path / "results")
     table = text[text.index("### The levers"):].splitlines()
     assert table[2] == ("| lever | c2c: share / gap | demo: share / gap | held-out text share "
@@ -79,3 +86,4 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
     assert table[4] == "| shipped | -25% / -10.0 | 75% / +10.0 | 40.0% | 17 |"
     # The last share logged in training; "–" for the set it was not scored on.
     assert table[5] == "| mixture | – | 100% / +30.0 | 25.0% | 17 |"
+    assert table[6] == "| selected | – | – | 60.0% | – |"
