@@ -85,7 +85,7 @@ def ablation(root: Path, spec: dict[str, Any]) -> str:
             "positions per query"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells, positions = [], "–"
+        cells, positions = [], []
         for s in sets:
             path = s / row["run"] / "results.json"
             zero_shot, icl = refs[s]
@@ -98,11 +98,15 @@ def ablation(root: Path, spec: dict[str, Any]) -> str:
             cells.append(("–" if share is None else f"{share * 100:.0f}%") + " / "
                          + ("–" if gap is None else f"{gap['mean'] * 100:+.1f}"))
             if r.get("memory"):
-                positions = f"{r['memory']['prefix_positions']:.0f}"
+                positions.append(r["memory"]["prefix_positions"])
         held = held_out_share(root / row["held_out"]) if row.get("held_out") else None
+        # A row that holds what fits (ICL cut to a token budget) holds a different number of
+        # positions on each set: its range.
+        span = "–" if not positions else "–".join(
+            f"{p:.0f}" for p in sorted({min(positions), max(positions)}))
         lines.append(" | ".join([f"| {row.get('lever') or row['run']}", *cells,
                                  "–" if held is None else f"{held * 100:.1f}%",
-                                 positions]) + " |")
+                                 span]) + " |")
     return "\n".join(lines)
 
 

@@ -60,6 +60,11 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
         write_run(root, "icl", "icl", {"a": 0.6}, {"a": 0.3}, where=where)
     write_run(root, "mend", "mend", {"a": 0.5}, {"a": 0.4}, mem, where="demo")
     write_run(root, "mend", "mend", {"a": 0.1}, {"a": 0.2}, mem, where="c2c")
+    # ICL cut to a token budget holds what fits on each set.
+    for where, held in (("demo", 12), ("c2c", 16)):
+        write_run(root, "cut", "icl", {"a": 0.4}, {"a": 0.4}, {
+            "context_tokens": 120, "prefix_positions": held, "compression": 120 / held},
+            where=where)
     # mixture was scored on the demo only.
     write_run(root, "mixture", "mend", {"a": 0.6}, {"a": 0.3}, mem, where="demo")
     (root / "mixture").mkdir()
@@ -77,7 +82,8 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
         "ablation": {"sets": ["c2c", "demo"], "rows": [
             {"run": "mend", "lever": "shipped", "held_out": "diagnose.json"},
             {"run": "mixture", "held_out": "mixture/metrics.jsonl"},
-            {"run": "selected", "held_out": "selected/metrics.jsonl"}]}}))
+            {"run": "selected", "held_out": "selected/metrics.jsonl"},
+            {"run": "cut"}]}}))
     text = build(tmp_path / "results")
     table = text[text.index("### The levers"):].splitlines()
     assert table[2] == ("| lever | c2c: share / gap | demo: share / gap | held-out text share "
@@ -87,3 +93,4 @@ def test_ablation_table_gathers_each_lever_across_sets(tmp_path):
     # The last share logged in training; "–" for the set it was not scored on.
     assert table[5] == "| mixture | – | 100% / +30.0 | 25.0% | 17 |"
     assert table[6] == "| selected | – | – | 60.0% | – |"
+    assert table[7] == "| cut | 50% / +0.0 | 50% / +0.0 | – | 12–16 |"
