@@ -360,6 +360,10 @@ def test_deepspeed_zero3_one_process_killed_and_resumed(scale_runs):
     assert json.loads((last / "mend_engine.json").read_text())["engine"] == "deepspeed"
 
 
+# --------------------------------------------------------------------------------------------
+# The end of a launched job
+
+
 def test_a_finished_job_destroys_its_process_group_and_a_failed_one_leaves_it(tmp_path):
     """Left to interpreter shutdown, gloo's worker threads can abort a launched job that
     succeeded (SIGABRT); after an error another rank may still be in a collective."""
