@@ -75,8 +75,6 @@ class DemoJobConfig:
 
 def main(cfg: DemoJobConfig) -> dict[str, Any]:
     """Zero-shot vs ICL vs MEND on the built-in tasks, with their costs."""
-
-
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     root = materialize(out / "tasks")
@@ -294,8 +292,6 @@ def _train_briefly(cfg: DemoJobConfig, distiller: str, llm: str, root: Path, out
 
 def cli(argv=None) -> int:
     """``mend demo [--tiny] [--checkpoint DIR] [key=value ...]``."""
-
-
     args = list(sys.argv[1:] if argv is None else argv)
     flags = {"--tiny": "tiny=true"}
     args = [flags.get(a, a) for a in args]

@@ -65,8 +65,6 @@ def table(name: str, r: dict[str, Any]) -> str:
 
 def cli(argv=None) -> int:
     """``mend diagnose CHECKPOINT [key=value ...]`` (or ``checkpoint=...``)."""
-
-
     args = list(sys.argv[1:] if argv is None else argv)
     if args and "=" not in args[0] and not args[0].startswith("-"):
         args[0] = f"checkpoint={args[0]}"

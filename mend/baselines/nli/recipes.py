@@ -67,8 +67,6 @@ class PatternICLConfig:
 
 def main_icl(cfg: PatternICLConfig) -> dict[str, Any]:
     """Pattern-based ICL over k and data seeds, in domain and on HANS."""
-
-
     pool, sets = nli_data(cfg.data)
     llm = PrefixLM.load(FrozenLLM(cfg.llm, cfg.llm_dtype), pick_device())
     pattern = get_pattern(cfg.pattern, cfg.patterns_file)

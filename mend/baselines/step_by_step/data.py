@@ -193,8 +193,6 @@ def teacher_rationales(data: RationaleDataConfig, examples: list[RationaleExampl
                        counters: Counters, device) -> list[RationaleExample]:
     """Rationales and labels written by a teacher LLM from a few-shot chain-of-thought prompt
     (its shots: the first training examples that have file rationales)."""
-
-
     phrase = PHRASES[data.dataset]
     shots = [e for e in examples if e.rationale and e.teacher_label][:data.teacher_shots]
     prompt = "".join(f"Q: {e.input}\nA: {e.rationale} {phrase} {e.teacher_label}.\n\n"
