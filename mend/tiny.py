@@ -37,7 +37,6 @@ Review: an instant classic. Sentiment: positive. Review: a waste of time. Sentim
 
 def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
     """A fast tokenizer trained on :data:`CORPUS`; deterministic for a given style and size."""
-
     if style == "bytelevel":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,7 +66,6 @@ def tokenizer(style: str = "bytelevel", vocab_size: int = 384):
 def model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0,
           max_positions: int = 2048, tok=None):
     """A randomly initialised causal LM of architecture ``arch`` (one of :data:`ARCHS`)."""
-
     special = {}
     if tok is not None:
         special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+
 from mend import optional
 from mend.core import zoo
 from mend.errors import BackboneError
@@ -61,7 +62,6 @@ def resolve(name: str) -> tuple[str, str | None]:
 
 def load_tokenizer(name: str):
     """The model's tokenizer, with a pad token (the EOS token where the model has none)."""
-
     source, gguf_file = resolve(name)
     _require_gguf(name, gguf_file)
     tok = _from_pretrained(AutoTokenizer, name, source, gguf_file=gguf_file)
@@ -76,7 +76,6 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
                allow_8bit_fallback: bool = False,
                attn_implementation: str | None = "sdpa") -> nn.Module:
     """Load a causal LM (``with_head``) or its base model, in ``dtype`` or 8-bit."""
-
     source, gguf_file = resolve(name)
     _require_gguf(name, gguf_file)
     kwargs: dict = {"dtype": DTYPES[dtype]}
@@ -136,7 +135,6 @@ def add_lora(model: nn.Module, r: int, alpha: int, dropout: float,
              target_modules: str | Sequence[str]) -> nn.Module:
     """``model`` wrapped with peft's LoRA adapters on ``target_modules`` (a name list, or
     peft's regex string); only the adapters train."""
-
     return get_peft_model(model, LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=target_modules if isinstance(target_modules, str) else list(
@@ -159,7 +157,6 @@ def process_state():
     The first one made fixes the process group for the whole run. accelerate's Accelerator
     reads ``ACCELERATE_USE_CPU`` (several CPU processes, as the tests launch them), and so
     must this, or CPU processes would each take themselves for the only one."""
-
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 

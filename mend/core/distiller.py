@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
 from mend.core import checkpoint, kv_cache
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
 from transformers import DynamicCache
+
 from mend.errors import InputError
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -80,7 +80,6 @@ def cat_rows(heads: Sequence[Prefill]) -> Prefill:
 def fresh_cache(head: Prefill, index: torch.Tensor, config) -> object:
     """A new transformers cache holding rows ``index`` of a distiller's prefill, for one
     forward pass to append to (built through ``update`` so sliding-window layers stay right)."""
-
     cache = DynamicCache(config=config)
     index = index.to(head.mask.device)
     for i, (k, v) in enumerate(head.cache):

@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-
 from tqdm.auto import tqdm
+
 from mend.config import checked
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
@@ -309,7 +309,6 @@ def evaluate_tasks(method: Method, tasks: Sequence[Task], seeds: Sequence[int], 
     donor (:func:`donors`) under ``demos.source: other_task``. ``retriever_for(task, seed)``
     gives the retriever of the task whose pool serves (None: random selection); ``progress``
     names a progress bar. Returns the results and the ``task/seed`` pairs skipped."""
-
     givers = donors(tasks) if demos.source == "other_task" else {}
     pairs = [(t, s) for t in tasks for s in seeds]
     results, skipped = [], []

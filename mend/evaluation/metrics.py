@@ -97,7 +97,6 @@ def label_scores(logits, label_ids: Sequence[int], golds: Sequence[int]) -> dict
         token; ``non_label_fraction``: the share of whole-vocabulary argmaxes that are no
         label token at all; ``predictions``: the label-restricted choices.
     """
-
     ids = torch.as_tensor(list(label_ids))
     gold = torch.as_tensor(list(golds))
     restricted = logits[:, ids].argmax(-1)

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+import sys
 
 from tqdm.auto import tqdm
-import sys
+
 from mend.config import checked, MendConfig, replace
 from mend.core.backbones import pick_device, zoo_path
 from mend.counters import sum_counts

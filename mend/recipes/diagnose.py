@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 import sys
+
 from mend.config import checked, to_dict
 from mend.core.backbones import pick_device
 from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from accelerate.utils import set_seed
+
 from mend.training.engine import load_device
 from mend.config import checked, MendConfig, replace, to_dict
 from mend.counters import Counters
@@ -99,7 +100,6 @@ def main(cfg: FinetuneConfig) -> TrainResult:
 
 def main_prompt_tuning(cfg: PromptTuningFinetuneConfig) -> TrainResult:
     """Prompt tuning on the meta-train tasks of a MetaICL partition."""
-
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
     prompt = PromptTuning.from_config(cfg.model, device=load_device(cfg.model.llm_8bit))

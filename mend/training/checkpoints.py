@@ -15,7 +15,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from accelerate import Accelerator
 from accelerate.utils import gather_object
+
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.counters import sum_counts
@@ -23,9 +25,7 @@ from mend.training.engine import SHARDED, engine_of, save_state_kwargs
 
 ENGINE_FILE = "mend_engine.json"
 
-if TYPE_CHECKING:  # accelerate is imported when a run starts; the loop imports this module
-    from accelerate import Accelerator
-
+if TYPE_CHECKING:  # the loop imports this module
     from mend.training.loop import TrainState
 
 
@@ -67,7 +67,6 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainSta
                     counters: Counters, keep: int) -> None:
     """Save the run's state as ``step-N`` (atomically: a temporary directory, then a
     rename), keeping the newest ``keep`` checkpoints."""
-
     state.counts = sum_counts(gather_object([counters.counts]))
     final = checkpoints / f"step-{state.step:08d}"
     tmp = checkpoints / f".tmp-step-{state.step:08d}"

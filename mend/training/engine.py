@@ -31,16 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from mend import optional
 from mend.core.backbones import pick_device
 from mend.errors import ConfigError
 
-if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
-    from accelerate import Accelerator
-
+if TYPE_CHECKING:  # type hints only
     from mend.methods.base import Trainable
     from mend.training.config import TrainConfig
 
@@ -95,7 +93,6 @@ _NO_8BIT = ("The frozen LLM is loaded in 8-bit (llm_8bit: true), whose weights {
 
 def engine_of(accelerator: Accelerator) -> Engine:
     """Which engine ``accelerator`` runs: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``."""
-
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         if not accelerator.is_fsdp2:
@@ -119,7 +116,6 @@ def check_shardable(method: Trainable, accelerator: Accelerator, train_cfg: Trai
     """A sharding engine needs a method that saves from gathered weights, and a frozen LLM
     whose parameters it can shard (not bitsandbytes' 8-bit ones); DeepSpeed, settings that
     agree with the loop's (:func:`_check_deepspeed`)."""
-
     name = type(method).__name__
     if "state_dict" not in inspect.signature(method.save_pretrained).parameters:
         raise ConfigError(f"{name} trains on one device or under DDP only; launch it with "

@@ -40,15 +40,15 @@ from contextlib import nullcontext
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
-
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
+
 from mend import optional
 from mend.core.backbones import pick_device
 from mend.training import engine, optim, precision
@@ -59,10 +59,6 @@ from mend.training.config import BatchFactory, Position, TrainConfig, TrainResul
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
-
-if TYPE_CHECKING:  # accelerate is imported when a run starts, not with mend
-    from accelerate import Accelerator
-
 
 @dataclass
 class TrainState:
@@ -117,7 +113,6 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     ``monitor_<name>``) but select nothing (the content controls of
     :mod:`mend.evaluation.diagnostics`).
     """
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # The device the Accelerator will train on (this process's, as accelerate sees it), not
@@ -300,7 +295,6 @@ def _select(accelerator: Accelerator, model: nn.Module, method: Trainable,
             evaluate: Callable[[nn.Module], dict[str, Any]], state: TrainState, cfg: TrainConfig,
             output_dir: Path, keep_best: dict[str, str]) -> None:
     """Evaluate, keep the best model(s), and decide on early stopping."""
-
     keys = ["score", *keep_best.values()]
     values = torch.zeros(len(keys), device=accelerator.device, dtype=torch.float64)
     metrics = _run_on_model(accelerator, model, evaluate)

@@ -34,10 +34,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from accelerate import init_empty_weights
 from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
+
 from mend.config import MendConfig, replace
 from mend.data.pretrain import TextDataConfig
 from mend.errors import BackboneError, ConfigError
@@ -98,14 +98,12 @@ class Estimate:
 def model_config(name: str):
     """The transformers config of a model reference (hub id, directory, .gguf file, zoo).
     Read once per name (a GGUF file takes seconds to parse); callers must not change it."""
-
     source, gguf_file = resolve(name)
     return AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def sizes(name: str, with_head: bool) -> Sizes:
     """accelerate's parameter sizes of ``name`` (float32), split into layers and root."""
-
     with init_empty_weights():
         model = (AutoModelForCausalLM if with_head else AutoModel).from_config(
             model_config(name), dtype=torch.float32)
@@ -259,7 +257,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _cut(name: str, layers: int, dtype: str, head: bool) -> nn.Module:
     """``name``'s architecture with ``layers`` layers, weights left at zero (no init cost)."""
-
     cfg = copy.deepcopy(model_config(name))  # the cached config stays whole
     cfg.num_hidden_layers = layers
     if getattr(cfg, "layer_types", None):

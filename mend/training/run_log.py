@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 import yaml
-
 from accelerate.utils import gather_object
+
 from mend.counters import Counters, sum_counts
 from mend.provenance import provenance
 
@@ -42,7 +42,6 @@ def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, cou
                ) -> dict[str, Any]:
     """One log line: the window's mean loss terms over all processes, LR, gradient norm,
     throughput (``steps_per_s`` counts micro-batches) and the data pipeline's counts."""
-
     keys = sorted(window.sums)
     local = torch.stack([window.sums[k].to(accelerator.device, torch.float64).reshape(())
                          / max(window.micro, 1) for k in keys]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
 from mend.core.backbones import pick_device
 from mend.config import checked, Dtype, FrozenLLM
 from mend.recipes.run import write_results
@@ -109,7 +110,6 @@ def _training_costs(cfg: NLICostConfig, key: str, mode: str, dtype: str,
                     pool: list[NLIExample], rows: dict[int, dict[str, Any]], device: str
                     ) -> None:
     """One training step: PBFT on the k examples, or the CD student (context never read)."""
-
     model = PatternLM.from_config(PatternModelConfig(cfg.llm, mode=mode, dtype=dtype,
                                                      pattern=cfg.pattern,
                                                      patterns_file=cfg.patterns_file),

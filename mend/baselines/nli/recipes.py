@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from tqdm.auto import tqdm
 from accelerate.utils import set_seed
 import torch
+
 from mend.core.backbones import pick_device
 from mend.config import checked, Dtype, FrozenLLM, to_dict
 from mend.errors import ConfigError
@@ -151,7 +151,6 @@ class CDConfig:
 
 def main_pbft(cfg: PBFTConfig) -> TrainResult:
     """Pattern-based fine-tuning (full, LoRA or BitFit) on n balanced examples."""
-
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
     pool, sets = nli_data(cfg.data)
@@ -162,7 +161,6 @@ def main_pbft(cfg: PBFTConfig) -> TrainResult:
 
 def main_cd(cfg: CDConfig) -> TrainResult:
     """Context distillation: a teacher with k demonstrations, a student without them."""
-
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
     pool, sets = nli_data(cfg.data)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from tqdm.auto import tqdm
+
 from mend.config import checked, FrozenLLM
 from mend.counters import Counters
 from mend.errors import ConfigError

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from accelerate.utils import set_seed
+
 from mend.core.backbones import pick_device
 from mend.config import checked, to_dict
 from mend.counters import Counters
@@ -50,7 +51,6 @@ class StepByStepConfig:
 
 def main(cfg: StepByStepConfig) -> TrainResult:
     """Train a student on labels (and rationales); keep the best by test accuracy."""
-
     set_seed(cfg.train.seed)
     write_config(cfg, cfg.output_dir)
     counters = Counters()

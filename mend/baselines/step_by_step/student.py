@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
 from mend.config import checked, Dtype, from_dict, to_dict
 from mend.counters import Counters
 from mend.errors import CheckpointError
@@ -64,7 +64,6 @@ class Student(nn.Module):
     def from_config(cls, config: StudentConfig, device=None, path: str | None = None
                     ) -> Student:
         """Load the student named in ``config`` (or the one saved at ``path``)."""
-
         source = path or config.model
         directory, gguf = resolve(source)
         if gguf is None and AutoConfig.from_pretrained(directory).is_encoder_decoder:
