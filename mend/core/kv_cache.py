@@ -42,6 +42,11 @@ class Prefill:
     offset: torch.Tensor | None = None
     """``(R,)`` position id of the first token read after the head; None: ``mask.sum(-1)``,
     right after a head the LLM read at positions ``0..H-1``."""
+    bias: list[torch.Tensor] | None = None
+    """Per layer, ``(R, kv_heads, H)`` float32 added to the logits of the head's keys when
+    a query attends to them (Attention Matching's fitted bias,
+    :mod:`mend.core.compaction.matching`); None: no bias. It is part of the context's
+    memory."""
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -63,7 +68,15 @@ def select_rows(head: Prefill, index: torch.Tensor) -> Prefill:
     index = index.to(head.mask.device)
     return Prefill([(k.index_select(0, index), v.index_select(0, index)) for k, v in head.cache],
                    head.mask.index_select(0, index), head.last.index_select(0, index),
-                   None if head.offset is None else head.offset.index_select(0, index))
+                   None if head.offset is None else head.offset.index_select(0, index),
+                   bias_rows(head, index))
+
+
+def bias_rows(head: Prefill, index: torch.Tensor) -> list[torch.Tensor] | None:
+    """Rows ``index`` of a prefill's key bias (None when it has none)."""
+    if head.bias is None:
+        return None
+    return [b.index_select(0, index.to(b.device)) for b in head.bias]
 
 
 def cat_rows(heads: Sequence[Prefill]) -> Prefill:
@@ -73,8 +86,10 @@ def cat_rows(heads: Sequence[Prefill]) -> Prefill:
     layers = [(torch.cat([h.cache[i][0] for h in heads]), torch.cat([h.cache[i][1]
                                                                       for h in heads]))
               for i in range(len(heads[0].cache))]
+    bias = None if heads[0].bias is None else [torch.cat(b) for b in zip(*(h.bias
+                                                                           for h in heads))]
     return Prefill(layers, torch.cat([h.mask for h in heads]), torch.cat([h.last for h in heads]),
-                   torch.cat([h.offset for h in heads]))
+                   torch.cat([h.offset for h in heads]), bias)
 
 
 def fresh_cache(head: Prefill, index: torch.Tensor, config) -> object:

@@ -36,7 +36,8 @@ from mend.config import FrozenLLM
 from mend.core.backbones import (enable_checkpointing, freeze, hidden_size, load_model,
                                  load_tokenizer, max_positions)
 from mend.errors import InputError
-from mend.core.kv_cache import Prefill, fresh_cache
+from mend.core import attention
+from mend.core.kv_cache import Prefill, bias_rows, fresh_cache
 from mend.core.scoring import Scoring
 from mend.core.text import bos_ids, pad, positions
 
@@ -266,8 +267,11 @@ class PrefixLM(Scoring):
         mask = torch.cat([head_mask, input_mask], dim=1)
         pos = head.positions(index).to(self.device) + positions(input_mask)
         self._check_length(head_mask.shape[1] + input_mask.shape[1], lambda: pos.max() + 1)
-        out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                        past_key_values=cache, use_cache=True)
+        bias = bias_rows(head, index)
+        with attention.kernel(self.model) if bias is not None else contextlib.nullcontext():
+            out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                            past_key_values=cache, use_cache=True,
+                            **({} if bias is None else {"key_bias": bias}))
         return torch.cat([head.last.index_select(0, index.to(head.last.device)).unsqueeze(1)
                           .to(out.last_hidden_state.device, out.last_hidden_state.dtype),
                           out.last_hidden_state], 1)

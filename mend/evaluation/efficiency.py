@@ -197,15 +197,7 @@ def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Se
     reserve = max(len(builder.query(r["input"], True)) + max(len(builder.option(o))
                                                              for o in r["options"])
                   for r in rows)
-    kept, ids = builder.context(demos, reserve)
-    began = time.perf_counter()
-    prefix, context_flops = count_flops(lambda: method.prefix([kept], [ids]))
-    prefill, prefill_flops = (prefix, 0) if isinstance(prefix, Prefill) else count_flops(
-        lambda: method.llm.prefill(*prefix))  # a key/value prefix is read by no LLM pass
-    _sync(device)
-    once = {"context_flops": context_flops, "llm_flops": prefill_flops,
-            "flops": context_flops + prefill_flops, "seconds": time.perf_counter() - began,
-            "cache_bytes": tensor_bytes(prefill.cache)}
+    once, prefill = context_cost(method, builder, demos, device, reserve)
     records = []
     for row in rows:
         pairs = [[(builder.query(row["input"], True), builder.option(o))
@@ -218,6 +210,30 @@ def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Se
     records = records[1:]
     per_query = {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
     return {"once": once, "per_query": {**per_query, "cache_bytes": once["cache_bytes"]}}
+
+
+@torch.no_grad()
+def context_cost(method: Method, builder: ContextBuilder, demos: list,
+                 device: torch.device | str, reserve: int = 0) -> tuple[dict[str, Any], Prefill]:
+    """The one-off cost of one demonstration set's context, and the context: the method's
+    prefix (MEND's distiller, a compaction's passes and fits: ``context_flops``) and the
+    LLM's pass over it where it is read as vectors (``llm_flops``), their wall ``seconds``,
+    and the KV cache's size, a compaction's fitted bias included (``cache_bytes``).
+    ``reserve``: tokens kept free for the longest query and option."""
+    kept, ids = builder.context(demos, reserve)
+
+    def build() -> Prefill:
+        prefix = method.prefix([kept], [ids])
+        # A key/value prefix is read by no LLM pass; vectors are prefilled once.
+        return prefix if isinstance(prefix, Prefill) else method.llm.prefill(*prefix)
+
+    prefill, seconds, _ = measure(build, device)  # timed apart from the FLOP counter's work
+    prefix, context_flops = count_flops(lambda: method.prefix([kept], [ids]))
+    prefill_flops = 0 if isinstance(prefix, Prefill) else count_flops(
+        lambda: method.llm.prefill(*prefix))[1]
+    return ({"context_flops": context_flops, "llm_flops": prefill_flops,
+             "flops": context_flops + prefill_flops, "seconds": seconds,
+             "cache_bytes": tensor_bytes((prefill.cache, prefill.bias))}, prefill)
 
 
 def break_even(a: dict[str, Any], b: dict[str, Any], key: str = "flops") -> float | None:

@@ -1,7 +1,9 @@
-"""The training-free equal-memory baseline: ICL's own KV cache of the demonstrations, cut to
-``1 + l`` positions per layer and head (:class:`~mend.core.kv_compress.KVCompressor`).
+"""The training-free equal-memory baselines: ICL's own KV cache of the demonstrations,
+compacted to ``1 + l`` positions per layer and head by a named compaction
+(:class:`~mend.core.kv_compress.KVCompressor`).
 
-    mend eval --config configs/reproduce/cpu/eval.yaml method=kv_compress num_placeholders=16
+    mend eval --config configs/reproduce/cpu/eval.yaml method=kv_compress num_placeholders=16 \
+        compaction=attention_matching
 
 With a distiller's ``l`` it holds exactly as many positions as that distiller's key/value
 prefix, so a trained distiller that scores below it has not earned its training.
@@ -28,7 +30,8 @@ class KVCompress(LLMOnly):
     @classmethod
     def load(cls, cfg, device=None) -> KVCompress:
         method = super().load(cfg, device)
-        method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders)
+        method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders,
+                                         compaction=cfg.compaction)
         method.refine_steps = cfg.refine_steps
         return method
 

@@ -29,6 +29,7 @@ from mend.methods import MethodConfig, build_method
 from mend.recipes.run import Recipe, run, write_results
 from mend.reporting.results import memory, recovered, results_table
 from mend.reporting import plots
+from mend.evaluation.efficiency import context_cost
 from mend.evaluation.retrieval import Retriever
 
 
@@ -135,6 +136,11 @@ def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
             result["swapped"] = aggregate(swapped)
             result["content_gap"] = content_gap(result["results"], result["swapped"])
     result["memory"] = memory(result["counts"])
+    if method.reads_context:  # the one-off cost of one context: the first task's k demos
+        demos = [(r["input"], r["output"]) for r in
+                 tasks[0].rows("train", cfg.data.seeds[0])[:cfg.context.k]]
+        result["context_cost"] = context_cost(
+            method, ContextBuilder.for_method(method, cfg.context), demos, device)[0]
     if cfg.references.zero_shot and cfg.references.icl:
         refs = [json.loads(Path(p).read_text()) for p in (cfg.references.zero_shot,
                                                           cfg.references.icl)]

@@ -71,7 +71,19 @@ def share_line(result: dict[str, Any]) -> str:
         out += (f"\n**Memory:** {mem['context_tokens']:.1f} demonstration tokens per context "
                 f"held in {mem['prefix_positions']:.1f} prefix positions: compression "
                 f"{compression_text(mem)}.\n")
+    if result.get("context_cost"):
+        out += f"\n**One-off cost** of a context: {cost_text(result['context_cost'])}.\n"
     return out
+
+
+def cost_text(cost: dict[str, Any] | None) -> str:
+    """A context's one-off cost (:func:`mend.evaluation.efficiency.context_cost`) as
+    "GFLOPs, seconds" (FLOPs "n/a" where they could not be counted)."""
+    if not cost:
+        return "–"
+    flops = cost["flops"]
+    gf = "n/a" if flops != flops else f"{flops / 1e9:.2f}"
+    return f"{gf} GFLOPs, {cost['seconds']:.2f} s"
 
 
 def _pct(x: float | None) -> str:

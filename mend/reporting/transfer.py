@@ -9,7 +9,8 @@ other runs. Its table has one row per run:
 - the content gap (own minus swapped), and the recovered share of ICL's gain over zero-shot
   (:func:`~mend.evaluation.metrics.recovered_share`, over the tasks where ICL gains at least
   2 points);
-- the memory: demonstration tokens given, prefix positions held, and their ratio.
+- the memory: demonstration tokens given, prefix positions held, and their ratio;
+- the one-off cost of building one context (FLOPs and seconds), where it was measured.
 
 Its ``ablation`` block, if any, gathers the levers tried into one table: a row per run name
 (the same name in every set), its recovered share and content gap in each set, the content
@@ -23,9 +24,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mend.reporting.results import compression_text, fmt, recovered, references
+from mend.reporting.results import compression_text, cost_text, fmt, recovered, references
 
-ORDER = ("zero_shot", "icl", "icl-equal-memory", "kv_compress", "prompt_tuning")
+ORDER = ("zero_shot", "icl", "icl-equal-memory", "kv_compress", "kvzip", "attention_matching",
+         "kvzip_matching", "prompt_tuning")
 """Rows in this order first (zero-shot, the references, the baselines), then the rest by
 name."""
 
@@ -42,7 +44,7 @@ def table(folder: Path) -> str:
     found = runs(folder)
     zero_shot, icl = references([r for _, r in found])
     head = ["run", "score", "swapped demos", "content gap", "recovered share",
-            "tokens → positions", "compression"]
+            "tokens → positions", "compression", "one-off cost per context"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in found:
         share = recovered(r, zero_shot, icl)["share"] if zero_shot and icl else None
@@ -52,7 +54,7 @@ def table(folder: Path) -> str:
             fmt((r.get("swapped") or {}).get("average", {}).get("score")),
             fmt(r.get("content_gap")), "–" if share is None else f"{share * 100:.0f}%",
             f"{mem['context_tokens']:.0f} → {mem['prefix_positions']:.0f}" if mem else "–",
-            compression_text(mem)]) + " |")
+            compression_text(mem), cost_text(r.get("context_cost"))]) + " |")
     return "\n".join(lines)
 
 

@@ -121,18 +121,6 @@ def test_kv_compress_holds_one_plus_l_positions_and_serves_like_a_distiller(llm)
     assert len(compressor.generate(ctx[0], ["a joyless film"], max_new_tokens=3)) == 1
 
 
-def test_kv_compress_keeps_the_most_attended_positions(llm):
-    model = llm("llama")
-    compressor = KVCompressor(model, FMT, num_placeholders=2, window=4, pool=1)
-    heads, s = model.model.config.num_attention_heads, 6
-    attention = torch.zeros(1, heads, s, s)
-    attention[:, :, -4:, 3] = 1.0  # every window query looks at column 3, then column 5
-    attention[:, :, -4:, 5] = 0.5
-    mask = torch.tensor([[0, 1, 1, 1, 1, 1]])  # column 0 padding, column 1 bos
-    picked = compressor._pick(attention, mask, keep=3)
-    assert picked[0].tolist() == [[1, 3, 5]] * picked.shape[1]
-
-
 # -- refinement at compress time -------------------------------------------------------------
 
 

@@ -13,10 +13,11 @@ def agg(values):
             "tasks": {t: {"score": {"mean": v, "std": 0.0}} for t, v in values.items()}}
 
 
-def write_run(root, name, method, scores, swapped=None, memory=None, budget=900, where="demo"):
+def write_run(root, name, method, scores, swapped=None, memory=None, budget=900, where="demo",
+              cost=None):
     """One evaluation's results.json, as the harness writes it, under ``root/where/eval``."""
     result = {"label": name, "method": method, "results": agg(scores), "memory": memory,
-              "context": {"max_context_tokens": budget}}
+              "context": {"max_context_tokens": budget}, "context_cost": cost}
     if swapped:
         result |= {"swapped": agg(swapped), "content_gap": {
             "mean": agg(scores)["average"]["score"]["mean"]
@@ -36,7 +37,8 @@ def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
     run("icl", "icl", {"a": 0.9, "b": 0.51}, {"a": 0.2, "b": 0.5},
         {"context_tokens": 120, "prefix_positions": 121, "compression": 120 / 121})
     run("kv_compress", "kv_compress", {"a": 0.6, "b": 0.4}, {"a": 0.5, "b": 0.4},
-        {"context_tokens": 120, "prefix_positions": 17, "compression": 120 / 17})
+        {"context_tokens": 120, "prefix_positions": 17, "compression": 120 / 17},
+        cost={"flops": 2.5e9, "seconds": 0.125})
     # ICL cut to 16 tokens is not the reference, even where full ICL recorded no memory.
     run("icl-equal-memory", "icl", {"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5},
         {"context_tokens": 120, "prefix_positions": 16, "compression": 120 / 16}, budget=16)
@@ -47,8 +49,8 @@ def test_transfer_setting_reports_share_gap_and_compression(tmp_path):
     assert list(rows)[1:] == ["zero_shot", "icl", "icl-equal-memory", "kv_compress"]
     # Only task a counts (ICL gains 1 point on b): (0.6 - 0.3) / (0.9 - 0.3) = 50%.
     assert rows["kv_compress"] == ("| kv_compress | 50.0 ± 0.0 | 45.0 ± 0.0 | 5.0 ± 0.0 | 50% "
-                                   "| 120 → 17 | 7.1x |")
-    assert "| 100% | 120 → 121 | 1.0x |" in rows["icl"]
+                                   "| 120 → 17 | 7.1x | 2.50 GFLOPs, 0.12 s |")
+    assert "| 100% | 120 → 121 | 1.0x | – |" in rows["icl"]
     assert "| 33% | 120 → 16 | 7.5x |" in rows["icl-equal-memory"]  # (0.5 - 0.3) / 0.6
 
 

@@ -1,0 +1,102 @@
+"""mend's attention kernel: transformers' own ``sdpa``, plus the two things compaction needs
+from attention that no shipped kernel offers.
+
+- **A bias on a cache's first keys** (``key_bias``): per layer, ``(B, kv_heads, P)`` added
+  to the logits of keys ``0..P-1``, the same for every query head that shares a key/value
+  head. Attention Matching's fitted ``beta`` (:mod:`mend.core.compaction.matching`) is
+  such a bias: it lets 17 kept keys carry the attention mass of the hundreds they replace.
+- **A tap on every layer** (``layer_tap``): ``tap(layer, query, key, value, scaling)`` is
+  called by each attention layer before it attends, with the post-rotary ``(B, heads, T, d)``
+  queries and the ``(B, kv_heads, K, d)`` keys and values it attends over (a cache's
+  included). The compactions score and fit from what it hands them
+  (:mod:`mend.core.compaction`), without ``output_attentions`` or the eager kernel.
+
+Both are keyword arguments of the model's forward, which transformers hands every attention
+layer unchanged. The kernel is registered once, as :data:`NAME`, through transformers' public
+``AttentionInterface`` and ``AttentionMaskInterface`` (the mask is sdpa's, always built, so a
+bias has a mask to join); :func:`kernel` switches a model to it for a pass::
+
+    with attention.kernel(model):
+        model(input_ids=ids, past_key_values=cache, key_bias=bias)
+
+Without either argument it is exactly sdpa, with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+NAME = "mend"
+"""The kernel's name in transformers' registries (``model.set_attn_implementation(NAME)``)."""
+
+Tap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+"""``tap(layer, query (B, heads, T, d), key (B, kv_heads, K, d), value, scaling)``."""
+
+
+def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, scaling: float | None = None,
+            key_bias: Sequence[torch.Tensor | None] | None = None,
+            layer_tap: Tap | None = None, **kwargs):
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if layer_tap is not None:
+        layer_tap(module.layer_idx, query, key, value, scaling)
+    bias = None if key_bias is None else key_bias[module.layer_idx]
+    if bias is not None:
+        attention_mask = biased_mask(attention_mask, bias, query, key)
+    return AttentionInterface()["sdpa"](module, query, key, value, attention_mask,
+                                        scaling=scaling, **kwargs)
+
+
+def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor, query: torch.Tensor,
+                key: torch.Tensor) -> torch.Tensor:
+    """An additive ``(B, heads, T, K)`` mask: ``bias`` on the first ``P`` keys where ``mask``
+    lets a query attend, 0 on the other keys it may attend, the dtype's minimum elsewhere.
+
+    Args:
+        mask: ``(B, 1, T, K)`` boolean, True where a query attends (sdpa's); None: causal,
+            the queries being the last ``T`` of the ``K`` positions.
+        bias: ``(B, kv_heads, P)``, ``P <= K``.
+        query: ``(B, heads, T, d)``; key: ``(B, kv_heads, K, d)``.
+    """
+    b, heads, t = query.shape[:3]
+    k = key.shape[2]
+    if mask is None:
+        mask = (torch.arange(k, device=key.device)[None, :]
+                <= torch.arange(t, device=key.device)[:, None] + (k - t))[None, None]
+    elif mask.dtype != torch.bool:  # an additive mask already: 0 where attended
+        mask = mask == 0
+    # Query head h shares key/value head h // groups, as transformers' repeat_kv lays them out.
+    full = bias.new_zeros(b, heads, 1, k)
+    full[..., :bias.shape[-1]] = bias.repeat_interleave(heads // bias.shape[1], 1)[:, :, None]
+    return torch.where(mask, full.to(query.dtype), torch.finfo(query.dtype).min)
+
+
+def _mask(*args, **kwargs):
+    """sdpa's boolean mask, always built: sdpa may skip it for a causal pass, but a bias needs
+    it to add to."""
+    kwargs["allow_is_causal_skip"] = False
+    return AttentionMaskInterface()["sdpa"](*args, **kwargs)
+
+
+AttentionInterface.register(NAME, _attend)
+AttentionMaskInterface.register(NAME, _mask)
+
+
+@contextlib.contextmanager
+def kernel(model):
+    """Run ``model`` (a transformers model, or its body) on :data:`NAME` inside the block;
+    its own kernel is restored after."""
+    before = model.config._attn_implementation
+    if before != NAME:
+        model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        if before != NAME:
+            model.set_attn_implementation(before)
