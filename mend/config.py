@@ -34,6 +34,10 @@ T = TypeVar("T")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
+CompactionName = Literal["attention_cut", "kvzip", "attention_matching", "kvzip_matching"]
+"""The named compactions of :data:`mend.core.compaction.COMPACTIONS` (a test keeps the two
+lists one)."""
+
 SEP = " "
 """The default separator, between a demonstration's input and output and between
 demonstrations (MetaICL's); the shipped configs for SmolLM2 use newlines instead."""
@@ -126,13 +130,21 @@ class MendConfig:
     projection: Literal["auto", "always", "none"] = "auto"
     """Linear+Tanh from distiller to LLM hidden size: ``auto`` adds it only when the sizes
     differ, ``always`` adds it anyway, ``none`` forbids it (sizes must then match)."""
-    output: Literal["embeddings", "kv"] = "embeddings"
+    output: Literal["embeddings", "kv", "compacted"] = "embeddings"
     """What the LLM receives. ``embeddings`` (the paper): the ``l`` vectors are input
     embeddings the LLM reads in front of the query. ``kv`` (opt-in, Gisting-style prefix):
     the distiller's own keys and values at bos and at the placeholders, layer by layer, are
-    the LLM's KV cache, so the LLM never reads the prefix at all; it needs a distiller of the
-    LLM's architecture (same layers, key/value heads and head size, e.g. the LLM itself with
-    LoRA) and ``projection: auto`` with ``vector_norm: none``."""
+    the LLM's KV cache, so the LLM never reads the prefix at all. ``compacted`` (the warm
+    start, KV-Distill-style): the distiller reads the demonstrations alone, and its own cache
+    of them is compacted to bos and ``l`` positions per layer and key/value head by
+    ``compaction``; with the LLM as the distiller and LoRA at zero it *is* the training-free
+    :class:`~mend.core.kv_compress.KVCompressor`, and training learns the correction. Both
+    cache outputs need a distiller of the LLM's architecture (same layers, key/value heads
+    and head size, e.g. the LLM itself with LoRA) and ``projection: auto`` with
+    ``vector_norm: none``."""
+    compaction: CompactionName = "attention_matching"
+    """With ``output: compacted``, how the distiller's cache is cut and fitted
+    (:mod:`mend.core.compaction`)."""
     vector_norm: Literal["none", "match"] = "none"
     """``match`` ends the distiller's output in an RMSNorm whose gains start at the RMS of the
     LLM's token embeddings, so the vectors begin at the scale of the inputs the LLM was
@@ -171,11 +183,12 @@ class MendConfig:
             raise ConfigError(
                 f"max_distiller_length ({self.max_distiller_length}) must exceed num_placeholders "
                 f"({self.num_placeholders}) to leave room for the demonstrations.")
-        if self.output == "kv" and (self.projection == "always" or self.vector_norm != "none"
-                                    or self.num_placeholders == 0):
-            raise ConfigError("output: kv hands the distiller's keys and values to the LLM "
-                              "unchanged, at one or more placeholders: set projection: auto, "
-                              "vector_norm: none and num_placeholders >= 1.")
+        if self.output != "embeddings" and (self.projection == "always"
+                                            or self.vector_norm != "none"
+                                            or self.num_placeholders == 0):
+            raise ConfigError(f"output: {self.output} hands the distiller's keys and values to "
+                              f"the LLM unchanged, at one or more positions: set projection: "
+                              f"auto, vector_norm: none and num_placeholders >= 1.")
         if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_r must be > 0 and lora_dropout in [0, 1).")
 

@@ -27,6 +27,7 @@ from torch import nn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from mend.core import checkpoint, kv_cache
+from mend.core import compaction as compactions
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
                                  load_model, load_tokenizer)
@@ -36,7 +37,7 @@ from mend.errors import CheckpointError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.refine import refine_each
-from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, pad, positions
+from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, positions
 
 __all__ = ["DistilledContext", "Distiller", "read_config"]
 
@@ -60,10 +61,11 @@ class Distiller(ServesContext, nn.Module):
         self.format = DemoFormat(config.io_sep, config.demo_sep)
         self._bos = bos_ids(tokenizer)
         d_enc, d_llm = hidden_size(encoder), llm.hidden_size
-        if config.output == "kv" and kv_cache.shapes(encoder.config) != kv_cache.shapes(
+        if config.output != "embeddings" and kv_cache.shapes(encoder.config) != kv_cache.shapes(
                 llm.model.config):
             raise InputError(
-                f"output: kv hands the distiller's keys and values to the LLM, so both need the "
+                f"output: {config.output} hands the distiller's keys and values to the LLM, so "
+                f"both need the "
                 f"same (layers, key/value heads, head size); the distiller has "
                 f"{kv_cache.shapes(encoder.config)} and the LLM "
                 f"{kv_cache.shapes(llm.model.config)}. Use the LLM itself as the distiller "
@@ -73,7 +75,18 @@ class Distiller(ServesContext, nn.Module):
                              f"({d_llm}), and projection='none' forbids mapping between them. "
                              f"Set projection='auto'.")
         weight = encoder.get_input_embeddings().weight
-        self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
+        self.compaction = None
+        """With ``output: compacted``: the compaction of the distiller's own cache."""
+        if config.output == "compacted":
+            # No placeholder is read: the kept positions are the demonstrations' own. An
+            # empty, frozen tensor keeps the checkpoint's layout and leaves DDP nothing unused.
+            self.compaction = compactions.get(config.compaction)
+            self._prompt = (compactions.prompt_ids(tokenizer, self.format)
+                            if self.compaction.needs_repeat else None)
+            self.placeholders = nn.Parameter(weight.new_zeros(0, weight.shape[1]),
+                                             requires_grad=False)
+        else:
+            self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
         self.projection: nn.Module = nn.Identity()
         if config.projection == "always" or (config.projection == "auto" and d_enc != d_llm):
             self.projection = nn.Sequential(
@@ -190,13 +203,14 @@ class Distiller(ServesContext, nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Trade compute for memory in the distiller and in the frozen LLM's student pass.
 
-        Not with ``output: kv``: transformers turns a layer's cache off under checkpointing,
-        and there the cache is the distiller's output and the LLM's prefix. A warning says
-        so, and training runs without it (the LLM then reads only the inputs, not the
-        prefix, so its pass is small)."""
-        if self.config.output == "kv":
-            warnings.warn("gradient checkpointing has no effect with output: kv (the key/value "
-                          "prefix is a cache, which checkpointed layers drop).", stacklevel=2)
+        Not with a cache output (``kv``, ``compacted``): transformers turns a layer's cache
+        off under checkpointing, and there the cache is the distiller's output and the LLM's
+        prefix. A warning says so, and training runs without it (the LLM then reads only the
+        inputs, not the prefix, so its pass is small)."""
+        if self.config.output != "embeddings":
+            warnings.warn(f"gradient checkpointing has no effect with output: "
+                          f"{self.config.output} (the key/value prefix is a cache, which "
+                          f"checkpointed layers drop).", stacklevel=2)
             return
         enable_checkpointing(self.encoder)
         self.llm.gradient_checkpointing_enable()
@@ -205,17 +219,22 @@ class Distiller(ServesContext, nn.Module):
     # Distilling
 
     def tokenize(self, demo_sets: Sequence[Demos], counters: Counters | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Demonstration sets -> left-padded ``(B, S)`` distiller ids and mask.
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Demonstration sets -> left-padded ``(B, S)`` distiller ids and mask, and ``S``.
 
         Truncation rule: a set may use ``max_distiller_length - num_placeholders`` tokens
-        (bos included). Whole demonstrations are kept in order while they fit; the first one
-        that does not fit, and every one after it, is dropped. If even the first does not fit,
-        it is cut to the budget, keeping its first tokens. A :class:`TruncationWarning`
-        counts the demonstrations and tokens dropped, or, when ``counters`` is given (training
-        pipelines), the counts are added there instead.
+        (bos included; with ``output: compacted``, which reads no placeholder,
+        ``max_distiller_length``). Whole demonstrations are kept in order while they fit; the
+        first one that does not fit, and every one after it, is dropped. If even the first
+        does not fit, it is cut to the budget, keeping its first tokens. A
+        :class:`TruncationWarning` counts the demonstrations and tokens dropped, or, when
+        ``counters`` is given (training pipelines), the counts are added there instead.
+
+        With a compaction that reads the demonstrations twice (:mod:`mend.core.compaction`),
+        each row goes on with its repeat pass, right-padded after column ``S``.
         """
-        budget = self.config.max_distiller_length - self.config.num_placeholders
+        budget = self.config.max_distiller_length - (
+            0 if self.compaction is not None else self.config.num_placeholders)
         seqs, dropped_demos, dropped_tokens, cut_sets = [], 0, 0, 0
         for demos in demo_sets:
             pieces = encode(self.tokenizer, self.format.pieces(demos))
@@ -230,28 +249,41 @@ class Distiller(ServesContext, nn.Module):
         elif cut_sets:
             warnings.warn(
                 f"{cut_sets} of {len(seqs)} demonstration set(s) exceeded the distiller budget of "
-                f"{budget} tokens (max_distiller_length {self.config.max_distiller_length} - "
-                f"{self.config.num_placeholders} placeholders): dropped {dropped_demos} "
-                f"demonstration(s) and {dropped_tokens} token(s) in all.",
-                TruncationWarning, stacklevel=2)
-        ids, mask = pad(seqs, self.tokenizer.pad_token_id, side="left")
+                f"{budget} tokens (max_distiller_length {self.config.max_distiller_length}"
+                + ("" if self.compaction is not None else
+                   f" - {self.config.num_placeholders} placeholders")
+                + f"): dropped {dropped_demos} demonstration(s) and {dropped_tokens} token(s) in "
+                  f"all.", TruncationWarning, stacklevel=2)
+        prompt = None if self.compaction is None else self._prompt
+        ids, mask, width = compactions.layout(seqs, len(self._bos), prompt,
+                                              self.tokenizer.pad_token_id)
         device = self.placeholders.device
-        return ids.to(device), mask.to(device)
+        return ids.to(device), mask.to(device), width
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> torch.Tensor | Prefill:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                width: int | None = None) -> torch.Tensor | Prefill:
         """Distill tokenized demonstrations (from :meth:`tokenize`) into vectors.
 
         Args:
-            input_ids: ``(B, S)`` left-padded distiller token ids.
+            input_ids: ``(B, S)`` left-padded distiller token ids (then the repeat pass, with
+                ``output: compacted`` and a compaction that reads one).
             attention_mask: ``(B, S)``, 1 on real tokens.
+            width: where the demonstrations end and a repeat pass begins (None: no repeat).
 
         Returns:
             ``(B, l, d_llm)`` in the LLM's dtype; differentiable w.r.t. the trainable weights.
             With ``output: kv``, a :class:`~mend.core.kv_cache.Prefill` of ``B`` rows instead: each
             layer's keys and values at bos and the ``l`` placeholders (differentiable too).
+            With ``output: compacted``, a ``Prefill`` of the distiller's own cache of the
+            demonstrations, compacted to bos and ``l`` positions (and the fitted bias).
         """
         b, num_placeholders = input_ids.shape[0], self.config.num_placeholders  # the paper's l
+        if self.compaction is not None:
+            embeds = self.encoder.get_input_embeddings()(input_ids)
+            head = compactions.compact(self.encoder, embeds, attention_mask,
+                                       input_ids.shape[1] if width is None else width,
+                                       self.compaction, num_placeholders + 1)
+            return kv_cache.cast(head, self.llm.dtype)
         if num_placeholders == 0:
             return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)
         embeds = self.encoder.get_input_embeddings()(input_ids)

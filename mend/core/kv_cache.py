@@ -102,6 +102,13 @@ def fresh_cache(head: Prefill, index: torch.Tensor, config) -> object:
     return cache
 
 
+def cast(head: Prefill, dtype: torch.dtype) -> Prefill:
+    """A distiller's prefill with its keys, values and last state in ``dtype`` (the LLM's);
+    the bias stays float32."""
+    return Prefill([(k.to(dtype), v.to(dtype)) for k, v in head.cache], head.mask,
+                   head.last.to(dtype), head.offset, head.bias)
+
+
 def shapes(config) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers model config."""
     config = getattr(config, "text_config", config)

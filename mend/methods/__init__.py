@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mend.config import checked, Dtype
-from mend.core.compaction import COMPACTIONS
+from mend.config import CompactionName, checked, Dtype
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
 from mend.methods.registry import get_method, method_names, register_method
@@ -44,7 +43,7 @@ class MethodConfig:
     num_placeholders: int = 16
     """kv_compress: the positions kept beside bos in each layer and head (a MEND distiller's
     l, for a comparison at equal memory)."""
-    compaction: str = "attention_cut"
+    compaction: CompactionName = "attention_cut"
     """kv_compress: how the cache is cut (:data:`mend.core.compaction.COMPACTIONS`):
     attention_cut, kvzip, attention_matching or kvzip_matching."""
     refine_steps: int = 0
@@ -63,9 +62,6 @@ class MethodConfig:
         if self.num_placeholders < 1 or self.refine_steps < 0:
             raise ConfigError(f"num_placeholders must be >= 1 and refine_steps >= 0; got "
                               f"{self.num_placeholders} and {self.refine_steps}.")
-        if self.compaction not in COMPACTIONS:
-            raise ConfigError(f"Unknown compaction `{self.compaction}`; choose from "
-                              f"{', '.join(COMPACTIONS)}.")
         if not needs_llm and self.llm:
             raise ConfigError(f"llm is read from the {self.method} checkpoint; remove it.")
 

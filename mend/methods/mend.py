@@ -115,7 +115,7 @@ class MendObjective:
         (left-padded) and the shared input ids (right-padded), with masks."""
         d = self.module
         pad_id = d.llm.tokenizer.pad_token_id
-        demo_ids, demo_mask = d.tokenize([e.demos for e in examples], self.counters)
+        demo_ids, demo_mask, demo_width = d.tokenize([e.demos for e in examples], self.counters)
         context_ids, context_mask = pad([e.context for e in examples], pad_id, side="left")
         input_ids, input_mask = pad([e.input for e in examples], pad_id)
         starts = torch.tensor([e.targets_from for e in examples]).unsqueeze(1)
@@ -126,7 +126,7 @@ class MendObjective:
         if self.cfg.reconstruct:  # the same context, right-padded, as targets after the vectors
             recon_ids, recon_mask = pad([e.context for e in examples], pad_id)
             batch = {"recon_ids": recon_ids.to(device), "recon_mask": recon_mask.to(device)}
-        return {**batch, "demo_ids": demo_ids, "demo_mask": demo_mask,
+        return {**batch, "demo_ids": demo_ids, "demo_mask": demo_mask, "demo_width": demo_width,
                 "context_ids": context_ids.to(device), "context_mask": context_mask.to(device),
                 "input_ids": input_ids.to(device), "input_mask": input_mask.to(device),
                 "target_mask": target_mask.to(device),
@@ -135,7 +135,7 @@ class MendObjective:
     def loss(self, model, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         llm, cfg = self.module.llm, self.cfg
         ids, mask = batch["input_ids"], batch["input_mask"]
-        vectors = model(batch["demo_ids"], batch["demo_mask"])
+        vectors = model(batch["demo_ids"], batch["demo_mask"], batch.get("demo_width"))
         chunk = self.chunk
         # Index t of the student's outputs predicts input token t (the first from the last
         # vector). The fast path keeps hidden states and projects them chunk by chunk.

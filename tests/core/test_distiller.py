@@ -65,7 +65,7 @@ def test_one_step_trains_the_distiller_and_never_the_llm(make_distiller, mode, l
     if mode == "lora":
         assert all("lora_" in n or not n.startswith("encoder.") for n in trainable)
     opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
-    ids, mask = d.tokenize([DEMOS])
+    ids, mask, _ = d.tokenize([DEMOS])
     inputs = torch.tensor(encode(d.llm.tokenizer, [" a joyless film negative"]))
     with torch.no_grad():
         context = encode(d.llm.tokenizer, d.format.pieces(DEMOS))
@@ -149,7 +149,7 @@ def test_over_long_demonstrations_are_truncated_with_a_count(make_distiller):
     d = make_distiller("gpt2", "gpt2", num_placeholders=4, max_distiller_length=24)
     long_demos = [("word " * 5, "positive")] * 6
     with pytest.warns(TruncationWarning, match=r"budget of 20 tokens.*dropped \d+ demonstration"):
-        ids, mask = d.tokenize([long_demos, DEMOS[:1]])
+        ids, mask, _ = d.tokenize([long_demos, DEMOS[:1]])
     assert mask.sum(1).max().item() <= 20
     with pytest.warns(TruncationWarning, match="1 of 1 demonstration set"):
         assert d.compress(long_demos).vectors.shape == (1, 4, 48)

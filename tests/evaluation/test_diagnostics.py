@@ -47,7 +47,7 @@ def test_held_out_windows_are_one_per_document(held_out):
 
 def test_vectors_that_ignore_the_input_have_no_content_gain(held_out, monkeypatch):
     d, examples = held_out
-    constant = lambda ids, mask: d.projection(  # noqa: E731  the same vectors for every input
+    constant = lambda ids, mask, width=None: d.projection(  # noqa: E731  the same for every input
         d.placeholders.expand(ids.shape[0], -1, -1)).to(d.llm.dtype)
     monkeypatch.setattr(d, "forward", constant)
     r = content_gain(d, examples, batch_size=4)
@@ -60,7 +60,7 @@ def test_vectors_that_carry_the_input_have_a_positive_gain(held_out, monkeypatch
     """Hand-built encoder: the vectors are the LLM's own embeddings of the last 4 tokens the
     distiller read (the two share a tokenizer), so they carry the window's text."""
     d, examples = held_out
-    monkeypatch.setattr(d, "forward", lambda ids, mask: d.llm.embed(ids[:, -4:]))
+    monkeypatch.setattr(d, "forward", lambda ids, mask, width=None: d.llm.embed(ids[:, -4:]))
     r = content_gain(d, examples, batch_size=4)
     assert r["kl_own"] < r["kl_swap"]
     # A random tiny LLM barely reads its context (KLs of about 0.01), so the gain is judged
@@ -68,7 +68,7 @@ def test_vectors_that_carry_the_input_have_a_positive_gain(held_out, monkeypatch
     assert 0.05 < r["content_share"] < 1 and r["own_beats_swap"] == 1.0
     # The KL is the stage-1 objective itself: with the teacher's full context as the
     # "vectors" the student is the teacher, and every KL is 0.
-    full = lambda ids, mask: d.llm.embed(ids)  # noqa: E731  (GPT-2 reads no bos)
+    full = lambda ids, mask, width=None: d.llm.embed(ids)  # noqa: E731  (GPT-2 reads no bos)
     monkeypatch.setattr(d, "forward", full)
     same = content_gain(d, examples[:1] * 2, batch_size=4)
     assert same["kl_own"] == pytest.approx(0.0, abs=1e-5)
@@ -150,7 +150,7 @@ def test_task_swap_control_in_evaluation(tmp_path, tiny_model, monkeypatch):
     d.save_pretrained(tmp_path / "m")
     args = [f"data.root={root}", "data.partition=part", "data.seeds=[100]", "data.limit=4",
             "context.k=4", f"checkpoint={tmp_path / 'm'}"]
-    monkeypatch.setattr(Distiller, "forward", lambda self, ids, mask: self.projection(
+    monkeypatch.setattr(Distiller, "forward", lambda self, ids, mask, width=None: self.projection(
         self.placeholders.expand(ids.shape[0], -1, -1)).to(self.llm.dtype))
     result = evaluate(load_config(EvalConfig, None, [*args, f"output_dir={tmp_path / 'e'}"]))
     assert result["content_gap"]["mean"] == 0.0

@@ -1,0 +1,103 @@
+"""The warm-started distiller (``output: compacted``): at step 0 it is the training-free
+compaction of the LLM's own cache, and training moves it from there."""
+
+import typing
+
+import pytest
+import torch
+
+from tests.support import DEMOS
+from mend import Distiller, MendConfig
+from mend.config import CompactionName
+from mend.core import compaction
+from mend.core.kv_compress import KVCompressor
+from mend.data import Example
+from mend.errors import ConfigError, InputError
+from mend.methods.mend import MendObjective, ObjectiveConfig
+
+OPTIONS = ["positive", "negative"]
+
+
+@pytest.fixture
+def warm(tiny_model):
+    def make(arch: str = "llama", **kwargs) -> Distiller:
+        path = tiny_model(arch, 48)
+        kwargs = {"num_placeholders": 3, "output": "compacted", "train_mode": "lora",
+                  "io_sep": "\n", "demo_sep": "\n\n", **kwargs}
+        torch.manual_seed(0)
+        return Distiller.from_config(MendConfig(distiller=path, llm=path, **kwargs))
+    return make
+
+
+def test_the_config_names_every_compaction_and_no_other():
+    assert typing.get_args(CompactionName) == tuple(compaction.COMPACTIONS)
+
+
+@pytest.mark.parametrize("name", list(compaction.COMPACTIONS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_at_step_0_it_is_the_training_free_compaction(warm, name, arch):
+    d = warm(arch, compaction=name)
+    compressor = KVCompressor(d.llm, d.format, 3, compaction=name)
+    sets = [DEMOS * 3, DEMOS[:2]]
+    mine, theirs = d.compress_batch(sets).prefill, compressor.compress_batch(sets).prefill
+    assert torch.equal(mine.mask, theirs.mask) and torch.equal(mine.offset, theirs.offset)
+    for (k, v), (k2, v2) in zip(mine.cache, theirs.cache):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert (mine.bias is None) == (theirs.bias is None)
+    if mine.bias is not None:
+        assert all(torch.equal(b, b2) for b, b2 in zip(mine.bias, theirs.bias))
+    queries = ["a joyless film", "the cat sat on the mat"]
+    assert d.score(d.compress(sets[0]), queries, OPTIONS) == compressor.score(
+        compressor.compress(sets[0]), queries, OPTIONS)
+
+
+def test_training_moves_it_from_the_compaction_and_only_its_adapters_train(warm):
+    d = warm()
+    tok = d.llm.tokenizer
+    context = sum((ids for ids in [tok(p, add_special_tokens=False)["input_ids"]
+                                   for p in d.format.pieces(DEMOS * 2)]), [])
+    query = tok("\n\na joyless film\nnegative", add_special_tokens=False)["input_ids"]
+    objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0))
+    batch = objective.collate([Example(DEMOS * 2, context, query, len(query) - 1)] * 2)
+    assert batch["demo_width"] < batch["demo_ids"].shape[1]  # the repeat pass follows
+    before = d.compress(DEMOS * 2).prefill
+    trainable = [n for n, p in d.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = objective.loss(d, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        # LoRA's B starts at zero, so A gets no gradient at first; every B does.
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for n, p in d.named_parameters() if "lora_B" in n)
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    after = d.compress(DEMOS * 2).prefill
+    assert not torch.equal(after.cache[0][1], before.cache[0][1])
+
+
+def test_a_compacted_checkpoint_reloads_the_same_context(warm, tmp_path):
+    d = warm()
+    with torch.no_grad():
+        for p in d.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    d.save_pretrained(tmp_path / "ckpt")
+    again = Distiller.from_pretrained(tmp_path / "ckpt")
+    a, b = d.compress(DEMOS).prefill, again.compress(DEMOS).prefill
+    for (k, v), (k2, v2) in zip(a.cache, b.cache):
+        torch.testing.assert_close(k, k2)
+        torch.testing.assert_close(v, v2)
+
+
+def test_compacted_needs_the_llms_cache_shape(tiny_model):
+    with pytest.raises(InputError, match="output: compacted hands"):
+        Distiller.from_config(MendConfig(distiller=tiny_model("llama", 32),
+                                         llm=tiny_model("llama", 48), output="compacted"))
+    with pytest.raises(ConfigError, match="vector_norm"):
+        MendConfig(distiller="x", llm="x", output="compacted", vector_norm="match")
+    with pytest.raises(ConfigError, match="compaction"):
+        MendConfig(distiller="x", llm="x", output="compacted", compaction="snap")
