@@ -53,8 +53,15 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 200
     keep_checkpoints: int = 2
+    max_minutes: float | None = None
+    """A wall-clock budget for training (resumes included): once spent, the run saves a
+    checkpoint, writes its model, metrics and curves, and ends as a finished run, before
+    ``max_steps`` if need be. null: no budget. The schedule still runs over ``max_steps``."""
     eval_every: int = 0
     """Steps between model-selection evaluations (0: never)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step, so selection keeps the starting model when no
+    step beats it (a warm-started distiller, ``output: compacted``)."""
     patience: int = 5
     """Stop after this many evaluations without improvement."""
     tensorboard: bool = False
@@ -69,6 +76,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         if any(v <= 0 for v in self.lr_multipliers.values()):
             raise ConfigError(f"train.lr_multipliers must all be > 0, got {self.lr_multipliers}.")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes must be > 0 (or null), got {self.max_minutes}.")
         if self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ConfigError("train.lr must be > 0, train.warmup_ratio in [0, 1) and "
                               "train.warmup_steps >= 0.")
@@ -78,7 +87,8 @@ class TrainConfig:
 class TrainResult:
     step: int
     status: str
-    """``finished``, ``early_stopped`` or ``interrupted`` (SIGTERM: run again to resume)."""
+    """``finished`` (``max_steps`` or ``max_minutes`` reached), ``early_stopped`` or
+    ``interrupted`` (SIGTERM: run again to resume)."""
     best_score: float | None
     best_step: int | None
 

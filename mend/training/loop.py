@@ -78,6 +78,8 @@ class TrainState:
     ``step * grad_accum * world_size``)."""
     world_size: int | None = None
     """The number of processes that trained up to this step."""
+    seconds: float = 0.0
+    """Wall-clock seconds of training so far, over every start (``train.max_minutes``)."""
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -185,26 +187,33 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                desc="train", dynamic_ncols=True)
     window = Window()
     status = "finished"
+    budget = _Budget(cfg.max_minutes, state, accelerator)
+    if evaluate is not None and cfg.eval_every and cfg.eval_at_start and state.step == 0:
+        _select(accelerator, model, method, evaluate, state, cfg, output_dir, keep_best or {})
+    out_of_time = budget.spent()
     model.train()
     try:
-        while state.step < cfg.max_steps and not state.stopped:
+        while state.step < cfg.max_steps and not state.stopped and not out_of_time:
             grad_norm = _step(cfg, accelerator, model, optimizer, scheduler, params, batches,
                               window, state.step + 1)
             state.step += 1
             state.batches += cfg.grad_accum * world
             bar.update(1)
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            out_of_time = budget.spent()
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps or out_of_time:
                 record = log_record(accelerator, window, scheduler, state.step, grad_norm,
                                     counters)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 write_record(accelerator, output_dir, record, cfg.tensorboard)
-            if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+            # The last step of a spent budget is scored too, so its training can be kept.
+            scored = cfg.eval_every and (state.step % cfg.eval_every == 0 or out_of_time)
+            if evaluate is not None and scored:
                 began = time.perf_counter()
                 _select(accelerator, model, method, evaluate, state, cfg, output_dir,
                         keep_best or {})
                 window.start += time.perf_counter() - began  # throughput excludes evaluation
-            if monitor is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+            if monitor is not None and scored:
                 began = time.perf_counter()
                 _monitor(accelerator, model, monitor, state.step, output_dir)
                 window.start += time.perf_counter() - began
@@ -217,6 +226,9 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                 save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
         if state.stopped and status != "interrupted":
             status = "early_stopped"
+        if out_of_time and status == "finished" and state.step < cfg.max_steps and main:
+            print(f"mend: train.max_minutes={cfg.max_minutes:g} spent at step {state.step} of "
+                  f"{cfg.max_steps}: the run ends here, as finished.", flush=True)
         if not (checkpoints / f"step-{state.step:08d}").is_dir():
             save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
         if status != "interrupted" and (keep_best or state.best_step is None
@@ -234,6 +246,26 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         print(f"mend: stopped by SIGTERM at step {state.step}; checkpoint saved. Run the same "
               f"command again to resume.", flush=True)
     return TrainResult(state.step, status, state.best_score, state.best_step)
+
+
+class _Budget:
+    """``train.max_minutes``, counted over every start of a run: ``state.seconds`` holds the
+    time of the starts before this one (checkpoints carry it). Every process stops at the
+    same step: the main process's clock decides, and is broadcast."""
+
+    def __init__(self, minutes: float | None, state: TrainState, accelerator: Accelerator):
+        self.minutes, self.state, self.accelerator = minutes, state, accelerator
+        self.began, self.before = time.perf_counter(), state.seconds
+
+    def spent(self) -> bool:
+        self.state.seconds = self.before + time.perf_counter() - self.began
+        if self.minutes is None:
+            return False
+        spent = self.state.seconds >= self.minutes * 60
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(spent)], device=self.accelerator.device)
+            spent = bool(broadcast(flag).item())
+        return spent
 
 
 # --------------------------------------------------------------------------------------------

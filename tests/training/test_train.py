@@ -185,6 +185,56 @@ def test_early_stopping_after_patience_evaluations(setup, tmp_path):
     assert rerun.step == 3
 
 
+class _Clock:
+    """``time`` for the loop, its clock advancing ``tick`` seconds at every reading."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_time_budget_ends_the_run_as_finished_and_resumes_across_it(setup, tmp_path,
+                                                                       monkeypatch):
+    import mend.training.loop as loop
+    root, _, stage1 = setup
+    out = tmp_path / "budget"
+    monkeypatch.setattr(loop, "time", _Clock(20.0))  # 20 s per reading: 1 minute = 2 steps
+    result = pretrain(pretrain_cfg(stage1, out, max_steps=50, save_every=25, max_minutes=1))
+    assert result.status == "finished" and result.step == 2
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert logged == [1, 2]
+    assert (out / "checkpoints" / "step-00000002").is_dir() and (out / "loss.png").is_file()
+    final = weights(out)
+    # The same command again: the budget is spent (checkpoints carry the time), so nothing
+    # trains; a larger budget goes on from step 2.
+    monkeypatch.setattr(loop, "time", _Clock(20.0))
+    again = pretrain(pretrain_cfg(stage1, out, max_steps=50, save_every=25, max_minutes=1))
+    assert again.step == 2 and torch.equal(weights(out)["placeholders"], final["placeholders"])
+    monkeypatch.setattr(loop, "time", _Clock(20.0))
+    more = pretrain(pretrain_cfg(stage1, out, max_steps=50, save_every=25, max_minutes=2))
+    assert more.step == 4 and more.status == "finished"
+    with pytest.raises(MendError, match="max_minutes must be > 0"):
+        TrainConfig(max_minutes=0)
+
+
+def test_selection_from_the_start_keeps_step_0_when_no_step_beats_it(setup, tmp_path):
+    _, model, _ = setup
+    data = write_metaicl(tmp_path / "metaicl", train=["t1"], test=["t3", "t4"])
+    cfg = load_config(FinetuneConfig, None, model + [
+        f"data.root={data}", "data.partition=part", "context.k=2", "train.max_steps=2",
+        "train.batch_size=2", "train.eval_every=1", "train.eval_at_start=true",
+        "train.lr=1e-12", f"output_dir={tmp_path / 'ft'}"])
+    result = finetune(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text()
+             .splitlines() if "eval_score" in line]
+    assert [e["step"] for e in evals] == [0, 1, 2]
+    assert result.best_step == 0 and result.best_score == evals[0]["eval_score"]
+
+
 def test_tensorboard_logging_or_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
     method = _Diverging()
