@@ -16,7 +16,8 @@ ever formed for positions that do not count.
 :func:`chunked_kl_distill` and :func:`chunked_ce` take final hidden states and the LLM's
 projection instead of logits. They give the same values and gradients while forming float32
 logits for at most ``chunk`` positions at a time, recomputed in backward (activation
-checkpointing), so training memory does not grow with ``positions x vocabulary``.
+checkpointing) where there is more than one chunk, so training memory does not grow with
+``positions x vocabulary``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,10 @@ def chunked_kl_distill(project: Project, student_hidden: torch.Tensor,
                        temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
     """:func:`kl_distill` of ``project(student_hidden)`` and ``project(teacher_hidden)``.
 
+    The teacher's log-probabilities are formed once, without gradients. Where the positions
+    fill more than one chunk, each chunk's student logits are recomputed in backward instead
+    of kept (memory bounded by ``chunk``); in one chunk nothing is recomputed.
+
     Args:
         student_hidden: ``(B, T, d)``; carries the gradient.
         teacher_hidden: ``(B, T, d)``; a constant.
@@ -126,17 +131,20 @@ def chunked_kl_distill(project: Project, student_hidden: torch.Tensor,
         return student_hidden.sum() * 0.0
 
     def piece(s_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-        return _kl_sum(project(s_chunk), project(t_chunk), temperature)
+        with torch.no_grad():
+            target = F.log_softmax(project(t_chunk).float() / temperature, -1)
+        log_p = F.log_softmax(project(s_chunk).float() / temperature, -1)
+        return F.kl_div(log_p, target, log_target=True, reduction="sum")
 
-    total = sum(checkpoint(piece, s[i:i + chunk], t[i:i + chunk], use_reentrant=False)
-                for i in range(0, s.shape[0], chunk))
+    run = _chunked(piece, s.shape[0], chunk)
+    total = sum(run(s[i:i + chunk], t[i:i + chunk]) for i in range(0, s.shape[0], chunk))
     return total / s.shape[0] * temperature ** 2
 
 
 def chunked_ce(project: Project, hidden: torch.Tensor, targets: torch.Tensor,
                mask: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
     """:func:`ce_loss` of ``project(hidden)``: ``hidden`` is ``(B, T, d)``, ``hidden[:, t]``
-    predicting ``targets[:, t]``."""
+    predicting ``targets[:, t]``; chunked as :func:`chunked_kl_distill`."""
     x = _select(hidden, mask)
     y = _select(targets.to(hidden.device), mask)
     if x.shape[0] == 0:
@@ -145,9 +153,19 @@ def chunked_ce(project: Project, hidden: torch.Tensor, targets: torch.Tensor,
     def piece(x_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(project(x_chunk), y_chunk, reduction="sum")
 
-    total = sum(checkpoint(piece, x[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-                for i in range(0, x.shape[0], chunk))
+    run = _chunked(piece, x.shape[0], chunk)
+    total = sum(run(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk))
     return total / x.shape[0]
+
+
+def _chunked(piece: Callable[..., torch.Tensor], positions: int, chunk: int
+             ) -> Callable[..., torch.Tensor]:
+    """``piece`` itself when the positions fit one chunk (its logits are kept for backward),
+    else ``piece`` under activation checkpointing (recomputed in backward, one chunk at a
+    time)."""
+    if positions <= chunk:
+        return piece
+    return lambda *args: checkpoint(piece, *args, use_reentrant=False)
 
 
 def label_distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,

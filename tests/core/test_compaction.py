@@ -75,6 +75,22 @@ def test_the_kernel_adds_the_bias_to_the_first_keys_of_each_group():
     torch.testing.assert_close(none, plain, atol=1e-6, rtol=1e-6)
 
 
+def test_under_an_eager_model_the_kernel_attends_by_the_formula_alike():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g),
+               torch.randn(2, 2, 6, 8, generator=g))
+    mask = ~torch.ones(1, 1, 3, 6).triu(4).bool()
+    bias = [torch.randn(2, 2, 2, generator=g)]
+    sdpa, _ = attention._attend(_Layer(), q, k, v, mask, scaling=0.3, key_bias=bias)
+    token = attention._INNER.set("eager")
+    try:
+        eager, weights = attention._attend(_Layer(), q, k, v, mask, scaling=0.3, key_bias=bias)
+    finally:
+        attention._INNER.reset(token)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+    assert weights.shape == (2, 4, 3, 6) and weights[..., 0, 4:].abs().max() == 0
+
+
 def test_the_tap_sees_each_layer_queries_and_the_keys_the_cache_holds(llm):
     model = llm("qwen2")
     ids = torch.tensor([encode(model.tokenizer, ["the cat sat on the mat"])[0]])
