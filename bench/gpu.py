@@ -290,20 +290,22 @@ def train_args(args) -> list[str]:
     text = ["--text", str(data_root(args) / "text" / "wikitext-2" / "wiki.valid.tokens.gz")]
     if args.tiny:
         return ["--batch", "2", "--demo-tokens", "48", "--input-tokens", "24",
-                "--placeholders", "4", "--steps", "2", *text]
+                "--finetune-batch", "2", "--finetune-demo-tokens", "48",
+                "--placeholders", "4", "--steps", "2", "--recipes", "paper", *text]
     return ["--batch", "8", "--demo-tokens", "800", "--input-tokens", "300", "--placeholders",
-            "100", "--steps", "5", *text]
+            "100", "--finetune-batch", "8", "--finetune-demo-tokens", "800",
+            "--finetune-input-tokens", "300", "--steps", "5", "--recipes", "paper", *text]
 
 
 def step_train(args, env, work, out, limit, suffix):
-    variants = "eager-fp32,bf16" if args.tiny else "eager-fp32,bf16,compile,8bit"
+    variants = "eager-fp32,new" if args.tiny else "eager-fp32,old,new,new+compile,8bit"
     return bench("train.py", args, env, out, limit, f"train-{args.device}{suffix}",
                  train_args(args) + ["--variants", variants, "--profile"])
 
 
 def step_train_7b(args, env, work, out, limit, suffix):
     llm = [] if args.tiny else ["--llm", str(work / "llama-2-7b-shape")]
-    variants = "bf16" if args.tiny else "bf16,8bit"
+    variants = "new" if args.tiny else "new,8bit"
     return bench("train.py", args, env, out, limit, f"train-{args.device}-7b{suffix}",
                  train_args(args) + llm + ["--variants", variants])
 

@@ -1,15 +1,29 @@
-"""Steps/s, tokens/s and MFU of a MEND pretraining step and a finetuning step.
+"""Tokens/s of a MEND training step, today's path beside each lever alone and all together.
 
     python bench/train.py --tiny                          # seconds
-    python bench/train.py                                 # the zoo pair on the CPU
-    python bench/train.py --device cuda --batch 8 --demo-tokens 800 --input-tokens 300 \\
-        --placeholders 100                                # the H100 setting of ../shared/GPU.md
+    python bench/train.py                                 # the zoo pair on the CPU, both recipes
+    python bench/train.py --device cuda --recipes paper --batch 8 --demo-tokens 800 \
+        --input-tokens 300 --placeholders 100             # the H100 setting of ../shared/GPU.md
 
 A step is the whole of training's inner loop: the distiller's forward and backward, the frozen
 LLM's teacher forward (no grad), the student forward and backward through the frozen LLM, and
-AdamW. Variants: eager fp32 (the reference), bf16 autocast, gradient checkpointing,
-torch.compile (bf16 on CUDA, fp32 on a CPU), and an 8-bit LLM (CUDA only; recorded as skipped
-elsewhere). A CPU without bf16 matmul units skips bf16, saying so.
+AdamW, on a stage-1 batch (``pretrain``: text windows, L_distill) and a stage-2 batch
+(``finetune``: a longer context, L_distill + L_pred on the last 8 tokens).
+
+**Recipes** (the model config trained): ``kv``, the shipped distiller's (LoRA r = 8 on the LLM
+itself, ``output: kv``, 16 placeholders); ``compacted``, the warm start's (the same LoRA,
+``output: compacted`` with Attention Matching: it reads the context twice); ``paper``, the
+paper's (a fully trained distiller, ``output: embeddings``).
+
+**Variants** (rows): ``old`` is the step as mend trained it before the levers: float32 weights
+under bf16 autocast, LoRA dropout 0.05, the sdpa kernel. Each lever alone:
+``bf16-weights`` (the frozen LLM and the frozen distiller stored in bf16; trainable weights,
+LoRA's adapters included, stay float32), ``no-dropout`` (LoRA dropout 0: no random mask per
+adapter), ``eager-attention`` (the eager kernel, faster than sdpa at a CPU step's short
+lengths); ``new``, all three; ``new+compile``, the same under ``torch.compile`` (the first
+step compiles). ``eager-fp32`` (no autocast) counts the model FLOPs; ``checkpointing`` and
+``8bit`` are kept from the earlier bench. A CPU without bf16 matmul units skips bf16, saying
+so.
 
 **MFU** = model FLOPs per step x steps/s / peak FLOP/s. Model FLOPs are counted once with
 ``torch.utils.flop_counter`` on an eager step without recomputation. The peak is the H100 SXM's
@@ -34,41 +48,76 @@ import common  # noqa: E402
 
 H100_PEAK = {"bfloat16": 989.4e12, "float32": 66.9e12}
 
+RECIPES = {
+    "kv": dict(output="kv", train_mode="lora", lora_r=8, lora_alpha=16,
+               placeholder_init="vocab"),
+    "compacted": dict(output="compacted", compaction="attention_matching", train_mode="lora",
+                      lora_r=8, lora_alpha=16),
+    "paper": dict(output="embeddings", train_mode="full"),
+}
+"""The model configs a step trains (separators and sizes come from the command line)."""
+
+LEVERS = {
+    "bf16-weights": dict(distiller_dtype="bfloat16", llm_dtype="bfloat16"),
+    "no-dropout": dict(lora_dropout=0.0),
+    "eager-attention": dict(attn_implementation="eager"),
+}
+"""What each lever changes in the model config; ``old`` is none of them."""
+
+VARIANTS = {"old": (), **{name: (name,) for name in LEVERS}, "new": tuple(LEVERS),
+            "new+compile": (*LEVERS, "compile")}
+
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
-    batch_arguments(p, batch=2, demo_tokens=192, input_tokens=64)
+    batch_arguments(p, batch=4, demo_tokens=102, input_tokens=26)
+    p.add_argument("--finetune-batch", type=int, default=2)
+    p.add_argument("--finetune-demo-tokens", type=int, default=300)
+    p.add_argument("--finetune-input-tokens", type=int, default=40)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
-    p.add_argument("--variants", default="eager-fp32,bf16,checkpointing,compile,8bit")
+    p.add_argument("--recipes", default="kv,compacted")
+    p.add_argument("--stages", default="pretrain,finetune")
+    p.add_argument("--variants", default="eager-fp32,old,bf16-weights,no-dropout,"
+                                         "eager-attention,new")
     p.add_argument("--profile", action="store_true",
                    help="also count what one step asks of the host (torch.profiler)")
     args = p.parse_args(argv)
     peaks = peak_flops(args.device)
     rows = []
-    for stage in ("pretrain", "finetune"):
-        flops = None
-        for variant in args.variants.split(","):
-            row = measure(args, stage, variant, peaks)
-            if variant == "eager-fp32":
-                flops = row.get("model_flops")
-            if flops and row.get("step_s"):
-                row["model_flops"] = flops
-                row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
-            rows.append(row)
-            print(row, flush=True)
+    for recipe in args.recipes.split(","):
+        for stage in args.stages.split(","):
+            flops, old = None, None
+            for variant in args.variants.split(","):
+                row = measure(args, recipe, stage, variant, peaks)
+                if variant == "eager-fp32":
+                    flops = row.get("model_flops")
+                if variant == "old":
+                    old = row.get("tokens_per_s")
+                if flops and row.get("step_s"):
+                    row["model_flops"] = flops
+                    row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
+                if old and row.get("tokens_per_s"):
+                    row["speedup"] = row["tokens_per_s"] / old
+                rows.append(row)
+                print(row, flush=True)
     from mend.training import precision
     mixed, why = precision.resolve("auto", "cuda" if args.device == "cuda" else "cpu")
     notes = [f"Peak FLOP/s used for MFU: {peaks} ({peaks['source']}).",
-             f"train.mixed_precision=auto resolves to {mixed} here: {why}. Both the fp32 "
-             f"(eager-fp32) and the bf16 step are measured above."]
+             f"train.mixed_precision=auto resolves to {mixed} here: {why}.",
+             "speedup: tokens/s over the `old` row of the same recipe and stage, measured in "
+             "the same run."]
+    targets = []
     if args.device == "cuda":
         best = max((r.get("mfu") or 0) for r in rows if r["stage"] == "pretrain")
         targets = [common.target("pretraining MFU on one H100 >= 25%", best, 0.25)]
     else:
-        targets = []
         notes.append("The 25% MFU target is an H100 target; this CPU run measures the same "
                      "step against the CPU's own measured matmul peak.")
-    columns = ["stage", "variant", "status", "step_s", "steps_per_s", "tokens_per_s",
+        for r in rows:
+            if r["variant"] == "new" and r.get("speedup"):
+                targets.append(common.target(f"{r['recipe']} {r['stage']}: new >= 3x old "
+                                             f"tokens/s", r["speedup"], 3.0))
+    columns = ["recipe", "stage", "variant", "status", "step_s", "tokens_per_s", "speedup",
                "model_flops", "mfu", "peak_mb", "first_step_s"]
     if args.profile:
         columns += ["aten_calls", "host_reads", "kernel_launches", "device_syncs", "top_calls"]
@@ -112,9 +161,9 @@ def profile_step(step, device: str) -> dict:
 
 
 def low_precision(args, variant: str) -> bool:
-    """Variants run under bf16 autocast: bf16 and 8-bit; compile too on CUDA (on a CPU it
-    compiles the fp32 step, bf16 being emulated there)."""
-    return variant in ("bf16", "8bit") or (variant == "compile" and args.device == "cuda")
+    """Every variant runs under bf16 autocast but ``eager-fp32``, ``checkpointing`` (fp32
+    references) and, on a CPU, ``compile`` of the fp32 step where bf16 is emulated."""
+    return variant not in ("eager-fp32", "checkpointing")
 
 
 def peak_for(args, variant: str, peaks: dict) -> float:
@@ -151,8 +200,10 @@ def batch_arguments(p, batch: int, demo_tokens: int, input_tokens: int) -> None:
 
 
 def make_batch(args, objective, stage: str):
-    """``--batch`` examples of real WikiText text: the distiller reads ``--demo-tokens``, the
-    teacher the same text in LLM tokens, and both read ``--input-tokens`` after it."""
+    """A batch of real WikiText text: the distiller reads ``demo`` tokens, the teacher the same
+    text in LLM tokens, and both read ``input`` tokens after it (stage 1: ``--batch``,
+    ``--demo-tokens``, ``--input-tokens``; stage 2: the ``--finetune-`` ones, L_pred on the
+    last 8 tokens, an output)."""
     from mend.data import Example
 
     d = objective.module
@@ -160,37 +211,53 @@ def make_batch(args, objective, stage: str):
     text = (gzip.open(path, "rt").read() if path.exists() else
             "The quick brown fox jumps over the lazy dog. " * 2000)
     ids = d.llm.tokenizer(text[:400_000], add_special_tokens=False)["input_ids"]
-    examples, span = [], args.demo_tokens + args.input_tokens
-    for i in range(args.batch):
+    finetune = stage == "finetune"
+    batch, demo, inp = ((args.finetune_batch, args.finetune_demo_tokens,
+                         args.finetune_input_tokens) if finetune else
+                        (args.batch, args.demo_tokens, args.input_tokens))
+    examples, span = [], demo + inp
+    for i in range(batch):
         window = ids[i * span:(i + 1) * span]
-        context, inp = window[:args.demo_tokens], window[args.demo_tokens:]
-        demos = d.llm.tokenizer.decode(context)
-        # Finetuning counts L_pred on the last 8 tokens (an output); pretraining has none.
-        examples.append(Example(demos, context, inp,
-                                len(inp) - 8 if stage == "finetune" else len(inp)))
+        context, query = window[:demo], window[demo:]
+        examples.append(Example(d.llm.tokenizer.decode(context), context, query,
+                                len(query) - 8 if finetune else len(query)))
     return objective.collate(examples)
 
 
-def measure(args, stage: str, variant: str, peaks: dict) -> dict:
+def model_config(args, recipe: str, variant: str):
+    """The recipe's config with the variant's levers; ``None`` where the variant cannot apply
+    (8-bit without CUDA)."""
     from mend.config import MendConfig
+
+    distiller_path, llm_path = common.models(args)
+    levers = {}
+    for name in VARIANTS.get(variant, ()):
+        levers.update(LEVERS.get(name, {}))
+    if recipe == "paper" and "distiller_dtype" in levers:
+        del levers["distiller_dtype"]  # a fully trained distiller keeps float32 weights
+    if variant == "8bit":
+        levers.update(llm_8bit=True, llm_dtype="bfloat16")
+    length = max(args.demo_tokens, args.finetune_demo_tokens) + args.placeholders + 8
+    return MendConfig(distiller=distiller_path, llm=llm_path, num_placeholders=args.placeholders,
+                      max_distiller_length=length, io_sep="\n", demo_sep="\n\n",
+                      **{"lora_dropout": 0.05, **RECIPES[recipe], **levers})
+
+
+def measure(args, recipe: str, stage: str, variant: str, peaks: dict) -> dict:
     from mend.core.distiller import Distiller
     from mend.methods.mend import MendObjective, ObjectiveConfig
     from mend.training.loop import compile_modules
 
-    row = {"stage": stage, "variant": variant}
+    row = {"recipe": recipe, "stage": stage, "variant": variant}
     if variant == "8bit" and args.device != "cuda":
         return {**row, "status": "skipped: bitsandbytes 8-bit needs CUDA"}
-    if variant == "bf16" and args.device != "cuda" and peaks["bfloat16"] < peaks["float32"] / 10:
+    if (low_precision(args, variant) and args.device != "cuda"
+            and peaks["bfloat16"] < peaks["float32"] / 10):
         return {**row, "status": f"skipped: this CPU multiplies bf16 at "
                                  f"{peaks['bfloat16'] / 1e9:.2f} GFLOP/s (emulated), "
                                  f"fp32 at {peaks['float32'] / 1e9:.0f}"}
-    distiller_path, llm_path = common.models(args)
     torch.manual_seed(0)
-    d = Distiller.from_config(MendConfig(
-        distiller=distiller_path, llm=llm_path, num_placeholders=args.placeholders,
-        max_distiller_length=args.demo_tokens + args.placeholders + 8,
-        llm_8bit=variant == "8bit", llm_dtype="bfloat16" if variant == "8bit" else "float32"),
-        device=args.device)
+    d = Distiller.from_config(model_config(args, recipe, variant), device=args.device)
     if variant == "checkpointing":
         d.gradient_checkpointing_enable()
     objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=float(stage == "finetune")))
@@ -209,7 +276,7 @@ def measure(args, stage: str, variant: str, peaks: dict) -> dict:
 
     if variant == "eager-fp32":
         _, row["model_flops"] = common.count_flops(step)
-    if variant == "compile":
+    if "compile" in variant:
         compile_modules(d)
     with common.PeakMemory(args.device) as memory:
         began = time.perf_counter()

@@ -49,14 +49,20 @@ def test_eval_bench_fast_and_naive_paths_agree(tmp_path):
 
 
 @pytest.mark.slow  # a subprocess per benchmark
-def test_train_bench_counts_model_flops_and_skips_8bit_without_cuda(tmp_path):
+def test_train_bench_measures_each_lever_beside_the_old_path(tmp_path):
     result = bench(tmp_path, "train.py", "--steps", "1", "--batch", "1", "--demo-tokens", "32",
-                   "--input-tokens", "16", "--placeholders", "2",
-                   "--variants", "eager-fp32,checkpointing,8bit")
-    rows = {(r["stage"], r["variant"]): r for r in result["rows"]}
-    assert rows["pretrain", "eager-fp32"]["model_flops"] > 0
-    assert rows["finetune", "checkpointing"]["mfu"] > 0
-    assert rows["pretrain", "8bit"]["status"].startswith("skipped: bitsandbytes")
+                   "--input-tokens", "16", "--finetune-batch", "1", "--finetune-demo-tokens",
+                   "32", "--placeholders", "2", "--recipes", "kv,compacted",
+                   "--variants", "eager-fp32,old,new,checkpointing,8bit")
+    rows = {(r["recipe"], r["stage"], r["variant"]): r for r in result["rows"]}
+    assert rows["kv", "pretrain", "eager-fp32"]["model_flops"] > 0
+    assert rows["compacted", "finetune", "checkpointing"]["mfu"] > 0
+    # Each lever's row is measured beside the old path of its recipe and stage.
+    assert rows["compacted", "pretrain", "new"]["speedup"] == pytest.approx(
+        rows["compacted", "pretrain", "new"]["tokens_per_s"]
+        / rows["compacted", "pretrain", "old"]["tokens_per_s"])
+    assert any(t["target"].startswith("kv pretrain: new >= 3x") for t in result["targets"])
+    assert rows["kv", "pretrain", "8bit"]["status"].startswith("skipped: bitsandbytes")
 
 
 @pytest.mark.slow  # two launches of two processes each

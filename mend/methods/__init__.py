@@ -32,6 +32,9 @@ class MethodConfig:
     llm: str | None = None
     """The frozen LLM of zero_shot and icl."""
     llm_dtype: Dtype = "float32"
+    distiller_dtype: Dtype = "float32"
+    """mend, hypertuning: the distiller's weights at evaluation (its checkpoint may say the
+    bf16 it trained in; it loads in this dtype whatever it says)."""
     llm_8bit: bool = False
     allow_8bit_fallback: bool = False
     attn_implementation: str | None = "sdpa"

@@ -88,7 +88,8 @@ class Mend:
         """The evaluation method a :class:`~mend.methods.MethodConfig` names. Evaluation never
         trains, so LoRA adapters are folded into the weights (the same vectors, fewer
         matmuls)."""
-        distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time)
+        distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time,
+                                              distiller_dtype=cfg.distiller_dtype)
         return cls(distiller.eval().merge_adapters(), name=name, refine_steps=cfg.refine_steps)
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],

@@ -60,8 +60,9 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between model-selection evaluations (0: never)."""
     eval_at_start: bool = False
-    """Also evaluate before the first step, so selection keeps the starting model when no
-    step beats it (a warm-started distiller, ``output: compacted``)."""
+    """Also evaluate (and log the monitored controls) before the first step, so selection
+    keeps the starting model when no step beats it (a warm-started distiller, ``output:
+    compacted``), and the curves start where training did."""
     patience: int = 5
     """Stop after this many evaluations without improvement."""
     tensorboard: bool = False

@@ -188,8 +188,12 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     window = Window()
     status = "finished"
     budget = _Budget(cfg.max_minutes, state, accelerator)
-    if evaluate is not None and cfg.eval_every and cfg.eval_at_start and state.step == 0:
-        _select(accelerator, model, method, evaluate, state, cfg, output_dir, keep_best or {})
+    if cfg.eval_every and cfg.eval_at_start and state.step == 0:
+        if evaluate is not None:
+            _select(accelerator, model, method, evaluate, state, cfg, output_dir,
+                    keep_best or {})
+        if monitor is not None:
+            _monitor(accelerator, model, monitor, state.step, output_dir)
     out_of_time = budget.spent()
     model.train()
     try:

@@ -89,3 +89,62 @@ def test_distill_on_answer_is_the_kl_at_the_answer_predictors_only(make_distille
     with pytest.raises(ConfigError, match="stage 1"):
         from mend.recipes.pretrain import PretrainConfig
         PretrainConfig(model=d.config, objective=ObjectiveConfig(distill_on="answer"))
+
+
+def _step_grads(path: str, recipe: str, **levers):
+    """One training step's loss and trainable gradients under bf16 autocast, as
+    bench/train.py takes it (the distiller LoRA on the LLM itself), with ``levers``."""
+    from mend import Distiller, MendConfig
+    cfg = {"kv": dict(output="kv", placeholder_init="vocab"),
+           "compacted": dict(output="compacted")}[recipe]
+    torch.manual_seed(0)
+    d = Distiller.from_config(MendConfig(distiller=path, llm=path, num_placeholders=3,
+                                         train_mode="lora", lora_dropout=0.0, **cfg, **levers))
+    with torch.no_grad():  # adapters away from zero, so that every gradient is non-zero
+        for name, p in d.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    tok = d.llm.tokenizer
+    context = encode(tok, ["the film was great and the actors were wonderful"])[0]
+    objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0))
+    query = encode(tok, [" a delightful story positive"])[0]
+    batch = objective.collate([Example(tok.decode(context), context, query, len(query) - 1)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = objective.loss(d, batch)["loss"]
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in d.parameters() if p.requires_grad])
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("recipe", ["kv", "compacted"])
+@pytest.mark.parametrize("lever, levers, tolerance", [
+    ("bf16-weights", {"distiller_dtype": "bfloat16", "llm_dtype": "bfloat16"}, 2e-2),
+    ("eager-attention", {"attn_implementation": "eager"}, 2e-3)])
+def test_each_step_lever_keeps_the_loss_and_gradients_of_the_old_path(tiny_model, recipe, lever,
+                                                                      levers, tolerance):
+    path = tiny_model("llama", 48)
+    old_loss, old = _step_grads(path, recipe)
+    new_loss, new = _step_grads(path, recipe, **levers)
+    assert new_loss == pytest.approx(old_loss, rel=tolerance)
+    assert F.cosine_similarity(new, old, dim=0) > 1 - tolerance
+    assert (new.norm() / old.norm()).item() == pytest.approx(1.0, rel=5 * tolerance)
+
+
+def test_no_lora_dropout_is_the_old_step_with_its_dropout_switched_off(tiny_model):
+    """The lever removes dropout's random masks; the step is otherwise the old one, whose
+    loss without dropout (eval mode) it equals exactly."""
+    from mend import Distiller, MendConfig
+    path = tiny_model("llama", 48)
+    losses = {}
+    for dropout, train in ((0.05, False), (0.0, True)):
+        torch.manual_seed(0)
+        d = Distiller.from_config(MendConfig(distiller=path, llm=path, num_placeholders=3,
+                                             output="kv", train_mode="lora",
+                                             lora_dropout=dropout)).train(train)
+        tok = d.llm.tokenizer
+        context = encode(tok, ["the film was great"])[0]
+        objective = MendObjective(d, ObjectiveConfig(distill=1.0))
+        query = encode(tok, [" a delightful story"])[0]
+        batch = objective.collate([Example(tok.decode(context), context, query, len(query))])
+        losses[dropout] = float(objective.loss(d, batch)["loss"].detach())
+    assert losses[0.0] == losses[0.05]

@@ -230,6 +230,8 @@ report() {
   done
 }
 
+# Sourced (warm.sh reuses the helpers above), it stops here.
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(demo demo_long refine refine_curve partitions mixture
                                   mixture_answer prompt_tuning stage1_budget capacity report)

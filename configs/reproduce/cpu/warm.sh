@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issue 30 at a 2-core-CPU budget: the warm-started distiller (`output: compacted`, which is
+# the training-free Attention Matching compaction at step 0) beside every training-free
+# compaction at equal memory and the controls of generalise.sh, on the same five sets. Run
+# from the repository root:
+#
+#     bash configs/reproduce/cpu/warm.sh                 # everything, keeping what is done
+#     bash configs/reproduce/cpu/warm.sh stage1          # one part: references free stage1
+#                                                        #   stage2 scored frontier report
+#     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
+#
+# `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
+# equal memory, prompt tuning, the distiller shipped before), run by the same configs and code
+# paths; `free` scores every training-free compaction (kv_compress compaction=NAME);
+# `stage1` and `stage2` train in the background-safe way of generalise.sh (killed once and
+# resumed; each on a wall-clock budget, train.max_minutes); `scored` scores the trained rows
+# (with the same positions' LoRA frozen: step 0 itself, and swapped demonstrations, as always);
+# `frontier` is the share against positions (l = 4, 8, 16) for every training-free row and
+# the distiller. Results (no weights) go to docs/results/warm-cpu.
+set -euo pipefail
+
+OUT=${OUT:-out/warm}
+DOCS=${DOCS:-docs/results/warm-cpu}
+# shellcheck source=generalise.sh
+source "$(dirname "$0")/generalise.sh"
+CFG=configs/reproduce/cpu
+WARM=$CFG/warm
+GENERALISE=docs/results/generalise-cpu
+COMPACTIONS=(kv_compress kvzip attention_matching kvzip_matching)
+
+references() {  # copy the rows shared with generalise-cpu, results and tables as they are
+  local set run
+  for set in demo demo-long "${PARTITIONS[@]}"; do
+    for run in zero_shot icl icl-equal-memory prompt_tuning prompt_tuning-mixture mend \
+               stage1-600-mixture-answer; do
+      [ -f "$GENERALISE/$set/eval/$run/results.json" ] || continue
+      mkdir -p "$OUT/$set/eval/$run" "$DOCS/$set/eval/$run"
+      cp "$GENERALISE/$set/eval/$run/"results.* "$OUT/$set/eval/$run/"
+      cp "$GENERALISE/$set/eval/$run/"results.* "$DOCS/$set/eval/$run/"
+    done
+  done
+}
+
+# compaction_rows CONFIG OUTDIR ARGS...: every training-free compaction at bos + L positions.
+compaction_rows() {
+  local config=$1 out=$2 name tag=""; shift 2
+  [ "$L" = 16 ] || tag="-$L"
+  for name in "${COMPACTIONS[@]}"; do
+    local compaction=${name/kv_compress/attention_cut}
+    evaluate "$config" "$out/$name$tag" method=kv_compress num_placeholders="$L" \
+      compaction="$compaction" label="$compaction${tag:+ (bos + $L)}" \
+      references.zero_shot="$out/zero_shot/results.json" \
+      references.icl="$out/icl/results.json" "$@"
+  done
+}
+
+free() { every_set compaction_rows; }
+
+stage1() { train pretrain "$OUT/stage1" --config "$WARM/pretrain.yaml" "$@"; }
+
+stage2() { train finetune "$OUT/stage2" --config "$WARM/finetune.yaml" init_from="$OUT/stage1" "$@"; }
+
+scored() {  # the trained distiller (stage 2), and stage 1 alone, on every set
+  every_set mend_row warm "$OUT/stage2"
+  every_set mend_row warm-stage1 "$OUT/stage1"
+}
+
+frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
+  local l
+  for l in 4 8; do
+    L=$l every_set compaction_rows
+    L=$l every_set equal_memory_icl
+  done
+}
+
+equal_memory_icl() {
+  local config=$1 out=$2; shift 2
+  evaluate "$config" "$out/icl-equal-memory-$L" method=icl context.max_context_tokens="$L" \
+    label="ICL at equal memory (bos + $L)" references.zero_shot="$out/zero_shot/results.json" \
+    references.icl="$out/icl/results.json" "$@"
+}
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(references free stage1 stage2 scored frontier report)
+for part in "${parts[@]}"; do
+  case $part in
+    references) references ;;
+    free) free ;;
+    stage1) stage1 ;;
+    stage2) stage2 ;;
+    scored) scored ;;
+    frontier) frontier ;;
+    ship) ship ;;
+    report) report ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
