@@ -46,7 +46,7 @@ CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
 # must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
-IDENTITY = ("distiller", "llm", "num_placeholders", "projection", "train_mode", "lora_r",
+IDENTITY = ("distiller", "llm", "num_placeholders", "output", "projection", "train_mode", "lora_r",
             "lora_target_modules")
 
 

@@ -43,9 +43,10 @@ class MethodConfig:
     """Between input and output; None: the checkpoint's setting, or " "."""
     demo_sep: str | None = None
     """Between demonstrations and before the query; None: the checkpoint's, or " "."""
-    num_placeholders: int = 16
-    """kv_compress: the positions kept beside bos in each layer and head (a MEND distiller's
-    l, for a comparison at equal memory)."""
+    num_placeholders: int | None = None
+    """The positions kept beside bos in each layer and head: kv_compress's (None: 16, a
+    shipped distiller's l, for a comparison at equal memory), and a warm-started distiller's
+    (``output: compacted``; None: its checkpoint's), which compacts to any budget."""
     compaction: CompactionName = "attention_cut"
     """kv_compress: how the cache is cut (:data:`mend.core.compaction.COMPACTIONS`):
     attention_cut, kvzip, attention_matching or kvzip_matching."""
@@ -62,7 +63,8 @@ class MethodConfig:
         if not needs_llm and not self.checkpoint:
             raise ConfigError(f"method={self.method} needs a checkpoint (a trained "
                               f"output directory).")
-        if self.num_placeholders < 1 or self.refine_steps < 0:
+        if (self.num_placeholders is not None and self.num_placeholders < 1) \
+                or self.refine_steps < 0:
             raise ConfigError(f"num_placeholders must be >= 1 and refine_steps >= 0; got "
                               f"{self.num_placeholders} and {self.refine_steps}.")
         if not needs_llm and self.llm:

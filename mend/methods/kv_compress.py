@@ -30,7 +30,7 @@ class KVCompress(LLMOnly):
     @classmethod
     def load(cls, cfg, device=None) -> KVCompress:
         method = super().load(cfg, device)
-        method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders,
+        method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders or 16,
                                          compaction=cfg.compaction)
         method.refine_steps = cfg.refine_steps
         return method

@@ -28,7 +28,7 @@ import torch
 from mend.config import checked
 from mend.counters import Counters
 from mend.data import Example
-from mend.core.distiller import Distiller
+from mend.core.distiller import Distiller, read_config
 from mend.errors import ConfigError
 from mend.core.losses import auto_chunk, ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
@@ -88,8 +88,16 @@ class Mend:
         """The evaluation method a :class:`~mend.methods.MethodConfig` names. Evaluation never
         trains, so LoRA adapters are folded into the weights (the same vectors, fewer
         matmuls)."""
+        budget = {}
+        if cfg.num_placeholders is not None:
+            if read_config(cfg.checkpoint).output != "compacted":
+                raise ConfigError(f"num_placeholders={cfg.num_placeholders} changes only a "
+                                  f"warm-started distiller's budget (output: compacted); "
+                                  f"{cfg.checkpoint} emits the l vectors it was trained for. "
+                                  f"Remove num_placeholders.")
+            budget = {"num_placeholders": cfg.num_placeholders}
         distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time,
-                                              distiller_dtype=cfg.distiller_dtype)
+                                              distiller_dtype=cfg.distiller_dtype, **budget)
         return cls(distiller.eval().merge_adapters(), name=name, refine_steps=cfg.refine_steps)
 
     def prefix(self, demo_sets: Sequence[Sequence[tuple[str, str]]],

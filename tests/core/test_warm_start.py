@@ -101,3 +101,15 @@ def test_compacted_needs_the_llms_cache_shape(tiny_model):
         MendConfig(distiller="x", llm="x", output="compacted", vector_norm="match")
     with pytest.raises(ConfigError, match="compaction"):
         MendConfig(distiller="x", llm="x", output="compacted", compaction="snap")
+
+
+def test_a_warm_started_distiller_compacts_to_any_budget_at_evaluation(warm, tmp_path):
+    from mend.methods import MethodConfig, build_method
+    warm().save_pretrained(tmp_path / "warm")
+    method = build_method(MethodConfig("mend", checkpoint=str(tmp_path / "warm"),
+                                       num_placeholders=2))
+    prefix = method.prefix([DEMOS * 3], [[]])
+    assert prefix.cache[0][0].shape[2] == 3  # bos and 2
+    warm(output="kv").save_pretrained(tmp_path / "kv")
+    with pytest.raises(ConfigError, match="only a warm-started distiller"):
+        build_method(MethodConfig("mend", checkpoint=str(tmp_path / "kv"), num_placeholders=2))
