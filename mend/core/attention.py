@@ -12,9 +12,11 @@ from attention that no shipped kernel offers.
   (:mod:`mend.core.compaction`), without ``output_attentions`` or the eager kernel.
 
 Both are keyword arguments of the model's forward, which transformers hands every attention
-layer unchanged. The kernel is registered once, as :data:`NAME`, through transformers' public
-``AttentionInterface`` and ``AttentionMaskInterface`` (the mask is sdpa's, always built, so a
-bias has a mask to join); :func:`kernel` switches a model to it for a pass::
+layer unchanged (for ``generate``, which refuses keywords it does not know, :func:`biased`
+sets the bias for a block). The kernel is registered once, as :data:`NAME`, through
+transformers' public ``AttentionInterface`` and ``AttentionMaskInterface`` (the mask is
+sdpa's, always built, so a bias has a mask to join); :func:`kernel` switches a model to it for
+a pass::
 
     with attention.kernel(model):
         model(input_ids=ids, past_key_values=cache, key_bias=bias)
@@ -39,6 +41,9 @@ NAME = "mend"
 _INNER = contextvars.ContextVar("mend_attention_inner", default="sdpa")
 """The kernel the model ran before :func:`kernel` switched it (``eager``, or sdpa)."""
 
+_BIAS: contextvars.ContextVar = contextvars.ContextVar("mend_key_bias", default=None)
+"""A key bias set by :func:`biased`, for passes whose caller cannot hand it as a keyword."""
+
 Tap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 """``tap(layer, query (B, heads, T, d), key (B, kv_heads, K, d), value, scaling)``."""
 
@@ -51,6 +56,7 @@ def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scaling = query.shape[-1] ** -0.5
     if layer_tap is not None:
         layer_tap(module.layer_idx, query, key, value, scaling)
+    key_bias = _BIAS.get() if key_bias is None else key_bias
     bias = None if key_bias is None else key_bias[module.layer_idx]
     if bias is not None:
         attention_mask = biased_mask(attention_mask, bias, query, key)
@@ -107,6 +113,19 @@ def _mask(*args, **kwargs):
 
 AttentionInterface.register(NAME, _attend)
 AttentionMaskInterface.register(NAME, _mask)
+
+
+@contextlib.contextmanager
+def biased(model, key_bias: Sequence[torch.Tensor]):
+    """Run ``model`` on :data:`NAME` inside the block with ``key_bias`` on every pass, for
+    callers that cannot hand it as a keyword (transformers' ``generate`` refuses keywords it
+    does not know)."""
+    token = _BIAS.set(list(key_bias))
+    try:
+        with kernel(model):
+            yield
+    finally:
+        _BIAS.reset(token)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mend.core import kv_cache
+from mend.core import interop, kv_cache
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat, encode
@@ -120,6 +120,27 @@ class ServesContext:
         out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, **generate_kwargs)
         return self.llm.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+    def hf_inputs(self, ctx: DistilledContext, queries: Sequence[str]) -> interop.HFInputs:
+        """The context and ``queries`` as the keyword arguments of a transformers forward or
+        ``generate`` on your own model of the frozen LLM's weights (a fresh cache each call);
+        see :mod:`mend.core.interop`::
+
+            inputs = distiller.hf_inputs(ctx, ["a joyless film"])
+            with inputs.biased(model):  # Attention Matching's key bias, where there is one
+                out = model.generate(**inputs, max_new_tokens=8)
+        """
+        _check_context(ctx)
+        return interop.hf_inputs(self.llm, self.format, ctx, _strings(queries, "queries"))
+
+    def prompt_embeds(self, ctx: DistilledContext, queries: Sequence[str]
+                      ) -> list[torch.Tensor]:
+        """One ``(seq_len, hidden_size)`` tensor per query for a serving engine (vLLM's
+        ``prompt_embeds``, SGLang's ``input_embeds``): ``output: embeddings`` only
+        (:func:`mend.core.interop.prompt_embeds`; docs/serving.md)."""
+        _check_context(ctx)
+        return interop.prompt_embeds(self.llm, self.format, ctx, _strings(queries, "queries"))
 
 
 def _check_context(ctx: object) -> None:
