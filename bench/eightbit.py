@@ -1,7 +1,8 @@
 """The frozen LLM in 8-bit: does the distiller still learn through it, and what does it cost?
 
-    python bench/eightbit.py --device cuda        # the zoo pair (bitsandbytes on CUDA)
-    python bench/eightbit.py --tiny               # on a CPU: the bf16 row, and 8-bit's refusal
+    python bench/eightbit.py                      # the zoo pair on the CPU (bitsandbytes 0.50)
+    python bench/eightbit.py --device cuda        # the zoo pair on CUDA
+    python bench/eightbit.py --tiny               # tiny models, in seconds
 
 The same distiller (one seed) is built twice, in front of the LLM in bf16 and in 8-bit
 (bitsandbytes' LLM.int8()), and given the same pretraining batch (real WikiText text):
@@ -11,9 +12,11 @@ The same distiller (one seed) is built twice, in front of the LLM in bf16 and in
 - ``loss_first`` / ``loss_last``: the loss before and after ``--steps`` AdamW steps on that
   batch, and ``moved``, the distiller's largest weight change: learning through the LLM
   lowers the first and makes the second non-zero;
-- ``step_s``: the median wall time of a step.
+- ``step_s``: the median wall time of a step; ``peak_mb``: the peak memory the steps took
+  (CPU: the process's resident growth).
 
-On a CPU the 8-bit row holds mend's error (bitsandbytes' 8-bit needs CUDA), as a user gets it.
+Where bitsandbytes cannot run LLM.int8() the 8-bit row holds mend's error, as a user gets it;
+bitsandbytes 0.50 runs it on the CPU too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from train import batch_arguments, make_batch  # noqa: E402
 
-COLUMNS = ["llm", "status", "grad_cosine", "loss_first", "loss_last", "moved", "step_s"]
+COLUMNS = ["llm", "status", "grad_cosine", "loss_first", "loss_last", "moved", "step_s",
+           "peak_mb"]
 
 
 def main(argv=None) -> int:
@@ -80,6 +84,7 @@ def run(args, llm: str) -> tuple[dict, torch.Tensor | None]:
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     d.train()
     losses, times, first = [], [], None
+    memory = common.PeakMemory(args.device).__enter__()
     for _ in range(args.steps):
         began = time.perf_counter()
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
@@ -92,9 +97,11 @@ def run(args, llm: str) -> tuple[dict, torch.Tensor | None]:
         common.sync(args.device)
         times.append(time.perf_counter() - began)
         losses.append(float(loss))
+    memory.__exit__(None, None, None)
     moved = max(float((p.detach() - s).abs().max()) for p, s in zip(params, start))
     return {"llm": llm, "status": "ok", "loss_first": losses[0], "loss_last": losses[-1],
-            "moved": moved, "step_s": statistics.median(times[1:] or times)}, first
+            "moved": moved, "step_s": statistics.median(times[1:] or times),
+            "peak_mb": memory.peak / 2**20}, first
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def make_batch(args, objective, stage: str):
 
 def model_config(args, recipe: str, variant: str):
     """The recipe's config with the variant's levers; ``None`` where the variant cannot apply
-    (8-bit without CUDA)."""
+    (8-bit where bitsandbytes cannot run it)."""
     from mend.config import MendConfig
 
     distiller_path, llm_path = common.models(args)
@@ -249,8 +249,11 @@ def measure(args, recipe: str, stage: str, variant: str, peaks: dict) -> dict:
     from mend.training.loop import compile_modules
 
     row = {"recipe": recipe, "stage": stage, "variant": variant}
-    if variant == "8bit" and args.device != "cuda":
-        return {**row, "status": "skipped: bitsandbytes 8-bit needs CUDA"}
+    if variant == "8bit":
+        from mend.core.backbones import bitsandbytes_problem
+        problem = bitsandbytes_problem(args.device)
+        if problem:
+            return {**row, "status": f"skipped: {problem}"}
     if (low_precision(args, variant) and args.device != "cuda"
             and peaks["bfloat16"] < peaks["float32"] / 10):
         return {**row, "status": f"skipped: this CPU multiplies bf16 at "

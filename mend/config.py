@@ -97,9 +97,11 @@ class FrozenLLM:
     """A hub id, a local directory, a ``.gguf`` file or a zoo name."""
     dtype: Dtype = "float32"
     load_in_8bit: bool = False
-    """bitsandbytes' LLM.int8() (CUDA only)."""
+    """bitsandbytes' LLM.int8(), on any device where bitsandbytes runs it (CUDA; the CPU with
+    bitsandbytes 0.50)."""
     allow_8bit_fallback: bool = False
-    """Where 8-bit cannot load (no CUDA), load in bfloat16 with a warning instead of failing."""
+    """Where 8-bit cannot load (bitsandbytes cannot run it here), load in ``dtype`` with a
+    warning instead of failing."""
     attn_implementation: str | None = "sdpa"
 
     @classmethod
@@ -168,7 +170,8 @@ class MendConfig:
     distiller_dtype: Dtype = "float32"
     llm_dtype: Dtype = "float32"
     llm_8bit: bool = False
-    """Load the frozen LLM in 8-bit through bitsandbytes (needs CUDA)."""
+    """Load the frozen LLM in 8-bit through bitsandbytes' LLM.int8() (on CUDA, or on the CPU
+    with bitsandbytes 0.50); its other weights in ``llm_dtype``."""
     allow_8bit_fallback: bool = False
     """Where 8-bit cannot run, load the LLM in ``llm_dtype`` with a warning instead of failing."""
     attn_implementation: str = "sdpa"

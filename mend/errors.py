@@ -20,7 +20,8 @@ class InputError(MendError, ValueError):
 
 
 class BackboneError(MendError, RuntimeError):
-    """A model cannot be loaded as asked (missing package, no CUDA for 8-bit, bad path)."""
+    """A model cannot be loaded as asked (a missing package, 8-bit where bitsandbytes cannot
+    run it, a bad path)."""
 
 
 class CheckpointError(MendError, ValueError):

@@ -95,3 +95,56 @@ def test_the_content_controls_agree_with_the_cpu(saved, device, tmp_path):
     for key in ("kl_own", "kl_swap", "kl_none"):
         assert there[key] == pytest.approx(cpu[key], rel=2e-3, abs=1e-4)
     assert there["windows"] == 4
+
+
+needs_bnb = pytest.mark.skipif(not __import__("importlib").util.find_spec("bitsandbytes"),
+                               reason="bitsandbytes is not installed (pip install 'mend[8bit]')")
+
+
+@needs_bnb
+def test_the_8bit_llm_loads_scores_refines_and_trains(tiny_model, device):
+    """LLM.int8() wherever bitsandbytes runs it, the CPU included: its scores within 8-bit's
+    error of the float LLM's, refinement through it, and a training step whose gradients
+    reach the distiller through it and point where the float LLM's do."""
+    from mend import MendConfig
+    path = tiny_model("llama", 48)
+    cfg = dict(distiller=path, llm=path, output="kv", num_placeholders=3, train_mode="lora")
+    torch.manual_seed(0)
+    eight = Distiller.from_config(MendConfig(**cfg, llm_8bit=True, llm_dtype="bfloat16"),
+                                  device=device)
+    assert eight.llm.model.is_loaded_in_8bit
+    torch.manual_seed(0)
+    full = Distiller.from_config(MendConfig(**cfg, llm_dtype="bfloat16"), device=device)
+    got = flat(eight.score(eight.compress(DEMOS), QUERIES, OPTIONS))
+    assert got == pytest.approx(flat(full.score(full.compress(DEMOS), QUERIES, OPTIONS)),
+                                abs=0.1)
+    refined = eight.compress(DEMOS, refine_steps=2)
+    assert not torch.equal(refined.prefill.cache[0][0], eight.compress(DEMOS).prefill.cache[0][0])
+    grads = []
+    for d in (eight, full):
+        with torch.no_grad():
+            for name, p in d.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.02, 0.02, p.numel()).view_as(p))
+        objective = MendObjective(d, ObjectiveConfig(distill=1.0))
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = objective.loss(d, batch_of(d))["loss"]
+        loss.backward()
+        grads.append(torch.cat([p.grad.float().flatten() for p in d.parameters()
+                                if p.requires_grad]))
+    # 8-bit's noise is large beside the small difference of two near distributions that a
+    # KL's gradient is (bench/eightbit.py measures the cosine: about 0.3 to 0.5), but it
+    # points the same way, and the distiller learns through it.
+    assert grads[0].abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0
+    objective = MendObjective(eight, ObjectiveConfig(distill=1.0))
+    optimizer = torch.optim.AdamW([p for p in eight.parameters() if p.requires_grad], lr=1e-3)
+    batch, losses = batch_of(eight), []
+    for _ in range(4):
+        optimizer.zero_grad()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = objective.loss(eight, batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]

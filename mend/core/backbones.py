@@ -7,13 +7,16 @@ Two roles use it:
 - the **frozen LLM** loads with its head, in ``llm_dtype`` or 8-bit, with every parameter's
   ``requires_grad`` off and in eval mode. Gradients still flow *through* it to its inputs.
 
-8-bit loading goes through bitsandbytes and needs CUDA. Asked for where it cannot run, it
-raises :class:`~mend.errors.BackboneError` naming the reason, unless the caller allowed a
-fallback, which loads in ``dtype`` with a warning.
+8-bit loading goes through bitsandbytes' LLM.int8(), on any device where bitsandbytes itself
+runs it (CUDA; the CPU with bitsandbytes 0.50): :func:`bitsandbytes_problem` asks it, with
+one small int8 layer. Asked for where it cannot run, it raises
+:class:`~mend.errors.BackboneError` naming the reason, unless the caller allowed a fallback,
+which loads in ``dtype`` with a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -82,13 +85,15 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_8bit:
-        problem = bitsandbytes_problem()
+        where = torch.device(device or pick_device())
+        problem = bitsandbytes_problem(where)
         if problem is not None:
             if not allow_8bit_fallback:
                 raise BackboneError(
-                    f"8-bit loading of `{name}` was requested, but {problem}. Either run on a "
-                    f"CUDA machine with `pip install 'mend[8bit]'`, set llm_8bit=false, or set "
-                    f"allow_8bit_fallback=true to load it in {dtype} instead.")
+                    f"8-bit loading of `{name}` was requested, but {problem}. Either install "
+                    f"a bitsandbytes that runs LLM.int8() on {where.type} (`pip install "
+                    f"'mend[8bit]'`), set llm_8bit=false, or set allow_8bit_fallback=true to "
+                    f"load it in {dtype} instead.")
             warnings.warn(f"8-bit loading of `{name}` is not possible ({problem}); loading it "
                           f"in {dtype} because allow_8bit_fallback is set.", stacklevel=2)
             load_in_8bit = False
@@ -97,7 +102,9 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
             raise BackboneError(f"8-bit loading of the GGUF file {name} is not supported: use "
                                 f"the zoo name or save it once as a transformers directory.")
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["device_map"] = {"": torch.device(device or "cuda").index or 0}
+        kwargs["device_map"] = {"": where.index or 0} if where.type == "cuda" else {"": "cpu"}
+        # Said on every 8-bit matmul of a model not in float16, and nothing to act on.
+        warnings.filterwarnings("ignore", message=INT8_CAST)
     elif gguf_file is not None:
         kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
     if with_head:
@@ -176,13 +183,38 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def bitsandbytes_problem() -> str | None:
-    """Why bitsandbytes 8-bit cannot run here, or None when it can."""
-    if not torch.cuda.is_available():
-        return "no CUDA device is available (bitsandbytes 8-bit needs a GPU)"
+def bitsandbytes_problem(device: str | torch.device = "cuda") -> str | None:
+    """Why bitsandbytes cannot run LLM.int8() on ``device``, or None when it can: whether it
+    is installed, and whether one small 8-bit layer runs forward and backward there (asked
+    once per device type)."""
     if not optional.available("bitsandbytes"):
         return f"bitsandbytes is not installed ({optional.OPTIONAL['bitsandbytes'].install})"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return _int8_problem(device.type)
+
+
+@functools.cache
+def _int8_problem(device_type: str) -> str | None:
+    import bitsandbytes as bnb  # optional: mend[8bit]
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=INT8_CAST)
+            layer = bnb.nn.Linear8bitLt(8, 8, bias=False, has_fp16_weights=False).to(device_type)
+            x = torch.ones(2, 8, device=device_type, requires_grad=True)
+            layer(x).sum().backward()
+    except Exception as e:  # noqa: BLE001 - any failure means this device cannot run it
+        return (f"bitsandbytes {bnb.__version__} cannot run LLM.int8() on {device_type} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     return None
+
+
+INT8_CAST = "MatMul8bitLt: inputs will be cast from"
+"""bitsandbytes' note, on every 8-bit matmul of a model that is not in float16, that it casts
+the inputs to float16 to quantize them: nothing a user can act on, so mend filters it where
+it runs an 8-bit LLM."""
 
 
 def _require_gguf(name: str, gguf_file: str | None) -> None:

@@ -182,11 +182,14 @@ def test_mismatched_hidden_size_on_load_is_named(make_distiller, tmp_path, tiny_
         Distiller.from_pretrained(_saved(d, tmp_path), llm=tiny_model("gpt2", 64))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
-def test_8bit_without_cuda_fails_clearly_or_falls_back_when_asked(tiny_model):
+def test_8bit_where_bitsandbytes_cannot_run_it_fails_clearly_or_falls_back(tiny_model,
+                                                                           monkeypatch):
+    from mend.core import backbones
+    monkeypatch.setattr(backbones, "_int8_problem",
+                        lambda device: f"bitsandbytes 0.1 cannot run LLM.int8() on {device}")
     cfg = dict(distiller=tiny_model("llama"), llm=tiny_model("gpt2", 48), num_placeholders=2,
                max_distiller_length=64, llm_8bit=True)
-    with pytest.raises(BackboneError, match="no CUDA device.*allow_8bit_fallback=true"):
+    with pytest.raises(BackboneError, match="cannot run LLM.int8.. on cpu.*allow_8bit_fallback"):
         Distiller.from_config(MendConfig(**cfg))
     with pytest.warns(UserWarning, match="allow_8bit_fallback is set"):
         d = Distiller.from_config(MendConfig(**cfg, allow_8bit_fallback=True))
