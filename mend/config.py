@@ -44,10 +44,11 @@ demonstrations (MetaICL's); the shipped configs for SmolLM2 use newlines instead
 
 
 def checked(cls: type[T]) -> type[T]:
-    """Make a config dataclass check its choices when built in Python too, not only when read
-    from YAML or a checkpoint: every field whose type names a ``Literal`` (the choices, the
-    dtypes) is checked as :func:`from_dict` checks it, before the class's own
-    ``__post_init__``. Put it under ``@dataclass``, which then calls the check::
+    """Make a config dataclass check its fields when built in Python too, not only when read
+    from YAML or a checkpoint: every field is checked against its type as :func:`from_dict`
+    checks it (``num_placeholders="4"`` is an error, as in YAML; ``lr="5e-5"`` is the float
+    YAML would make of it), before the class's own ``__post_init__``. Put it under
+    ``@dataclass``, which then calls the check::
 
         @dataclass(frozen=True)
         @checked
@@ -56,8 +57,11 @@ def checked(cls: type[T]) -> type[T]:
     own = cls.__dict__.get("__post_init__")
 
     def __post_init__(self) -> None:
-        for name, tp in _choice_fields(type(self)):
-            _coerce(tp, getattr(self, name), name)
+        for name, tp in _typed_fields(type(self)):
+            value = getattr(self, name)
+            coerced = _coerce(tp, value, name)
+            if coerced is not value:  # a frozen dataclass: set what YAML would have made
+                object.__setattr__(self, name, coerced)
         if own is not None:
             own(self)
         else:
@@ -70,18 +74,11 @@ def checked(cls: type[T]) -> type[T]:
 
 
 @functools.cache
-def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
-    """``(name, type)`` of a config class's fields whose type names a ``Literal``, resolved once
-    per class rather than at every instance."""
+def _typed_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(name, type)`` of a config class's fields, resolved once per class rather than at
+    every instance."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
-                 if f.init and _names_literal(hints[f.name]))
-
-
-def _names_literal(tp: Any) -> bool:
-    return typing.get_origin(tp) is Literal or any(_names_literal(a)
-                                                  for a in typing.get_args(tp))
-
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +277,13 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"Override `{item}` sets a key below `{part}`, which was "
                                   f"already given a value.")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override `{item}`: its value is not valid YAML "
+                              f"({str(e).splitlines()[0]}). Quote it (in a shell: "
+                              f"'{key}=\"...\"'), or close the bracket or quote it "
+                              f"opens.") from None
         if isinstance(value, str) and _ESCAPE.search(value) and raw.lstrip()[:1] not in "\"'":
             warnings.warn(f"Override `{item}`: the value is the {len(value)} characters "
                           f"{value!r}, backslashes included, as YAML reads unquoted text. For "
@@ -304,7 +307,7 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _reading: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config file as a dict, with its ``base:`` files merged in.
 
     ``base: ../base/gpt2-large.yaml``, or a list of such paths (relative to the file), names
@@ -315,7 +318,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist. The shipped configs are under "
                           f"configs/.")
-    loaded = yaml.safe_load(path.read_text())
+    if path.resolve() in _reading:
+        chain = " -> ".join(str(p) for p in (*_reading, path.resolve()))
+        raise ConfigError(f"{path}: its `base:` files lead back to it ({chain}). Remove the "
+                          f"loop.")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8.") \
+            from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())} "
+                          f"(YAML indents with spaces, never tabs; mend reads plain YAML, "
+                          f"no !!python tags).") from None
     if loaded is not None and not isinstance(loaded, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys.")
     data = dict(loaded or {})
@@ -325,7 +340,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: `base` must be a config file path or a list of them.")
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge(merged, read_yaml(path.parent / base))
+        merged = merge(merged, read_yaml(path.parent / base, (*_reading, path.resolve())))
     return merge(merged, data)
 
 

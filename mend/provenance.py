@@ -11,7 +11,7 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,14 @@ def git_state() -> dict[str, Any] | None:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write JSON atomically (a temporary file beside it, then a rename), with the user's
+    umask, as any file the user writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        staged.write_text(json.dumps(data, indent=2))
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, path)

@@ -81,9 +81,10 @@ def load_model(name: str, *, with_head: bool = True, dtype: str = "float32",
     """Load a causal LM (``with_head``) or its base model, in ``dtype`` or 8-bit."""
     source, gguf_file = resolve(name)
     _require_gguf(name, gguf_file)
+    device = check_device(device)
     kwargs: dict = {"dtype": DTYPES[dtype]}
     if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+        kwargs["attn_implementation"] = check_attention(attn_implementation)
     if load_in_8bit:
         where = torch.device(device or pick_device())
         problem = bitsandbytes_problem(where)
@@ -151,11 +152,40 @@ def add_lora(model: nn.Module, r: int, alpha: int, dropout: float,
 
 
 def pick_device(requested: str | None = None) -> str:
-    """``requested``, else this process's device as accelerate sees it: the rank's GPU under
-    a launcher, else CUDA when available, else the CPU."""
+    """``requested`` (checked), else this process's device as accelerate sees it: the rank's
+    GPU under a launcher, else CUDA when available, else the CPU."""
     if requested:
-        return requested
+        return str(check_device(requested))
     return str(process_state().device)
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device``, refused where it is not one or is not here."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackboneError(f"`{device}` is not a device: use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device={device} asks for CUDA, and no CUDA device is available "
+                            f"here. Use device=cpu (or leave it out: mend takes CUDA when "
+                            f"there is one).")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise BackboneError(f"device={device}: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return parsed
+
+
+def check_attention(name: str) -> str:
+    """An attention kernel transformers knows (its ``AttentionInterface``, or ``eager``)."""
+    from transformers import AttentionInterface
+
+    known = {"eager", *AttentionInterface()}
+    if name not in known and not name.startswith("kernels-community/"):
+        raise BackboneError(f"Unknown attn_implementation `{name}`; choose from "
+                            f"{', '.join(sorted(known))} (or leave it out).")
+    return name
 
 
 def process_state():

@@ -9,6 +9,7 @@ it through the frozen LLM. Both need only ``self.llm`` (a :class:`PrefixLM`) and
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,9 +84,13 @@ class ServesContext:
         """
         _check_context(ctx)
         queries = _strings(queries, "queries")
+        count(batch_size, "batch_size")
         if isinstance(options, str):
             raise InputError(f"`options` must be a list of option strings, got the string "
                              f"{options!r:.80}: wrap it in a list.")
+        if not isinstance(options, (list, tuple)):
+            raise InputError(f"`options` must be a list of option strings (or a list of them "
+                             f"per query), got {_what(options)}.")
         if len(options) > 0 and all(isinstance(o, str) for o in options):
             options = [options] * len(queries)
         if len(options) != len(queries):
@@ -112,10 +117,8 @@ class ServesContext:
         """Greedy (default) or sampled text after each prompt, read behind the vectors."""
         _check_context(ctx)
         prompts = _strings(prompts, "prompts")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a whole number >= 1, got "
-                             f"{max_new_tokens!r}.")
+        count(max_new_tokens, "max_new_tokens")
+        _check_generation(ctx.vectors is None, do_sample, generate_kwargs)
         ids = encode(self.llm.tokenizer, [self.format.query(p) for p in prompts])
         out = self.llm.generate(ids, prefix=ctx.prefix, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, **generate_kwargs)
@@ -143,6 +146,59 @@ class ServesContext:
         return interop.prompt_embeds(self.llm, self.format, ctx, _strings(queries, "queries"))
 
 
+def count(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` when it is a whole number >= ``minimum``; else the :class:`InputError` that
+    says so (a batch size of -1 would leave results unfilled)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"`{name}` must be a whole number >= {minimum}, got {value!r:.40}.")
+    return value
+
+
+def demo_sets(sets: object) -> list:
+    """A list of demonstration sets, refused with the type it was where it is not one."""
+    if isinstance(sets, str) or not isinstance(sets, (list, tuple)) or len(sets) == 0:
+        raise InputError(f"compress_batch needs a non-empty list of demonstration sets, got "
+                         f"{_what(sets)}; use compress() for a single set.")
+    return list(sets)
+
+
+def _check_generation(key_value: bool, do_sample: bool, kwargs: dict) -> None:
+    """Refuse what generation cannot honour, before it starts: a keyword transformers'
+    ``generate`` does not know (a typo would be ignored), several sequences per prompt (one
+    text comes back per prompt), a temperature or top_p out of range, and sampling after a
+    key/value prefix (decoded greedily by mend)."""
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict())
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise InputError(f"generate() got an unknown keyword `{unknown[0]}`"
+                         + (f"; did you mean `{close[0]}`?" if close else ".")
+                         + " It takes transformers' generation arguments (GenerationConfig).")
+    if kwargs.get("num_return_sequences", 1) != 1 or kwargs.get("num_beams", 1) != 1:
+        raise InputError("generate() returns one text per prompt: num_return_sequences and "
+                         "num_beams must be 1 (repeat a prompt to sample it several times).")
+    temperature, top_p = kwargs.get("temperature"), kwargs.get("top_p")
+    if temperature is not None and not (isinstance(temperature, (int, float))
+                                        and temperature > 0):
+        raise InputError(f"temperature must be > 0, got {temperature!r}; for greedy decoding "
+                         f"use do_sample=False.")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if key_value and (do_sample or kwargs):
+        raise InputError("After a key/value prefix generation is greedy: use do_sample=False "
+                         "and no sampling arguments, or hf_inputs() with your own model's "
+                         "generate (docs/serving.md).")
+
+
+def _what(value: object) -> str:
+    """A value as an error names it: its type, and its text where short."""
+    if isinstance(value, (list, tuple, str)):
+        return f"{type(value).__name__} {value!r:.60}"
+    return f"a {type(value).__name__}"
+
+
 def _check_context(ctx: object) -> None:
     if not isinstance(ctx, DistilledContext):
         raise InputError(f"`ctx` must be the DistilledContext that compress() returns, got "
@@ -159,6 +215,7 @@ def _options(options: Sequence[str]) -> list[str]:
 
 
 def _strings(items: Sequence[str], name: str) -> list[str]:
-    if isinstance(items, str) or len(items) == 0 or not all(isinstance(x, str) for x in items):
-        raise InputError(f"`{name}` must be a non-empty list of strings, got {items!r:.80}.")
+    if (isinstance(items, str) or not isinstance(items, (list, tuple)) or len(items) == 0
+            or not all(isinstance(x, str) for x in items)):
+        raise InputError(f"`{name}` must be a non-empty list of strings, got {_what(items)}.")
     return list(items)

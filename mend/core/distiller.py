@@ -26,17 +26,17 @@ import torch
 from torch import nn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from mend.core import checkpoint, kv_cache
+from mend.core import checkpoint, context, kv_cache
 from mend.core import compaction as compactions
 from mend.core.context import DistilledContext, ServesContext
-from mend.core.backbones import (add_lora, enable_checkpointing, hidden_size, init_vectors,
-                                 load_model, load_tokenizer)
+from mend.core.backbones import (DTYPES, add_lora, enable_checkpointing, hidden_size,
+                                 init_vectors, load_model, load_tokenizer, max_positions)
 from mend.config import FrozenLLM, MendConfig, from_dict, replace, to_dict
 from mend.counters import Counters
-from mend.errors import CheckpointError, InputError, TruncationWarning
+from mend.errors import CheckpointError, ConfigError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
-from mend.core.refine import refine_each
+from mend.core.refine import check_steps, refine_each
 from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, positions
 
 __all__ = ["DistilledContext", "Distiller", "read_config"]
@@ -70,6 +70,19 @@ class Distiller(ServesContext, nn.Module):
                 f"{kv_cache.shapes(encoder.config)} and the LLM "
                 f"{kv_cache.shapes(llm.model.config)}. Use the LLM itself as the distiller "
                 f"(train_mode: lora keeps it small), or output: embeddings.")
+        reads = config.max_distiller_length * (2 if config.output == "compacted" else 1)
+        limit = max_positions(encoder)
+        if limit is not None and reads > limit:
+            raise ConfigError(
+                f"The distiller reads up to {reads} positions (max_distiller_length "
+                f"{config.max_distiller_length}"
+                + (", twice: the demonstrations and their repeat" if reads > config.
+                   max_distiller_length else "")
+                + f") but `{config.distiller}` takes {limit}. Lower max_distiller_length.")
+        if (config.output == "embeddings" and llm.max_length is not None
+                and config.num_placeholders + len(llm.bos) >= llm.max_length):
+            raise ConfigError(f"{config.num_placeholders} placeholders leave no room for a "
+                              f"query in the LLM's {llm.max_length} positions. Use fewer.")
         if config.projection == "none" and d_enc != d_llm:
             raise InputError(f"The distiller's hidden size ({d_enc}) differs from the LLM's "
                              f"({d_llm}), and projection='none' forbids mapping between them. "
@@ -122,6 +135,10 @@ class Distiller(ServesContext, nn.Module):
                         **overrides) -> Distiller:
         """Rebuild a saved distiller. ``overrides`` change load-time settings of the config,
         e.g. ``llm_8bit=False`` to run an 8-bit-trained distiller on a CPU."""
+        if path is None:
+            raise CheckpointError("from_pretrained needs a checkpoint directory (what "
+                                  "save_pretrained wrote, or a training run's output_dir); got "
+                                  "None.")
         config = read_config(path)
         if overrides:
             config = replace(config, **overrides)
@@ -139,6 +156,12 @@ class Distiller(ServesContext, nn.Module):
         DeepSpeed), where the module itself holds only its shard; by default its own."""
         state = self.trainable_state_dict(state_dict)
         if dtype is not None:
+            dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise InputError(f"save_pretrained stores the weights in a floating dtype "
+                                 f"(torch.bfloat16, torch.float16, torch.float32 or their "
+                                 f"names), not {dtype!r}: an integer dtype would round them "
+                                 f"to nothing.")
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         checkpoint.save(path, "mend", to_dict(self.config), state)
 
@@ -314,11 +337,9 @@ class Distiller(ServesContext, nn.Module):
                        refine_steps: int = 0) -> DistilledContext:
         """Distill many demonstration sets, ``batch_size`` at a time. ``(B, l, d_llm)``.
         ``refine_steps``: as in :meth:`compress`, for each set on its own."""
-        if isinstance(demo_sets, str) or len(demo_sets) == 0:
-            raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
-                             "compress() for a single set.")
-        if refine_steps < 0:
-            raise InputError(f"refine_steps must be >= 0, got {refine_steps}.")
+        demo_sets = context.demo_sets(demo_sets)
+        context.count(batch_size, "batch_size")
+        check_steps(refine_steps)
         was_training = self.training
         self.eval()
         try:
@@ -332,7 +353,14 @@ class Distiller(ServesContext, nn.Module):
 
 def read_config(path: str | os.PathLike) -> MendConfig:
     """The :class:`MendConfig` stored in a checkpoint directory."""
-    return from_dict(MendConfig, checkpoint.read_config(path, "mend"))
+    try:
+        return from_dict(MendConfig, checkpoint.read_config(path, "mend"))
+    except ConfigError as e:
+        if "Unknown config key" not in str(e):
+            raise
+        raise CheckpointError(f"{path} holds a setting this mend does not know ({e}) It was "
+                              f"probably written by a newer mend: upgrade mend (pip install -U "
+                              f"mend, or pull and reinstall it).") from None
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:

@@ -34,10 +34,11 @@ import torch
 
 from mend.core import compaction as compactions
 from mend.core.compaction import Compaction
+from mend.core import context
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
-from mend.core.refine import refine_each
+from mend.core.refine import check_steps, refine_each
 from mend.core.text import DemoFormat, Demos, encode, fit
 from mend.errors import InputError
 
@@ -81,9 +82,8 @@ class KVCompressor(ServesContext):
     @torch.no_grad()
     def compress_batch(self, demo_sets: Sequence[Demos], refine_steps: int = 0
                        ) -> DistilledContext:
-        if isinstance(demo_sets, str) or len(demo_sets) == 0:
-            raise InputError("compress_batch needs a non-empty list of demonstration sets; use "
-                             "compress() for a single set.")
+        demo_sets = context.demo_sets(demo_sets)
+        check_steps(refine_steps)
         ctx = DistilledContext(None, self.from_ids(self.tokenize(demo_sets)))
         return refine_each(self.llm, self.format, ctx, demo_sets, refine_steps)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from mend.core.context import DistilledContext
 from mend.core.kv_cache import Prefill, select_rows
@@ -31,6 +32,18 @@ from mend.errors import InputError
 
 REFINE_LR = 1e-2
 """Adam's step size on the prefix (the distiller's keys and values or vectors)."""
+
+MAX_STEPS = 10_000
+"""The most refinement steps a context takes: far past where refinement stops helping
+(docs/results.md: 20 steps recover most of it), and hours per context on a CPU."""
+
+
+def check_steps(steps: object) -> int:
+    """``steps`` when it is a whole number in ``0..MAX_STEPS``, checked before any work."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise InputError(f"refine_steps must be a whole number from 0 to {MAX_STEPS}, got "
+                         f"{steps!r:.40}.")
+    return steps
 
 
 def refine(llm: PrefixLM, fmt: DemoFormat, prefix: torch.Tensor | Prefill, demos: Demos,
@@ -72,7 +85,8 @@ def refine(llm: PrefixLM, fmt: DemoFormat, prefix: torch.Tensor | Prefill, demos
             targets.append((ids, mask, llm.hidden(ids, mask, prefix=ctx, prefix_mask=ctx_mask,
                                                   with_prefix_last=True)[:, :-1]))
     with torch.enable_grad():
-        for step in range(steps):
+        for step in tqdm(range(steps), desc="refine", leave=False, dynamic_ncols=True,
+                         disable=steps < 50):
             ids, mask, teacher = targets[step % len(targets)]
             student = llm.hidden(ids, mask, prefix=student_prefix(len(ids)),
                                  with_prefix_last=True)[:, :-1]
@@ -87,7 +101,7 @@ def refine_each(llm: PrefixLM, fmt: DemoFormat, ctx: DistilledContext,
                 demo_sets: Sequence[Demos], steps: int) -> DistilledContext:
     """Each row of a compressed context refined on its own demonstration set (:func:`refine`);
     ``ctx`` unchanged when ``steps`` is 0."""
-    if not steps:
+    if not check_steps(steps):
         return ctx
     return DistilledContext.cat([DistilledContext.of(refine(llm, fmt, ctx[i].prefix, demos,
                                                             steps))

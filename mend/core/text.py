@@ -42,7 +42,11 @@ class DemoFormat:
         if isinstance(demos, tuple) and len(demos) == 2 and all(isinstance(x, str) for x in demos):
             raise InputError("Got a single (input, output) pair as the demonstrations: wrap it "
                              "in a list, [(input, output)], to make a set of one.")
-        if not isinstance(demos, Sequence) or len(demos) == 0:
+        if not isinstance(demos, (list, tuple)):
+            raise InputError(f"The demonstrations must be a list of (input, output) pairs or "
+                             f"strings, or one string; got a {type(demos).__name__}. Pass "
+                             f"list(...) of them.")
+        if len(demos) == 0:
             raise InputError("No demonstrations were given: compress needs a non-empty list of "
                              "(input, output) pairs or strings, or one non-empty string.")
         texts = []

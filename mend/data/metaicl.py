@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mend.config import checked
 from mend.counters import Counters
@@ -108,9 +109,7 @@ class Task:
             candidates = [self.directory / f"{self.name}_16_{seed}_{split}.jsonl"]
         for path in candidates:
             if path.is_file():
-                opener = gzip.open if path.suffix == ".gz" else open
-                with opener(path, "rt", encoding="utf-8") as f:
-                    return [json.loads(line) for line in f if line.strip()]
+                return read_rows(path)
         raise InputError(f"Task {self.name} has no {split} file (looked for "
                          f"{', '.join(str(c) for c in candidates)}).")
 
@@ -131,13 +130,50 @@ class Task:
         return out[:limit] if limit is not None else out
 
 
+def read_rows(path: Path) -> list[dict]:
+    """A task file's rows (JSON lines, gzipped or not), each checked: a damaged file is a
+    :class:`ConfigError` naming the file and the line, never a raw error or a skipped task."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows, number = [], 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}, line {number}: not JSON ({e.msg}).") from None
+                if not isinstance(row, dict) or not {"input", "output"} <= row.keys():
+                    raise ConfigError(f"{path}, line {number}: a row is an object with "
+                                      f"`input`, `output` and `options`; this one is "
+                                      f"{json.dumps(row)[:80]}.")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}, line {number + 1}: not UTF-8 text. Save the file as "
+                          f"UTF-8.") from None
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}).") from None
+    return rows
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A config file of the data folder (a partition, a task), refused with its name and the
+    reason where it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} ({what}) is not valid JSON: {e}.") from None
+
+
 def load_task(root: str | Path, name: str) -> Task | None:
     """The task ``name`` under ``root``, or None when its folder is missing."""
     root = Path(root)
     if not (root / name).is_dir():
         return None
     meta = root / "config" / "tasks" / f"{name}.json"
-    kind = json.loads(meta.read_text()).get("task_type") if meta.is_file() else None
+    spec = read_json(meta, f"task {name}'s config") if meta.is_file() else {}
+    kind = spec.get("task_type") if isinstance(spec, dict) else None
     if kind is None:  # no task config: infer from the rows' options
         first = Task(name, "free-form", root / name).rows("train", SEEDS[0])[0]
         kind = "classification" if first.get("options") else "free-form"
@@ -155,7 +191,12 @@ def load_partition(root: str | Path, partition: str) -> tuple[list[Task], list[T
         known = sorted(p.stem for p in (root / "config").glob("*.json"))
         raise ConfigError(f"Partition `{partition}` has no config at {path}. Known partitions: "
                           f"{', '.join(known)}.")
-    spec = json.loads(path.read_text())
+    spec = read_json(path, f"partition {partition}")
+    missing = [side for side in ("train", "test") if not isinstance(
+        spec.get(side) if isinstance(spec, dict) else None, list)]
+    if missing:
+        raise ConfigError(f"{path} (partition {partition}) needs a list of task names under "
+                          f"`train` and `test`; it has none under `{missing[0]}`.")
     out = []
     for side in ("train", "test"):
         tasks = []

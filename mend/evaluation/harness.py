@@ -70,6 +70,9 @@ class EvalDataConfig:
             raise ConfigError("data needs a partition or a list of tasks.")
         if not self.seeds:
             raise ConfigError("data.seeds must name at least one seed.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1 (rows scored per task), or null for "
+                              f"all of them; got {self.limit}.")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ class DemoJobConfig:
     the demo's tasks never reach them)."""
     output_dir: str = "out/demo"
 
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "queries", "cost_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.refine_steps < 0:
+            raise ConfigError(f"refine_steps must be >= 0, got {self.refine_steps}.")
+
 
 def main(cfg: DemoJobConfig) -> dict[str, Any]:
     """Zero-shot vs ICL vs MEND on the built-in tasks, with their costs."""

@@ -75,6 +75,11 @@ class EvalConfig(MethodConfig):
     """How tables name this run (default: the method, and the checkpoint's folder name)."""
     output_dir: str = "out/eval"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+
     @property
     def method_config(self) -> MethodConfig:
         """Only the method's fields (a key that does not change across a ``context.k`` sweep)."""

@@ -44,12 +44,23 @@ def run(recipe: Recipe | Callable[[dict[str, Any]], Recipe], argv: Sequence[str]
         check_launch()  # before any model loads: a missing engine is named, with its install
         data = config_data(args.config, args.overrides)
         chosen = recipe if isinstance(recipe, Recipe) else recipe(data)
-        result = chosen.main(from_dict(chosen.config, data))
+        cfg = from_dict(chosen.config, data)
+        check_output_dir(cfg)
+        result = chosen.main(cfg)
     except MendError as e:
         print(f"mend: error: {e}", file=sys.stderr)
         return 2
     end_launch()
     return 143 if getattr(result, "status", None) == "interrupted" else 0
+
+
+def check_output_dir(cfg: Any) -> None:
+    """Refuse an ``output_dir`` that is a file before any work, so no result is lost at the
+    end of a run that cannot write it."""
+    out = getattr(cfg, "output_dir", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"output_dir={out} is a file; the results go into a directory. "
+                          f"Choose another output_dir (the file was left as it is).")
 
 
 def run_verb(verbs: dict[str, Recipe], argv: Sequence[str] | None, prog: str) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mend.evaluation.metrics import recovered_share
+from mend.errors import InputError
+
 
 def provenance_summary(root: Path, link: str) -> str:
     """One line naming the commits and devices behind every ``results.json`` under ``root``."""
@@ -142,10 +144,30 @@ def references(runs: Sequence[dict[str, Any]]
     return zero_shot, icl
 
 
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``results.json`` that an evaluation wrote, refused with the reason where it is not
+    one (missing, not JSON, or without the scores ``mend eval`` writes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: give the results.json of a `mend eval` run.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not JSON ({e}): give the results.json of a `mend eval` "
+                         f"run.") from None
+    ok = isinstance(data, dict) and all(
+        isinstance(r, dict) and "results" in r and "label" in r
+        for r in (data.get("runs") or [data]))
+    if not ok:
+        raise InputError(f"{path} holds no evaluation results (no `results` and `label`): give "
+                         f"the results.json of a `mend eval` run.")
+    return data
+
+
 def compare(paths: Sequence[str | Path]) -> str:
     """Markdown: tasks as rows, one column per results file (score mean ± std, %)."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    runs = [r for run in runs for r in (run.get("runs") or [run])]  # sweeps: every point
+    runs = [r for run in map(read_results, paths)
+            for r in (run.get("runs") or [run])]  # sweeps: every point
     tasks = sorted({t for r in runs for t in r["results"]["tasks"]})
     labels = [r["label"] for r in runs]
     lines = ["| task | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
