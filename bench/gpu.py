@@ -1,6 +1,7 @@
-"""Every GPU measurement in one command: the device tests, the training and inference benches at
-the zoo shape and at a 7B shape, the 8-bit LLM's gradients, `mend demo`, and a stage 1 killed
-and resumed.
+"""Every GPU measurement in one command (``run``): the device tests, the training and
+inference benches at the zoo shape and at a 7B shape, the 8-bit LLM's gradients, `mend demo`,
+and a stage 1 killed and resumed. And the one prepared training call (``train``, in
+``bench/gpu_train.py``): both stages on the real SmolLM2 weights, evaluated and bundled.
 
 On this machine, before a device call (copies what the GPU machine lacks into an ignored
 folder that the call carries; see docs/gpu.md)::
@@ -38,6 +39,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_train  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ZOO_NAME = "smollm2-135m"
@@ -45,8 +50,9 @@ ZOO_NAME = "smollm2-135m"
 SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "chat_template.jinja", "zoo.json")
 # What the GPU image lacks (../shared/GPU.md): `datasets` (stage 1 streams its text through it)
-# with the packages it needs, and bitsandbytes for the 8-bit LLM.
-WHEELS = ("datasets", "dill", "multiprocess", "xxhash", "fsspec", "bitsandbytes>=0.45")
+# with the packages it needs, gguf (the real weights arrive as a GGUF file), and bitsandbytes
+# for the 8-bit LLM.
+WHEELS = ("datasets", "dill", "multiprocess", "xxhash", "fsspec", "gguf", "bitsandbytes>=0.50")
 
 
 class Step(NamedTuple):
@@ -77,6 +83,42 @@ def main(argv: list[str] | None = None) -> int:
     pack_p.add_argument("folder")
     pack_p.add_argument("--no-wheels", action="store_true",
                         help="skip the wheels (no PyPI here, or the target has them)")
+    pack_p.add_argument("--weights", action="store_true",
+                        help="also the zoo model's GGUF file, in chunks: FOLDER-w1, FOLDER-w2...")
+    pack_p.add_argument("--tiny", action="store_true",
+                        help="with --weights, a tiny model's weights instead (the dry run)")
+    pack_p.add_argument("--chunk-mib", type=float, default=36.0,
+                        help="a chunk's size: the repository, FOLDER and one chunk must fit "
+                             "a command's 64 MiB")
+    stage_p = verbs.add_parser("stage", help="copy carried chunk folders where `train` finds "
+                                             "them, for a later command on the same machine")
+    stage_p.add_argument("folders", nargs="+")
+    stage_p.add_argument("--staged", default=str(gpu_train.STAGED),
+                         help="where the chunks wait for `train` (kept while the machine is)")
+    stage_p.add_argument("--carried-into", default=str(gpu_train.CARRIED),
+                         help="where the folder `pack` made waits (pass it as --carried)")
+    train_p = verbs.add_parser("train", help="the training call: both stages on the real "
+                                             "weights, evaluated, bundled (bench/gpu_train.py)")
+    train_p.add_argument("--device", default="cuda")
+    train_p.add_argument("--tiny", action="store_true", help="tiny random models: the dry run")
+    train_p.add_argument("--carried", required=True, help="the folder `pack` made")
+    train_p.add_argument("--chunks", nargs="*", default=[],
+                         help="chunk folders carried by this command (earlier ones staged)")
+    train_p.add_argument("--staged", default=str(gpu_train.STAGED),
+                         help="where `stage` left the earlier commands' chunks")
+    train_p.add_argument("--config", default=str(ROOT / "configs/reproduce/cpu/warm/"
+                                                        "pretrain.yaml"))
+    train_p.add_argument("--finetune-config", default=str(ROOT / "configs/reproduce/cpu/warm/"
+                                                                 "finetune.yaml"))
+    train_p.add_argument("--set", nargs="*", default=[],
+                         help="overrides for the device, e.g. train.batch_size=32 "
+                              "data.max_length=256 (both stages)")
+    train_p.add_argument("--minutes", default="3.5,2.5",
+                         help="the wall-clock budget of stage 1 and of stage 2")
+    train_p.add_argument("--eval-minutes", type=float, default=1.5,
+                         help="the time limit of the evaluation, all sets and runs")
+    train_p.add_argument("--out", required=True)
+    train_p.add_argument("--work", default="/tmp/mend-gpu-train")
     run_p = verbs.add_parser("run", help="run every step")
     run_p.add_argument("--device", default="cuda")
     run_p.add_argument("--tiny", action="store_true", help="tiny random models: the dry run")
@@ -86,16 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--steps", default=",".join(s.name for s in STEPS))
     run_p.add_argument("--bundle", default=None, help="also tar the results into this file")
     args = p.parse_args(argv)
-    return pack(Path(args.folder), not args.no_wheels) if args.verb == "pack" else run(args)
+    if args.verb == "pack":
+        return pack(Path(args.folder), not args.no_wheels, args.weights, args.tiny,
+                    args.chunk_mib)
+    if args.verb == "stage":
+        gpu_train.stage([Path(f) for f in args.folders], Path(args.staged),
+                        Path(args.carried_into))
+        return 0
+    if args.verb == "train":
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        env = environment(args, work, Path(args.carried).resolve())
+        return gpu_train.train(args, env, data_root(args))
+    return run(args)
 
 
 # --------------------------------------------------------------------------------------------
 # pack: on the machine with the zoo, the data and PyPI
 
 
-def pack(folder: Path, wheels: bool) -> int:
+def pack(folder: Path, wheels: bool, weights: bool = False, tiny: bool = False,
+         chunk_mib: float = 36.0) -> int:
     """Copy into ``folder``: the zoo model's config and tokenizer (no weights), the text and
-    the MetaICL task the steps read, and the wheels the GPU image lacks."""
+    the MetaICL tasks the steps and the training call read (cut to what they read), and the
+    wheels the GPU image lacks; with ``weights``, the real weights (or a tiny model's) in
+    chunks beside it."""
     from mend.core.backbones import zoo_path
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,10 +162,23 @@ def pack(folder: Path, wheels: bool) -> int:
     for name in SHAPE_FILES:
         if (source / name).is_file():
             shutil.copy(source / name, shape / name)
-    for sub in ("text/wikitext-2", "metaicl/glue-sst2"):
+    for sub in ("text/wikitext-2", "metaicl/config"):
         if not (SHARED / sub).is_dir():
             raise SystemExit(f"{SHARED / sub} is missing: the steps read it (../shared/data).")
-        shutil.copytree(SHARED / sub, folder / "data" / sub, dirs_exist_ok=True)
+    shutil.copytree(SHARED / "text/wikitext-2", folder / "data/text/wikitext-2",
+                    dirs_exist_ok=True)
+    gpu_train.trim_metaicl(SHARED / "metaicl", folder / "data" / "metaicl")
+    if weights:
+        if tiny:
+            from mend import tiny as tiny_models
+            model = tiny_models.build(folder / "tiny-model", "llama", "metaspace", hidden=32)
+            files = sorted(model.glob("*.safetensors"))
+            parts = gpu_train.split(files[0], folder, chunk_mib)
+            files[0].unlink()  # it travels in the chunks
+        else:
+            from mend.core import zoo
+            parts = gpu_train.split(zoo.ZOO[ZOO_NAME].locate(folder), folder, chunk_mib)
+        print(f"weights in {len(parts)} chunk folder(s): {', '.join(p.name for p in parts)}")
     if wheels:
         target = folder / "wheels"
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",

@@ -109,3 +109,49 @@ def test_a_cost_that_was_not_counted_reads_na_in_a_bench_table():
     import common
     assert common.table([{"flops": float("nan"), "s": 2.5e9}], ["flops", "s"])[2] == \
         "| n/a | 2.50G |"
+
+
+@needs_data
+@pytest.mark.slow  # the whole GPU training call, on tiny models: about two minutes
+def test_the_gpu_training_call_dry_run_trains_evaluates_and_bundles(tmp_path):
+    """The chunked carry (a tiny model's weights split into chunk folders, all but the last
+    staged by earlier commands), both stages stopped by their budgets, the evaluation beside
+    its controls, the bundle, and the bundled checkpoint scoring on the CPU."""
+    import tarfile
+
+    from mend import Distiller
+
+    gpu = [sys.executable, str(ROOT / "bench" / "gpu.py")]
+    carry = tmp_path / ".gpu"
+    subprocess.run([*gpu, "pack", str(carry), "--no-wheels", "--weights", "--tiny",
+                    "--chunk-mib", "0.05"], check=True, cwd=ROOT, capture_output=True, text=True)
+    chunks = sorted(tmp_path.glob(".gpu-w*"))
+    assert len(chunks) >= 2 and not list((carry / "tiny-model").glob("*.safetensors"))
+    staged = ["--staged", str(tmp_path / "staged")]
+    for chunk in chunks[:-1]:
+        subprocess.run([*gpu, "stage", str(chunk), *staged], check=True, cwd=ROOT)
+    out = tmp_path / "out"
+    done = subprocess.run([*gpu, "train", "--device", "cpu", "--tiny", "--carried", str(carry),
+                           *staged, "--chunks", str(chunks[-1]), "--minutes", "0.5,0.5", "--out",
+                           str(out), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("tokens/s: stage 1 ")
+    assert len(list(out.iterdir())) <= 8
+    summary = json.loads((out / "results.json").read_text())
+    for stage in ("stage1", "stage2"):
+        assert summary["stages"][stage]["exit"] == 0 and summary["stages"][stage]["minutes"]
+        assert (out / f"metrics-{stage}.jsonl").is_file()
+    assert summary["stages"]["stage1"]["tokens"] > 0 and summary["stages"]["stage1"]["mfu"] > 0
+    sets = summary["evaluation"]["sets"]
+    assert set(sets) == {"demo", "demo-long", "class_to_class"}
+    for runs in sets.values():
+        assert set(runs) >= {"zero_shot", "icl", "icl-equal-memory", "kv_compress",
+                             "attention_matching", "mend"}
+        assert runs["mend"]["swapped"] is not None  # its swap control beside it
+    logs = tmp_path / "work" / "logs"
+    assert "max_minutes=0.5 spent" in (logs / "stage1.log").read_text()
+    with tarfile.open(out / "checkpoint.tgz") as tar:
+        tar.extractall(tmp_path / "unpacked")
+    d = Distiller.from_pretrained(tmp_path / "unpacked" / "checkpoint", device="cpu")
+    assert len(d.score(d.compress([("a", "b"), ("c", "d")]), ["e"], ["b", "d"])[0]) == 2

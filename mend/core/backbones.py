@@ -16,6 +16,7 @@ which loads in ``dtype`` with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -299,6 +300,17 @@ def zoo_path(name: str) -> Path:
     return target
 
 
+def zoo_from_gguf(name: str, gguf: str | Path) -> Path:
+    """Convert a GGUF file of zoo model ``name`` that arrived without its package (carried to a
+    machine with no network, say) into the zoo cache, where its name then resolves."""
+    entry = zoo.ZOO[name]
+    target = zoo.cache_root() / "zoo" / name
+    if not (target / "zoo.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_zoo(dataclasses.replace(entry, locate=lambda scratch: Path(gguf)), target)
+    return target
+
+
 def _convert_zoo(entry: zoo.ZooModel, target: Path) -> None:
     optional.require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
@@ -309,9 +321,12 @@ def _convert_zoo(entry: zoo.ZooModel, target: Path) -> None:
         out = Path(tmp) / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        try:
+            version = importlib.metadata.version(entry.package)
+        except importlib.metadata.PackageNotFoundError:  # a GGUF file carried without it
+            version = None
         (out / "zoo.json").write_text(json.dumps({
-            "name": entry.name, "package": entry.package,
-            "package_version": importlib.metadata.version(entry.package),
+            "name": entry.name, "package": entry.package, "package_version": version,
             "gguf_file": gguf.name, "description": entry.description}, indent=2))
         if target.exists():  # a stale or partial directory without zoo.json
             shutil.rmtree(target)

@@ -113,6 +113,11 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 def evaluate(cfg: EvalConfig, methods: dict | None = None) -> dict[str, Any]:
     """One evaluation; ``methods`` caches loaded methods across the points of a sweep."""
     started = time.perf_counter()
+    for name in ("zero_shot", "icl"):
+        path = getattr(cfg.references, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"references.{name}={path} does not exist: evaluate {name} on the "
+                              f"same tasks and seeds first, or leave references out.")
     device = pick_device(cfg.device)
     key = repr(cfg.method_config)
     methods = {} if methods is None else methods

@@ -44,6 +44,11 @@ class TrainConfig:
     (:mod:`mend.training.precision`); the choice and its reason are printed and kept in
     ``provenance.jsonl``."""
     gradient_checkpointing: bool = False
+    count_flops: bool = False
+    """Count the model FLOPs of this start's first step (``torch.utils.flop_counter``: matmuls
+    and attention, forward and backward); every log line then carries ``model_flops_per_s``,
+    its FLOPs per token times the tokens/s, from which MFU is one division by the device's
+    peak."""
     compile: bool = False
     """``torch.compile`` the trained module and the frozen LLM's body, in place (checkpoint keys
     are unchanged); ``bench/train.py`` measures when it pays."""

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.flop_counter import FlopCounterMode
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
@@ -195,11 +196,19 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         if monitor is not None:
             _monitor(accelerator, model, monitor, state.step, output_dir)
     out_of_time = budget.spent()
+    counting, flops_per_token = cfg.count_flops, None
     model.train()
     try:
         while state.step < cfg.max_steps and not state.stopped and not out_of_time:
-            grad_norm = _step(cfg, accelerator, model, optimizer, scheduler, params, batches,
-                              window, state.step + 1)
+            counter = FlopCounterMode(display=False) if counting else nullcontext()
+            tokens_before = window.tokens
+            with counter:
+                grad_norm = _step(cfg, accelerator, model, optimizer, scheduler, params,
+                                  batches, window, state.step + 1)
+            if counting:
+                flops_per_token = counter.get_total_flops() / max(
+                    window.tokens - tokens_before, 1)
+                counting = False
             state.step += 1
             state.batches += cfg.grad_accum * world
             bar.update(1)
@@ -207,6 +216,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps or out_of_time:
                 record = log_record(accelerator, window, scheduler, state.step, grad_norm,
                                     counters)
+                if flops_per_token is not None:
+                    record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 write_record(accelerator, output_dir, record, cfg.tensorboard)

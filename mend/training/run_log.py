@@ -41,7 +41,8 @@ class Window:
 def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, counters: Counters
                ) -> dict[str, Any]:
     """One log line: the window's mean loss terms over all processes, LR, gradient norm,
-    throughput (``steps_per_s`` counts micro-batches) and the data pipeline's counts."""
+    the tokens read since the last line and the throughput (``steps_per_s`` counts
+    micro-batches), and the data pipeline's counts."""
     keys = sorted(window.sums)
     local = torch.stack([window.sums[k].to(accelerator.device, torch.float64).reshape(())
                          / max(window.micro, 1) for k in keys]
@@ -52,7 +53,8 @@ def log_record(accelerator, window: Window, scheduler, step: int, grad_norm, cou
     elapsed = time.perf_counter() - window.start
     record = {"step": step, **{k: float(v) for k, v in zip(keys, means)},
               "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-              "tokens_per_s": tokens / elapsed, "steps_per_s": window.micro / elapsed,
+              "tokens": tokens, "tokens_per_s": tokens / elapsed,
+              "steps_per_s": window.micro / elapsed,
               "time": time.time()}
     record["counts"] = sum_counts(gather_object([counters.counts]))
     window.reset()
