@@ -33,9 +33,12 @@ measured here, as the best of large fp32 and bf16 matmuls, and stated in the res
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,28 +84,32 @@ def main(argv=None) -> int:
                                          "eager-attention,new")
     p.add_argument("--profile", action="store_true",
                    help="also count what one step asks of the host (torch.profiler)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="times each variant is measured, the variants in turn (the median "
+                        "kept; spread: slowest over fastest)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.one:  # one row, in a process of its own: print it as JSON
+        recipe, stage, variant = args.one.split(":")
+        print("ROW " + json.dumps(measure(args, recipe, stage, variant, None)), flush=True)
+        return 0
     peaks = peak_flops(args.device)
     rows = []
     for recipe in args.recipes.split(","):
         for stage in args.stages.split(","):
-            flops, old = None, None
-            for variant in args.variants.split(","):
-                row = measure(args, recipe, stage, variant, peaks)
-                if variant == "eager-fp32":
-                    flops = row.get("model_flops")
-                if variant == "old":
-                    old = row.get("tokens_per_s")
-                if flops and row.get("step_s"):
-                    row["model_flops"] = flops
-                    row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
-                if old and row.get("tokens_per_s"):
-                    row["speedup"] = row["tokens_per_s"] / old
-                rows.append(row)
-                print(row, flush=True)
+            rows += measure_in_turn(args, argv, recipe, stage, peaks)
+    rate = matmul_rate(args, peaks)
     from mend.training import precision
     mixed, why = precision.resolve("auto", "cuda" if args.device == "cuda" else "cpu")
+    for row in rows:  # what the matmuls alone would take at the rate of the step's shapes
+        if row.get("model_flops") and row.get("step_s"):
+            row["bound_tokens_per_s"] = row["tokens_per_s"] * row["step_s"] / (
+                row["model_flops"] / rate)
     notes = [f"Peak FLOP/s used for MFU: {peaks} ({peaks['source']}).",
+             f"bound_tokens_per_s: the tokens/s of a step that did nothing but its model FLOPs "
+             f"at {rate / 1e9:.0f} GFLOP/s, the bf16 matmul rate measured here at the step's "
+             f"own shapes ((batch tokens x hidden) by (hidden x 1536)): no lever of the step "
+             f"itself can pass it.",
              f"train.mixed_precision=auto resolves to {mixed} here: {why}.",
              "speedup: tokens/s over the `old` row of the same recipe and stage, measured in "
              "the same run."]
@@ -117,8 +124,9 @@ def main(argv=None) -> int:
             if r["variant"] == "new" and r.get("speedup"):
                 targets.append(common.target(f"{r['recipe']} {r['stage']}: new >= 3x old "
                                              f"tokens/s", r["speedup"], 3.0))
-    columns = ["recipe", "stage", "variant", "status", "step_s", "tokens_per_s", "speedup",
-               "model_flops", "mfu", "peak_mb", "first_step_s"]
+    columns = ["recipe", "stage", "variant", "status", "step_s", "spread", "tokens_per_s",
+               "speedup", "bound_tokens_per_s", "model_flops", "mfu", "peak_mb",
+               "first_step_s"]
     if args.profile:
         columns += ["aten_calls", "host_reads", "kernel_launches", "device_syncs", "top_calls"]
         notes.append(PROFILE_NOTE)
@@ -243,22 +251,94 @@ def model_config(args, recipe: str, variant: str):
                       **{"lora_dropout": 0.05, **RECIPES[recipe], **levers})
 
 
-def measure(args, recipe: str, stage: str, variant: str, peaks: dict) -> dict:
+def measure_in_turn(args, argv, recipe: str, stage: str, peaks: dict) -> list[dict]:
+    """Every variant of one recipe and stage, ``--repeats`` times in turn (A B C A B C), so
+    that a slow spell of the machine falls on all of them: each row the run of median step
+    time, with ``spread`` (slowest over fastest), the model FLOPs (counted by ``eager-fp32``)
+    and the speedup over ``old``."""
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(args.repeats):
+        for variant in variants:
+            if repeat and (variant == "eager-fp32" or runs[variant][0].get("status") != "ok"):
+                continue  # counted once, or cannot run here
+            skipped = _skip(args, variant, peaks)
+            runs[variant].append({"recipe": recipe, "stage": stage, **skipped} if skipped
+                                 else measure_apart(argv, recipe, stage, variant, repeat))
+    rows, flops, old = [], None, None
+    for variant in variants:
+        done = [r for r in runs[variant] if r.get("step_s")]
+        row = runs[variant][0]
+        if done:
+            times = sorted(r["step_s"] for r in done)
+            row = {**sorted(done, key=lambda r: r["step_s"])[len(done) // 2],
+                   **{k: v for k, v in runs[variant][0].items() if k in PROFILED},
+                   "spread": times[-1] / times[0]}
+        flops = row.get("model_flops", flops)
+        if variant == "old":
+            old = row.get("tokens_per_s")
+        if flops and row.get("step_s"):
+            row["model_flops"] = flops
+            row["mfu"] = flops / row["step_s"] / peak_for(args, variant, peaks)
+        if old and row.get("tokens_per_s"):
+            row["speedup"] = row["tokens_per_s"] / old
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+PROFILED = ("aten_calls", "host_reads", "kernel_launches", "device_syncs", "top_calls")
+
+
+def matmul_rate(args, peaks: dict) -> float:
+    """bf16 (fp32 where bf16 is emulated) FLOP/s of a matmul of a step's own shapes: its
+    batch's tokens by SmolLM2's hidden size (576), by its MLP's width (1536)."""
+    dtype = (torch.bfloat16 if args.device == "cuda" or peaks["bfloat16"] > peaks["float32"]
+             else torch.float32)
+    a = torch.randn(args.batch * (args.demo_tokens + args.input_tokens), 576, dtype=dtype,
+                    device=args.device)
+    b = torch.randn(576, 1536, dtype=dtype, device=args.device)
+    seconds = common.timed(lambda: a @ b, args.device, repeats=20)
+    return 2 * a.shape[0] * 576 * 1536 / seconds
+
+
+def measure_apart(argv, recipe: str, stage: str, variant: str, repeat: int = 0) -> dict:
+    """:func:`measure` in a process of its own: a variant measured after another in the same
+    process runs slower (the profiler's and the FLOP counter's state, and the allocator's,
+    outlive their step), so each row starts from a clean process."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv)
+            if not (repeat and a == "--profile")]  # one profile a variant
+    done = subprocess.run([sys.executable, __file__, *argv, "--one",
+                           f"{recipe}:{stage}:{variant}"], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    return {"recipe": recipe, "stage": stage, "variant": variant,
+            "status": f"failed: {(done.stderr.strip().splitlines() or [''])[-1][:200]}"}
+
+
+def _skip(args, variant: str, peaks: dict) -> dict | None:
+    """The row of a variant that cannot run here, with the reason; None when it can."""
+    if variant == "8bit":
+        from mend.core.backbones import bitsandbytes_problem
+        problem = bitsandbytes_problem(args.device)
+        if problem:
+            return {"variant": variant, "status": f"skipped: {problem}"}
+    if (low_precision(args, variant) and args.device != "cuda"
+            and peaks["bfloat16"] < peaks["float32"] / 10):
+        return {"variant": variant, "status": f"skipped: this CPU multiplies bf16 at "
+                                              f"{peaks['bfloat16'] / 1e9:.2f} GFLOP/s "
+                                              f"(emulated), fp32 at "
+                                              f"{peaks['float32'] / 1e9:.0f}"}
+    return None
+
+
+def measure(args, recipe: str, stage: str, variant: str, peaks: dict | None) -> dict:
     from mend.core.distiller import Distiller
     from mend.methods.mend import MendObjective, ObjectiveConfig
     from mend.training.loop import compile_modules
 
     row = {"recipe": recipe, "stage": stage, "variant": variant}
-    if variant == "8bit":
-        from mend.core.backbones import bitsandbytes_problem
-        problem = bitsandbytes_problem(args.device)
-        if problem:
-            return {**row, "status": f"skipped: {problem}"}
-    if (low_precision(args, variant) and args.device != "cuda"
-            and peaks["bfloat16"] < peaks["float32"] / 10):
-        return {**row, "status": f"skipped: this CPU multiplies bf16 at "
-                                 f"{peaks['bfloat16'] / 1e9:.2f} GFLOP/s (emulated), "
-                                 f"fp32 at {peaks['float32'] / 1e9:.0f}"}
     torch.manual_seed(0)
     d = Distiller.from_config(model_config(args, recipe, variant), device=args.device)
     if variant == "checkpointing":

@@ -12,6 +12,10 @@ Two tokenizer styles cover the two families mend must handle:
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -99,11 +103,48 @@ def model(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2, seed: i
 
 def build(directory: str | Path, arch: str = "llama", style: str = "bytelevel",
           hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Save a tiny model and its tokenizer as a transformers directory; returns its path."""
+    """Save a tiny model and its tokenizer as a transformers directory; returns its path.
+
+    The directory is written whole beside its place and renamed into it, under a file lock,
+    so an interrupted build (Ctrl-C, a kill) or two processes building at once never leave a
+    half-written one; one found incomplete (a build by an older mend) is built again. The
+    models are deterministic, so a rebuilt one is the same model."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        tok = tokenizer(style)
-        lm = model(arch, len(tok), hidden=hidden, layers=layers, seed=seed, tok=tok)
-        lm.save_pretrained(directory)
-        tok.save_pretrained(directory)
+    if _complete(directory):
+        return directory
+    from filelock import FileLock  # a dependency of transformers' hub client
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        if _complete(directory):  # another process built it meanwhile
+            return directory
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+        try:
+            tok = tokenizer(style)
+            lm = model(arch, len(tok), hidden=hidden, layers=layers, seed=seed, tok=tok)
+            lm.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            staging.chmod(0o777 & ~_umask())
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole tiny model: a readable config, weights and a
+    tokenizer."""
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (any(directory.glob("*.safetensors"))
+            and (directory / "tokenizer.json").is_file())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

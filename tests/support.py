@@ -124,19 +124,41 @@ def measured_step(*a, **k):  # the memory a process holds, at step 2 (optimizer 
                    "trained": sum(size(p) for p in params if p.requires_grad),
                    "optimizer": sum(size(v) for v in moments), "activations": saved[0]}}, f)
     return out
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
 def killing_step(*a, **k):
     out = measured_step(*a, **k)
     if a[-1] == {kill_at!r}:
-        os.kill(os.getpid(), signal.SIGKILL)
+        die()
     return out
 loop._step = killing_step
+kill_in = {kill_in!r}  # ("save", step): inside that checkpoint's write; ("eval", n): n-th eval
+if kill_in and kill_in[0] == "save":
+    from accelerate import Accelerator
+    save_state = Accelerator.save_state
+    def dying_save(self, output_dir=None, **k):
+        out = save_state(self, output_dir, **k)  # every file written, the rename not yet
+        if f"step-{{kill_in[1]:08d}}" in str(output_dir):
+            die()
+        return out
+    Accelerator.save_state = dying_save
+if kill_in and kill_in[0] == "eval":
+    run_on_model, calls = loop._run_on_model, [0]
+    def dying_eval(*a, **k):
+        calls[0] += 1
+        out = run_on_model(*a, **k)  # scored, and not yet logged or kept
+        if calls[0] == kill_in[1]:
+            die()
+        return out
+    loop._run_on_model = dying_eval
 from mend.recipes.{recipe} import cli
 sys.exit(cli(sys.argv[1:]))
 """
 
 
-def launch(config: str, processes: int, args: list[str], workdir: Path, *,
-           recipe: str = "pretrain", kill_at: int | None = None, trace: Path | None = None,
+def launch(config: str | None, processes: int, args: list[str], workdir: Path, *,
+           recipe: str = "pretrain", kill_at: int | None = None,
+           kill_in: tuple[str, int] | None = None, trace: Path | None = None,
            measure: Path | None = None, flags: tuple[str, ...] = (), timeout: int = 600):
     """Run ``mend.recipes.<recipe>`` (stage 1 by default) under ``accelerate launch
     --config_file configs/accelerate/<config> [flags]`` with ``processes`` CPU processes
@@ -145,7 +167,10 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
     documents it reads (``read-<rank>.jsonl``) and the windows it splits into examples
     (``trained-<rank>.jsonl``). ``measure``: a folder where each rank
     writes the bytes it holds at step 2 (``rank-<r>.json``: parameters, what trains,
-    optimizer state, activations saved for backward). Returns the
+    optimizer state, activations saved for backward). ``kill_in``: ``("save", N)`` SIGKILLs
+    every process inside the write of step N's checkpoint, its files written and not yet
+    renamed; ``("eval", N)`` inside the N-th evaluation of this start, scored and not yet
+    logged. ``config=None``: one plain process, no launcher. Returns the
     ``subprocess.CompletedProcess``."""
     import os
     import socket
@@ -153,10 +178,15 @@ def launch(config: str, processes: int, args: list[str], workdir: Path, *,
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    script = workdir / f"launch-{recipe}-{config.split('.')[0]}-{processes}.py"
-    script.write_text(_SCRIPT.format(root=str(root), fsdp=config.startswith("fsdp"),
-                                     trace=str(trace) if trace else None, kill_at=kill_at,
-                                     measure=str(measure) if measure else None, recipe=recipe))
+    name = config.split(".")[0] if config else "plain"
+    script = workdir / f"launch-{recipe}-{name}-{processes}.py"
+    script.write_text(_SCRIPT.format(root=str(root), fsdp=bool(config and config.startswith(
+        "fsdp")), trace=str(trace) if trace else None, kill_at=kill_at, kill_in=kill_in,
+        measure=str(measure) if measure else None, recipe=recipe))
+    if config is None:
+        return subprocess.run([sys.executable, str(script), *args], cwd=root,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     with socket.socket() as s:  # a free port for this launch's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -275,13 +275,18 @@ def _checkpoint(cfg: DemoJobConfig, distiller: str, llm: str, root: Path) -> tup
         if (saved.distiller, saved.llm) == (distiller, llm):
             return ASSET, "the trained distiller shipped with mend"
     cached = cache_root() / "demo" / ("trained-tiny" if cfg.tiny else "trained-smollm2")
-    if (cached / "mend_config.json").is_file():
-        return cached, f"trained briefly by an earlier `mend demo` run, {cached}"
-    print(f"mend demo: no trained MEND checkpoint found, so training one briefly first: "
-          f"{cfg.train_steps} steps of meta-distillation finetuning on the demo's "
-          f"meta-training tasks. A checkpoint trained for longer scores better; see "
-          f"docs/demo.md (\"The demo's checkpoint\").", flush=True)
-    _train_briefly(cfg, distiller, llm, root, cached)
+    from filelock import FileLock  # a dependency of transformers' hub client
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # Two demos at once train one checkpoint: the second waits, then finds it.
+    with FileLock(str(cached) + ".lock"):
+        if (cached / "mend_config.json").is_file():
+            return cached, f"trained briefly by an earlier `mend demo` run, {cached}"
+        print(f"mend demo: no trained MEND checkpoint found, so training one briefly first: "
+              f"{cfg.train_steps} steps of meta-distillation finetuning on the demo's "
+              f"meta-training tasks. A checkpoint trained for longer scores better; see "
+              f"docs/demo.md (\"The demo's checkpoint\").", flush=True)
+        _train_briefly(cfg, distiller, llm, root, cached)
     return cached, "trained briefly by this run (no shipped checkpoint was found)"
 
 

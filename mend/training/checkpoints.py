@@ -7,6 +7,7 @@ and a SIGTERM turned into a checkpoint at the next step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from mend.config import to_dict
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.counters import sum_counts
@@ -29,15 +31,30 @@ if TYPE_CHECKING:  # the loop imports this module
     from mend.training.loop import TrainState
 
 
-def resume(accelerator: Accelerator, checkpoints: Path, state: TrainState) -> Path | None:
+def identity(module) -> dict:
+    """What a checkpoint must agree on with the run that resumes from it: the trained
+    parameters' shapes (what its optimizer state holds) and the model's config (which names
+    the field that changed them)."""
+    config = getattr(module, "config", None)
+    return {"shapes": {n: list(p.shape) for n, p in module.named_parameters()
+                       if p.requires_grad},
+            "config": to_dict(config) if dataclasses.is_dataclass(config) else None}
+
+
+def resume(accelerator: Accelerator, checkpoints: Path, state: TrainState,
+           run: dict | None = None) -> Path | None:
     """Load the newest readable checkpoint; returns it, or None when there is none.
 
-    One that cannot be read (a disk filled up, a copy cut short) is renamed
-    ``unreadable-step-N`` and kept, and the run resumes from the one before it, saying so.
+    One written for another model or by an engine that cannot be read here is a
+    :class:`CheckpointError` that names what differs, and is left as it is. One that cannot
+    be read (a disk filled up, a copy cut short) is renamed ``unreadable-step-N`` and kept,
+    and the run resumes from the one before it, saying so.
     """
     tried = []
     for path in sorted((p for p in checkpoints.glob("step-*") if p.is_dir()), reverse=True):
         _check_engine(accelerator, path)
+        if run is not None:
+            _check_identity(path, run)
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # torch, safetensors and pickle each raise their own
@@ -64,7 +81,7 @@ def resume(accelerator: Accelerator, checkpoints: Path, state: TrainState) -> Pa
 
 
 def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainState,
-                    counters: Counters, keep: int) -> None:
+                    counters: Counters, keep: int, run: dict | None = None) -> None:
     """Save the run's state as ``step-N`` (atomically: a temporary directory, then a
     rename), keeping the newest ``keep`` checkpoints."""
     state.counts = sum_counts(gather_object([counters.counts]))
@@ -78,7 +95,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainSta
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / ENGINE_FILE).write_text(json.dumps(
-            {"engine": engine_of(accelerator), "processes": accelerator.num_processes}))
+            {"engine": engine_of(accelerator), "processes": accelerator.num_processes,
+             **(run or {})}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
         for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:
@@ -96,12 +114,39 @@ def _check_engine(accelerator: Accelerator, path: Path) -> None:
     else:
         saved = json.loads(record.read_text())
     now = engine_of(accelerator)
+    if (saved["engine"] == now == "deepspeed"
+            and saved.get("processes", accelerator.num_processes) != accelerator.num_processes):
+        raise CheckpointError(
+            f"{path} was written by {saved['processes']} DeepSpeed processes, whose ZeRO "
+            f"partitions {accelerator.num_processes} cannot read: processes differ "
+            f"({saved['processes']} there, {accelerator.num_processes} here). Launch "
+            f"{saved['processes']} processes, or start over in a new output_dir.")
     if saved["engine"] != now and (saved["engine"] in SHARDED or now in SHARDED):
         raise CheckpointError(
             f"{path} was written under {saved['engine']}, and this run is launched under "
             f"{now}, which cannot read it. Launch it as it was launched (the accelerate config "
             f"of engine {saved['engine']}; the number of processes may differ), or start over "
             f"in a new output_dir.")
+
+
+def _check_identity(path: Path, run: dict) -> None:
+    """Refuse a checkpoint of another model (its trained parameters of other shapes), naming
+    the config fields that differ, before accelerate's loader fails on it and it is taken
+    for a damaged one."""
+    record = path / ENGINE_FILE
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if "shapes" not in saved or saved["shapes"] == run["shapes"]:
+        return
+    old, new = saved.get("config") or {}, run.get("config") or {}
+    fields = [f"{k} ({old.get(k)!r} there, {new.get(k)!r} here)" for k in sorted(old.keys()
+              | new.keys()) if old.get(k) != new.get(k)]
+    params = sorted(saved["shapes"].keys() ^ run["shapes"].keys()) or [
+        n for n in saved["shapes"] if saved["shapes"][n] != run["shapes"][n]]
+    raise CheckpointError(
+        f"{path} was written for another model: "
+        + (f"{', '.join(fields[:4])} differ" if fields else f"parameter {params[0]} differs")
+        + ". Resume with the config that wrote it, or start over in a new output_dir (the "
+          "checkpoint is left as it is).")
 
 
 class SigtermFlag:

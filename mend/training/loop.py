@@ -60,6 +60,7 @@ from mend.training.config import BatchFactory, Position, TrainConfig, TrainResul
 from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
                            truncate_metrics, write_record)
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
+from mend.training.checkpoints import identity as checkpoints_identity
 
 @dataclass
 class TrainState:
@@ -157,7 +158,8 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     accelerator.register_for_checkpointing(state)
     checkpoints = output_dir / "checkpoints"
     main = accelerator.is_main_process
-    last = resume(accelerator, checkpoints, state) if cfg.resume == "auto" else None
+    run = checkpoints_identity(module)
+    last = resume(accelerator, checkpoints, state, run) if cfg.resume == "auto" else None
     # Counts are summed over processes when logged, so only the main process carries the
     # totals so far: the checkpoint's on a resume (they include what was counted before
     # training), else what data loading has counted already.
@@ -238,14 +240,16 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
                 status = "interrupted"
                 break
             if state.step % cfg.save_every == 0 or state.stopped:
-                save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints,
+                                run)
         if state.stopped and status != "interrupted":
             status = "early_stopped"
         if out_of_time and status == "finished" and state.step < cfg.max_steps and main:
             print(f"mend: train.max_minutes={cfg.max_minutes:g} spent at step {state.step} of "
                   f"{cfg.max_steps}: the run ends here, as finished.", flush=True)
         if not (checkpoints / f"step-{state.step:08d}").is_dir():
-            save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoints, state, counters, cfg.keep_checkpoints,
+                            run)
         if status != "interrupted" and (keep_best or state.best_step is None
                                         or evaluate is None):
             # nothing selected: the final model is the run's checkpoint

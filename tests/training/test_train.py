@@ -221,6 +221,16 @@ def test_a_time_budget_ends_the_run_as_finished_and_resumes_across_it(setup, tmp
         TrainConfig(max_minutes=0)
 
 
+def test_a_checkpoint_of_another_model_is_refused_naming_the_field_and_kept(setup, tmp_path):
+    from mend import CheckpointError
+    _, _, stage1 = setup
+    out = tmp_path / "run"
+    pretrain(pretrain_cfg(stage1, out, max_steps=2, save_every=2))
+    with pytest.raises(CheckpointError, match=r"num_placeholders \(4 there, 3 here\) differ"):
+        pretrain(pretrain_cfg(stage1 + ["model.num_placeholders=3"], out, max_steps=4))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+
+
 def test_selection_from_the_start_keeps_step_0_when_no_step_beats_it(setup, tmp_path):
     _, model, _ = setup
     data = write_metaicl(tmp_path / "metaicl", train=["t1"], test=["t3", "t4"])
