@@ -37,7 +37,8 @@ def stages(tmp_path_factory):
         "pretrain": model + train + [f"data.path={text}", "data.max_length=48",
                                      "data.min_length=16", "data.shuffle_buffer=50",
                                      f"content.data.path={text}", "content.windows=2",
-                                     "content.data.max_length=48"],
+                                     "content.data.max_length=48",
+                                     "content.data.min_length=16"],
         "finetune": model + train + [f"data.root={data}", "data.partition=part",
                                      "context.k=3", "train.patience=10"]}
 
