@@ -45,11 +45,17 @@ def efficiency(result: dict[str, Any], path: Path) -> None:
     panels = [("GFLOPs per query", [r["flops"] / 1e9 for r in rows]),
               ("peak memory (MiB)", [r["peak_bytes"] / 2**20 for r in rows]),
               ("time per query (ms)", [r["seconds"] * 1e3 for r in rows])]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, (title, values) in zip(axes, panels):
-        ax.bar(names, values, color=["#999999", "#4477aa", "#cc6677", "#228833"][:len(names)])
+    colors = (["#999999", "#4477aa", "#cc6677", "#228833", "#ccbb44", "#66ccee"]
+              * 2)[:len(names)]
+    y = list(range(len(names)))[::-1]  # the first method at the top, its name in full
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.6 + 0.45 * len(names)))
+    for column, (ax, (title, values)) in enumerate(zip(axes, panels)):
+        ax.barh(y, values, color=colors)
+        ax.set_yticks(y, names if column == 0 else [""] * len(y), fontsize=9)
+        ax.set_xlim(0, 1.18 * max(values, default=1))
+        for i, value in zip(y, values):
+            ax.text(value, i, f" {value:.3g}", va="center", fontsize=8)
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"{result['task']}, k={result['k']}, batch size 1 ({result['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -58,32 +64,38 @@ def efficiency(result: dict[str, Any], path: Path) -> None:
 
 def demo(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int | None]]],
           k: int, path: Path) -> None:
-    """Accuracy (own and swapped demonstrations), per-query FLOPs, latency and peak memory,
-    and the total FLOPs of n queries, where the break-even points are."""
+    """The demo in two rows: accuracy with each method's own demonstrations beside its swap
+    control (zero-shot and ICL as reference lines), and the total FLOPs of n queries with the
+    break-even points; then per query GFLOPs, ms and peak memory. Methods are rows of
+    horizontal bars, named in full, in the table's order."""
     plt = pyplot()
-    names = [r["method"].replace(" (", "\n(").replace(" + ", "\n+ ") for r in table]
-    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#228833",
-              "#aa3377"][:len(table)]
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    names = [r["method"] for r in table]
+    colors = ["#999999", "#4477aa", "#66ccee", "#ccbb44", "#ee6677", "#aa3377", "#bbbbbb",
+              "#332288", "#228833", "#117733"]
+    colors = (colors * 2)[:len(table)]
+    y = list(range(len(table)))[::-1]  # the first method at the top
+    fig = plt.figure(figsize=(15, 3.2 + 0.55 * len(table)))
+    grid = fig.add_gridspec(2, 3, height_ratios=[1.3, 1])
+    ax = fig.add_subplot(grid[0, :2])
     own = [r["accuracy"] * 100 for r in table]
-    swapped = [(r["swapped_accuracy"] or 0) * 100 for r in table]
-    x = range(len(table))
-    axes[0].bar([i - 0.2 for i in x], own, 0.4, color=colors, label="own demos")
-    axes[0].bar([i + 0.2 for i in x], swapped, 0.4, color=colors, alpha=0.4,
-                label="swapped demos")
-    axes[0].legend(fontsize=7)
-    panels = [("accuracy (%)", None),
-              ("GFLOPs per query", [r["per_query"]["flops"] / 1e9 for r in table]),
-              ("ms per query", [r["per_query"]["seconds"] * 1e3 for r in table]),
-              ("peak MB per query (+ KV cache)",
-               [(r["per_query"]["peak_bytes"] + r["per_query"]["cache_bytes"]) / 2**20
-                for r in table])]
-    for ax, (title, values) in zip(axes, panels):
-        if values is not None:
-            ax.bar(x, values, color=colors)
-        ax.set_xticks(list(x), names, fontsize=7)
-        ax.set_title(title)
-    ax = axes[4]
+    swapped = [(r["swapped_accuracy"] or float("nan")) * 100 for r in table]
+    ax.barh([i + 0.2 for i in y], own, 0.4, color=colors, label="own demonstrations")
+    ax.barh([i - 0.2 for i in y], swapped, 0.4, color=colors, alpha=0.35, hatch="//",
+            label="another task's demonstrations (swap control)")
+    for i, value in zip(y, own):
+        ax.text(value + 0.5, i + 0.2, f"{value:.1f}", va="center", fontsize=8)
+    rows = {r["method"]: r for r in table}
+    for label, style in (("zero-shot", ":"), ("ICL + KV cache", "--")):
+        if label in rows:
+            ax.axvline(rows[label]["accuracy"] * 100, color="k", ls=style, lw=1,
+                       label=f"{label}: {rows[label]['accuracy'] * 100:.1f}")
+    ax.set_yticks(y, names, fontsize=9)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_title("accuracy on the built-in tasks")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4,
+              frameon=False)
+    ax = fig.add_subplot(grid[0, 2])
     points = [v["flops"] for against in even.values() for v in against.values()
               if v["flops"] and not math.isnan(v["flops"])]
     n = max([10] + [2 * p for p in points])
@@ -94,9 +106,23 @@ def demo(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, int | 
     for point in points:
         ax.axvline(point, color="k", ls=":", lw=0.8)
     ax.set_xlabel("queries served by one demonstration set")
-    ax.set_title("total GFLOPs (dotted: break-even)")
+    ax.set_ylabel("GFLOPs in all")
+    ax.set_title("total cost (dotted: break-even)")
     ax.legend(fontsize=7)
-    fig.suptitle(f"mend demo: built-in tasks, k = {k}")
+    panels = [("GFLOPs per query", [r["per_query"]["flops"] / 1e9 for r in table]),
+              ("ms per query (median)", [r["per_query"]["seconds"] * 1e3 for r in table]),
+              ("peak MB per query, KV cache included",
+               [(r["per_query"]["peak_bytes"] + r["per_query"]["cache_bytes"]) / 2**20
+                for r in table])]
+    for column, (title, values) in enumerate(panels):
+        ax = fig.add_subplot(grid[1, column])
+        ax.barh(y, values, color=colors)
+        ax.set_xlim(0, 1.18 * max([v for v in values if not math.isnan(v)], default=1))
+        ax.set_yticks(y, names if column == 0 else [""] * len(y), fontsize=8)
+        ax.set_title(title, fontsize=10)
+        for i, value in zip(y, values):
+            ax.text(value, i, f" {value:.3g}", va="center", fontsize=7)
+    fig.suptitle(f"mend demo: built-in tasks, k = {k} demonstrations")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -109,37 +109,42 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
 
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     content = [r for r in records if "monitor_kl_own" in r]
-    fig, axes = plt.subplots(1, 2 if content else 1, figsize=(11 if content else 6, 4),
+    evals = [r for r in records if "eval_score" in r]
+    fig, axes = plt.subplots(1, 1 + bool(evals) + bool(content),
+                             figsize=(5.5 * (1 + bool(evals) + bool(content)), 4),
                              squeeze=False)
-    ax = axes[0][0]
-    terms = [k for k in ("loss", "distill", "pred", "clm", "reconstruct")
-             if any(k in r for r in records)]
-    for k in terms:
+    panels = iter(axes[0])
+    ax = next(panels)
+    terms = [k for k in ("distill", "pred", "clm", "reconstruct") if any(k in r for r in records)]
+    # The total only where it is more than its one term (else the two lines are one).
+    for k in (["loss"] if len(terms) != 1 else []) + terms:
         pts = [(r["step"], r[k]) for r in records if k in r]
-        ax.plot(*zip(*pts), label=k)
-    evals = [(r["step"], r["eval_score"]) for r in records if "eval_score" in r]
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), "k--o", label="eval score")
-        ax2.set_ylabel("eval score")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if terms:
-        ax.legend(loc="upper right")
-    ax.set_title(output_dir.name)
+        ax.plot(*zip(*pts), label="total loss" if k == "loss" else k, lw=1)
+    ax.set(xlabel="step", ylabel="training loss (per log window)", title=output_dir.name)
+    ax.legend(fontsize=8)
+    if evals:  # model selection: the score with the task's own demonstrations and swapped
+        ax = next(panels)
+        steps = [r["step"] for r in evals]
+        ax.plot(steps, [100 * r["eval_score"] for r in evals], "-o", label="own demos")
+        if any("eval_swapped_score" in r for r in evals):
+            ax.plot(steps, [100 * r.get("eval_swapped_score", float("nan")) for r in evals],
+                    "--s", color="grey", label="swapped demos (control)")
+        best = max(evals, key=lambda r: r["eval_score"])
+        ax.axvline(best["step"], color="k", ls=":", lw=0.8, label=f"kept: step {best['step']}")
+        ax.set(xlabel="step", ylabel="selection score (%)", title="model selection (dev)")
+        ax.legend(fontsize=8)
     if content:
-        ax = axes[0][1]
+        ax = next(panels)
         steps = [r["step"] for r in content]
-        for key, style in (("kl_own", "-o"), ("kl_swap", "-s"), ("kl_none", ":")):
-            ax.plot(steps, [r[f"monitor_{key}"] for r in content], style, label=key)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out KL")
-        ax.legend(loc="upper left")
-        share = ax.twinx()
-        share.plot(steps, [100 * r["monitor_content_share"] for r in content], "k--",
-                   label="content share")
-        share.set_ylabel("content gain / KL_swap (%)")
-        ax.set_title("content controls (held-out text)")
+        for key, style, label in (("kl_own", "-o", "own vectors"),
+                                  ("kl_swap", "-s", "another window's (control)"),
+                                  ("kl_none", ":", "no vectors (control)")):
+            ax.plot(steps, [r[f"monitor_{key}"] for r in content], style, label=label)
+        share = [100 * r["monitor_content_share"] for r in content]
+        ax.set(xlabel="step", ylabel="held-out KL (lower is better)",
+               title=f"content controls (held-out text): content share "
+                     f"{share[0]:.0f}% -> {share[-1]:.0f}%")
+        ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(output_dir / "loss.png", dpi=120)
     plt.close(fig)
