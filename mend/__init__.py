@@ -8,11 +8,17 @@ Public API::
     distiller.score(ctx, ["a joyless film"], options=["positive", "negative"])
 """
 
-from mend._version import __version__
-from mend.config import MendConfig, load_config
-from mend.core.distiller import DistilledContext, Distiller
-from mend.core.prefix_lm import PrefixLM
-from mend.errors import (
+import logging
+
+# bitsandbytes, imported with peft, warns at import that an optional 4-bit CPU kernel is
+# missing; mend runs no 4-bit matmul, so the note is noise to its users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from mend._version import __version__  # noqa: E402
+from mend.config import MendConfig, load_config  # noqa: E402
+from mend.core.distiller import DistilledContext, Distiller  # noqa: E402
+from mend.core.prefix_lm import PrefixLM  # noqa: E402
+from mend.errors import (  # noqa: E402
     BackboneError, CheckpointError, ConfigError, InputError, MendError, TruncationWarning)
 
 __all__ = [

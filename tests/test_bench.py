@@ -109,6 +109,14 @@ def test_gpu_script_dry_run_runs_every_step_and_bundles_its_results(tmp_path):
         assert "results/gpu-cpu-tiny.md" in tar.getnames()
 
 
+@pytest.mark.slow  # a subprocess
+def test_load_bench_samples_memory_over_many_calls(tmp_path):
+    result = bench(tmp_path, "load.py", "--queries", "64", "--batch", "8")
+    rows = {r["call"]: r for r in result["rows"]}
+    assert set(rows) == {"score", "compress_batch"} and rows["score"]["calls"] == 8
+    assert all(r["rss_end_mb"] > 0 for r in rows.values()) and len(result["targets"]) == 2
+
+
 def test_a_cost_that_was_not_counted_reads_na_in_a_bench_table():
     sys.path.insert(0, str(ROOT / "bench"))
     import common

@@ -144,12 +144,17 @@ def add_lora(model: nn.Module, r: int, alpha: int, dropout: float,
              target_modules: str | Sequence[str]) -> nn.Module:
     """``model`` wrapped with peft's LoRA adapters on ``target_modules`` (a name list, or
     peft's regex string); only the adapters train."""
-    return get_peft_model(model, LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=target_modules if isinstance(target_modules, str) else list(
-            target_modules),
-        # GPT-2 stores its linear layers transposed, as Conv1D.
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules())))
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`, which warns on
+        # every wrap; nothing a user of mend can act on.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout,
+            target_modules=target_modules if isinstance(target_modules, str) else list(
+                target_modules),
+            # GPT-2 stores its linear layers transposed, as Conv1D.
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules())))
 
 
 def pick_device(requested: str | None = None) -> str:

@@ -53,3 +53,46 @@ def test_gguf_file_loads_as_real_trainable_weights():
     weights = model.get_input_embeddings().weight
     assert weights.dtype.is_floating_point and weights.requires_grad
     assert weights.abs().sum() > 0
+
+
+_CONVERT = """
+import json, os, sys, time
+from pathlib import Path
+from mend.core import backbones, zoo
+zoo.is_installed = lambda name: True
+def slow_convert(entry, target):  # a conversion that takes a while, writing as the real one
+    log = Path(sys.argv[1])
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    staging = target.parent / f".{entry.name}-{os.getpid()}"
+    staging.mkdir()
+    (staging / "config.json").write_text("{}")
+    time.sleep(1.5)
+    (staging / "zoo.json").write_text(json.dumps({"pid": os.getpid()}))
+    os.replace(staging, target)
+backbones._convert_zoo = slow_convert
+print(backbones.zoo_path("smollm2-135m"))
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_two_processes_sharing_a_cache_convert_once_and_both_find_it(tmp_path):
+    """Two processes that start at once on one MEND_CACHE, before the zoo has converted
+    anything: the file lock lets one convert, the other waits and finds the result whole."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "conversions.log"
+    env = {**os.environ, "MEND_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT, str(log)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1000:] for _, e in outs]
+    target = tmp_path / "cache" / "zoo" / "smollm2-135m"
+    assert {o.strip().splitlines()[-1] for o, _ in outs} == {str(target)}
+    assert len(log.read_text().split()) == 1  # converted once
+    assert json.loads((target / "zoo.json").read_text())["pid"] == int(log.read_text())
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".smollm2")]
