@@ -68,6 +68,9 @@ NOTES = ["flops_vs_icl: LLM FLOPs per query over vanilla ICL's; total_flops_vs_i
 
 
 def run(args) -> list[dict]:
+    from transformers import AutoConfig
+
+    from mend.core.backbones import resolve
     from mend.config import MendConfig
     from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
     from mend.core.distiller import Distiller
@@ -82,10 +85,14 @@ def run(args) -> list[dict]:
     if len(pool) < max(ks) or len(queries) < args.queries:
         raise SystemExit(f"{args.task} has {len(pool)} demonstrations and {len(queries)} test "
                          f"rows; lower --ks or --queries.")
+    # The distiller reads every demonstration: as many positions as it was built for.
+    source, gguf = resolve(distiller_path)
+    positions = getattr(AutoConfig.from_pretrained(source, gguf_file=gguf),
+                        "max_position_embeddings", None)
     d = Distiller.from_config(MendConfig(
         distiller=distiller_path, llm=llm_path, num_placeholders=args.placeholders,
-        max_distiller_length=8192, distiller_dtype=args.dtype, llm_dtype=args.dtype,
-        output=args.output),
+        max_distiller_length=min(8192, positions or 8192), distiller_dtype=args.dtype,
+        llm_dtype=args.dtype, output=args.output),
         device=args.device).eval()
     llm = d.llm
     builder = ContextBuilder.for_method(d, ContextConfig(max_context_tokens=8192))

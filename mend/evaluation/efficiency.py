@@ -36,6 +36,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -176,40 +177,82 @@ def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[lis
     return {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
 
 
-@torch.no_grad()
-def serving_costs(method: Method, builder: ContextBuilder, demos: list, rows: Sequence[dict],
-                  device: torch.device | str, reuse: bool = True) -> dict[str, Any]:
-    """One demonstration set serving the queries ``rows``.
+@dataclass(frozen=True)
+class Serving:
+    """One way to serve a demonstration set's queries: a method, its context rules, and
+    whether one context serves every query (``reuse``; False: ICL re-reads its demonstrations
+    with every query, and zero-shot reads bos alone)."""
 
-    With ``reuse`` the context is built and prefilled once: ``once`` holds its FLOPs
-    (``context_flops``: MEND's distiller; ``llm_flops``: the LLM reading it), ``seconds`` and
-    the KV cache's size (``cache_bytes``), and ``per_query`` the medians, after one warm-up,
-    of each query continuing from that cache. Without it (ICL re-read), every query builds
-    and reads the context again, ``once`` is all zeros, and the context's cost is in
-    ``per_query``. A method that reads no context (zero-shot) reads bos alone per query.
+    method: Method
+    builder: ContextBuilder
+    reuse: bool = True
+
+
+@torch.no_grad()
+def serving_costs(servings: dict[str, Serving], demos: list, rows: Sequence[dict],
+                  device: torch.device | str, rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """Every way of ``servings`` serving one demonstration set's queries ``rows``, measured
+    together.
+
+    - ``once``: where one context serves every query, its one-off cost
+      (:func:`context_cost`); zeros otherwise.
+    - ``per_query``: its FLOPs (counted once, on the first query: a task's queries differ by
+      a few tokens) and peak memory (on the same query, after it warmed the kernels up),
+      the KV cache's size, and its wall ``seconds``: the median over ``rounds`` rounds of
+      every query, the servings taken in turn within each query (round-robin), so that a
+      burst of load on the machine falls on all of them alike; ``spread`` is the ratio of
+      the slowest to the fastest of its rounds' medians.
     """
-    if len(rows) < 2:
-        raise ValueError("Need at least two queries (the first warms up).")
-    zero = {"context_flops": 0, "llm_flops": 0, "flops": 0, "seconds": 0.0, "cache_bytes": 0}
-    if not (reuse and method.reads_context):
-        per_query = query_costs(method, builder, [demos] * len(rows), rows, device)
-        return {"once": zero, "per_query": {**per_query, "cache_bytes": 0}}
     reserve = max(len(builder.query(r["input"], True)) + max(len(builder.option(o))
                                                              for o in r["options"])
-                  for r in rows)
-    once, prefill = context_cost(method, builder, demos, device, reserve)
-    records = []
-    for row in rows:
-        pairs = [[(builder.query(row["input"], True), builder.option(o))
-                  for o in row["options"]]]
-        score = functools.partial(method.llm.score_pairs, pairs, prefill=prefill)
-        _, flops = count_flops(score)
-        _, seconds, peak = measure(score, device)
-        records.append({"context_flops": 0, "llm_flops": flops, "flops": flops,
-                        "seconds": seconds, "peak_bytes": peak})
-    records = records[1:]
-    per_query = {k: float(statistics.median(r[k] for r in records)) for k in records[0]}
-    return {"once": once, "per_query": {**per_query, "cache_bytes": once["cache_bytes"]}}
+                  for s in servings.values() for builder in [s.builder] for r in rows)
+    prepared = {}
+    for label, s in servings.items():
+        once, prefill = dict(_ZERO), None
+        if s.reuse and s.method.reads_context:
+            once, prefill = context_cost(s.method, s.builder, demos, device, reserve)
+        queries = [functools.partial(_answer, s, demos, row, prefill, reserve) for row in rows]
+        queries[0]()  # warms the kernels up
+        _, flops = count_flops(queries[0])
+        _, _, peak = measure(queries[0], device)
+        prepared[label] = (once, queries, {"flops": flops, "peak_bytes": peak,
+                                           "cache_bytes": once["cache_bytes"]})
+    times: dict[str, list[list[float]]] = {label: [] for label in servings}
+    for _ in range(rounds):
+        for label in servings:
+            times[label].append([])
+        for i in range(len(rows)):
+            for label, (_, queries, _) in prepared.items():
+                began = time.perf_counter()
+                queries[i]()
+                _sync(device)
+                times[label][-1].append(time.perf_counter() - began)
+    out = {}
+    for label, (once, _, per_query) in prepared.items():
+        medians = [statistics.median(r) for r in times[label]]
+        out[label] = {"once": once, "per_query": {
+            **per_query, "seconds": statistics.median(t for r in times[label] for t in r),
+            "spread": max(medians) / min(medians)}}
+    return out
+
+
+_ZERO = {"context_flops": 0, "llm_flops": 0, "flops": 0, "seconds": 0.0, "cache_bytes": 0}
+
+
+def _answer(s: Serving, demos: list, row: dict, prefill: Prefill | None, reserve: int):
+    """One query's options scored as ``s`` serves it: after the context read once
+    (``prefill``), or building and reading the context again (ICL re-read; zero-shot reads
+    the query alone)."""
+    method, builder = s.method, s.builder
+    query = builder.query(row["input"], method.reads_context)
+    pairs = [[(query, builder.option(o)) for o in row["options"]]]
+    if prefill is not None:
+        return method.llm.score_pairs(pairs, prefill=prefill)
+    prefix = (None, None)
+    if method.reads_context:
+        kept, ids = builder.context(demos, reserve)
+        prefix = method.prefix([kept], [ids])
+    return method.llm.score_pairs(pairs, **prefix_kwargs(prefix))
 
 
 @torch.no_grad()

@@ -80,9 +80,14 @@ class MethodConfig:
         return out
 
 
-def build_method(cfg: MethodConfig, device=None) -> Method:
-    """Load the models a method needs and wrap them in its evaluation interface."""
-    return get_method(cfg.method).load(cfg, device)
+def build_method(cfg: MethodConfig, device=None, llm=None) -> Method:
+    """Load the models a method needs and wrap them in its evaluation interface. ``llm``: the
+    frozen LLM ``cfg`` names, already loaded (:class:`~mend.core.prefix_lm.PrefixLM`), which
+    the methods that need only it (zero-shot, ICL, kv_compress) then share."""
+    spec = get_method(cfg.method)
+    if llm is not None and spec.needs == "llm":
+        return spec.load(cfg, device, llm=llm)
+    return spec.load(cfg, device)
 
 
 # Each module registers its method when imported; the order is the order `method_names` lists.

@@ -43,11 +43,12 @@ class LLMOnly:
         self.llm, self.format = llm, fmt
 
     @classmethod
-    def load(cls, cfg, device=None):
-        """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators."""
+    def load(cls, cfg, device=None, llm: PrefixLM | None = None):
+        """``cfg``: a :class:`~mend.methods.MethodConfig` naming ``llm`` and the separators;
+        ``llm``: that LLM already loaded, to share it with other methods (the demo's)."""
         fmt = DemoFormat(cfg.io_sep if cfg.io_sep is not None else SEP,
                          cfg.demo_sep if cfg.demo_sep is not None else SEP)
-        return cls(PrefixLM.load(FrozenLLM.of(cfg), device), fmt)
+        return cls(llm or PrefixLM.load(FrozenLLM.of(cfg), device), fmt)
 
 
 def prefix_kwargs(prefix: Prefix) -> dict[str, Any]:

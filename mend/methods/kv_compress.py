@@ -28,8 +28,8 @@ class KVCompress(LLMOnly):
     refine_steps: int = 0
 
     @classmethod
-    def load(cls, cfg, device=None) -> KVCompress:
-        method = super().load(cfg, device)
+    def load(cls, cfg, device=None, llm=None) -> KVCompress:
+        method = super().load(cfg, device, llm)
         method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders or 16,
                                          compaction=cfg.compaction)
         method.refine_steps = cfg.refine_steps

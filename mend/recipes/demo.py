@@ -20,6 +20,7 @@ meta-training tasks, and says so.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,14 @@ import sys
 
 from tqdm.auto import tqdm
 
-from mend.config import checked, MendConfig, replace
+from mend.config import FrozenLLM, checked, MendConfig, replace
 from mend.core.backbones import pick_device, zoo_path
+from mend.core.prefix_lm import PrefixLM
 from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import LONG_TASKS, NUM_DEMOS, PARTITION, SEED, materialize
 from mend.errors import ConfigError
-from mend.evaluation.efficiency import break_even, gflops, serving_costs, uncounted
+from mend.evaluation.efficiency import Serving, break_even, gflops, serving_costs, uncounted
 from mend.evaluation.harness import DemoConfig, evaluate_tasks
 from mend.methods import MethodConfig, build_method
 from mend.reporting.results import compression_text, memory
@@ -63,8 +65,11 @@ class DemoJobConfig:
     """Steps of the brief training when no checkpoint is found."""
     queries: int = 32
     """Test queries per task."""
-    cost_queries: int = 6
-    """Queries per task (after one warm-up) whose FLOPs, memory and time are measured."""
+    cost_queries: int = 3
+    """Queries per task whose time is measured (after a warm-up), every way of serving them
+    in turn, ``cost_rounds`` times; FLOPs and peak memory are measured on the first."""
+    cost_rounds: int = 3
+    """Rounds of the timed queries: each row's time is the median over all of them."""
     refine_steps: int = 0
     """Also MEND with this many refinement steps per context (``compress(demos,
     refine_steps=N)``): a one-off cost per task; 0 leaves the row out."""
@@ -74,7 +79,7 @@ class DemoJobConfig:
     output_dir: str = "out/demo"
 
     def __post_init__(self) -> None:
-        for name in ("train_steps", "queries", "cost_queries"):
+        for name in ("train_steps", "queries", "cost_queries", "cost_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.refine_steps < 0:
@@ -92,11 +97,12 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     # The equal-memory rows hold what MEND's prefix holds: bos + l positions.
     equal = replace(cfg.context, max_context_tokens=fmt.num_placeholders)
     seps = {"io_sep": fmt.io_sep, "demo_sep": fmt.demo_sep}
+    free = {"llm": llm, "num_placeholders": fmt.num_placeholders, **seps}
     methods = [(MethodConfig("zero_shot", llm=llm, **seps), cfg.context, SERVING["zero_shot"]),
                (MethodConfig("icl", llm=llm, **seps), cfg.context, SERVING["icl"]),
                (MethodConfig("icl", llm=llm, **seps), equal, SERVING["icl_equal_memory"]),
-               (MethodConfig("kv_compress", llm=llm, num_placeholders=fmt.num_placeholders,
-                             **seps), cfg.context, SERVING["kv_compress"]),
+               *[(MethodConfig("kv_compress", compaction=name, **free), cfg.context,
+                  SERVING[name]) for name in ("attention_cut", "kvzip", "attention_matching")],
                (MethodConfig("mend", checkpoint=str(checkpoint)), cfg.context, SERVING["mend"])]
     if cfg.refine_steps:
         methods.append((MethodConfig("mend", checkpoint=str(checkpoint),
@@ -104,18 +110,20 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
                         [(f"MEND + {cfg.refine_steps} refine steps", True)]))
     tasks = load_partition(root, PARTITION)[1]
     device = pick_device()
-    table = []
-    bar = tqdm(total=len(methods) * (2 * len(tasks) + 1), desc="demo", dynamic_ncols=True)
+    # One frozen LLM for every method that needs only it; MEND loads its own beside it.
+    shared = PrefixLM.load(FrozenLLM.of(methods[0][0]), device)
+    bar = tqdm(total=len(methods) * 2 * len(tasks) + len(tasks), desc="demo",
+               dynamic_ncols=True)
+    built, table = [], []
     for method_cfg, context, serving in methods:
-        method = build_method(method_cfg, device=device)
+        method = build_method(method_cfg, device=device, llm=shared)
         builder = ContextBuilder.for_method(method, context)
         accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
-        for label, reuse in serving:
-            bar.set_postfix(method=label, step="costs")
-            table.append({"method": label, **accuracy,
-                          **_costs(method, tasks, builder, cfg.cost_queries, device, reuse)})
-        bar.update(1)
-        del method
+        built.append((method, builder, serving))
+        table += [{"method": label, **accuracy} for label, _ in serving]
+    costs = _costs(built, tasks, cfg, device, bar)
+    for row in table:
+        row.update(costs[row["method"]])
     bar.close()
     _add_shares(table)
     even = break_evens(table)
@@ -133,15 +141,19 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     return result
 
 
-SERVING = {"zero_shot": [("zero-shot", True)],
+SERVING = {"zero_shot": [("zero-shot", False)],
            "icl": [("ICL (re-read per query)", False), ("ICL + KV cache", True)],
            "icl_equal_memory": [("ICL at equal memory + KV cache", True)],
-           "kv_compress": [("KV cache cut to equal memory", True)],
+           "attention_cut": [("KV cache cut to equal memory", True)],
+           "kvzip": [("KVzip cut to equal memory", True)],
+           "attention_matching": [("Attention Matching at equal memory", True)],
            "mend": [("MEND (compress once)", True)]}
 """Each method's rows: its table label, and whether one context serves every query (MEND
 compresses a task's demonstrations once; ICL either re-reads them or reuses their KV cache).
 The equal-memory rows hold as many prefix positions as MEND: ICL given the whole
-demonstrations that fit in its l tokens, and ICL's KV cache cut to 1 + l positions."""
+demonstrations that fit in its l tokens, and ICL's own KV cache compacted to 1 + l positions
+by each training-free compaction (the attention cut, KVzip's, and Attention Matching's fit,
+whose bias per kept key counts in its memory)."""
 
 
 def _add_shares(table: list[dict[str, Any]]) -> None:
@@ -190,17 +202,27 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
             "tasks": scores["own"], "swapped_tasks": scores["swapped"], "memory": held}
 
 
-def _costs(method, tasks, builder, queries: int, device, reuse: bool) -> dict[str, Any]:
-    """:func:`~mend.evaluation.efficiency.serving_costs` on every task (its 16 demonstrations
-    serving
-    ``queries`` test queries after a warm-up one), averaged over the tasks."""
-
-    runs = [serving_costs(method, builder,
-                          [(r["input"], r["output"]) for r in task.rows("train", SEED)],
-                          task.rows("test")[:queries + 1], device, reuse=reuse)
-            for task in tasks]
-    return {part: {k: sum(r[part][k] for r in runs) / len(runs) for k in runs[0][part]}
+def _costs(built, tasks, cfg: DemoJobConfig, device, bar) -> dict[str, dict[str, Any]]:
+    """Every row's costs (:func:`~mend.evaluation.efficiency.serving_costs`, every way of
+    serving timed in turn) on every task, its 16 demonstrations serving ``cost_queries``
+    test queries, averaged over the tasks; a row's ``spread`` is its widest."""
+    servings = {label: Serving(method, builder, reuse)
+                for method, builder, serving in built for label, reuse in serving}
+    runs = []
+    for task in tasks:
+        bar.set_postfix(task=task.name, step="costs")
+        runs.append(serving_costs(servings, [(r["input"], r["output"])
+                                             for r in task.rows("train", SEED)],
+                                  task.rows("test")[:cfg.cost_queries], device,
+                                  rounds=cfg.cost_rounds))
+        bar.update(1)
+    out = {}
+    for label in servings:
+        per_task = [run[label] for run in runs]
+        out[label] = {part: {k: (max if k == "spread" else statistics.mean)(
+            r[part][k] for r in per_task) for k in per_task[0][part]}
             for part in ("once", "per_query")}
+    return out
 
 
 def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int | None]]]:
@@ -231,7 +253,7 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
         lines.append(f"| {r['method']} | {pct(r['accuracy'])} | {pct(r['swapped_accuracy'])} "
                      f"| {gap} | {pct(share)} | {compression_text(r.get('memory'))} "
                      f"| {gflops(once['flops'])} | {once['seconds'] * 1e3:.0f} | "
-                     f"{gflops(q['flops'])} | {q['seconds'] * 1e3:.0f} | "
+                     f"{gflops(q['flops'])} | {q['seconds'] * 1e3:.0f}{_spread(q)} | "
                      f"{q['peak_bytes'] / 2**20:.1f} | {q['cache_bytes'] / 2**20:.2f} |")
     lines += ["", "By length of the demonstrations (accuracy, content gap, recovered share):", "",
               "| method | short demonstrations | long demonstrations |", "|---|---|---|"]
@@ -248,7 +270,20 @@ def markdown(table: list[dict[str, Any]], even: dict[str, dict[str, dict[str, in
             lines.append(f"- {mend} is cheaper than {label} {_queries(n['flops'])} in FLOPs, "
                          f"and {_queries(n['seconds'])} in measured time.")
     lines += [f"- FLOPs n/a: {reason}." for reason in uncounted()]
+    if any(r["per_query"].get("spread", 1) > WIDE for r in table):
+        lines.append(f"- ms/query is the median of every timed query, the rows taken in turn; "
+                     f"a spread (the slowest round's median over the fastest's) past "
+                     f"{WIDE:g}x says the machine was busy while it was timed.")
     return "\n".join(lines) + "\n"
+
+
+WIDE = 1.5
+"""A timing spread past which the table says so."""
+
+
+def _spread(q: dict[str, Any]) -> str:
+    spread = q.get("spread", 1.0)
+    return f" (spread {spread:.1f}x)" if spread > WIDE else ""
 
 
 def _queries(n: float | None) -> str:

@@ -50,11 +50,14 @@ def efficiency(result: dict[str, Any], path: Path) -> None:
     y = list(range(len(names)))[::-1]  # the first method at the top, its name in full
     fig, axes = plt.subplots(1, 3, figsize=(13, 1.6 + 0.45 * len(names)))
     for column, (ax, (title, values)) in enumerate(zip(axes, panels)):
-        ax.barh(y, values, color=colors)
+        # A count that failed (NaN, see count_flops) is drawn as no bar and labelled n/a.
+        drawn = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.barh(y, drawn, color=colors)
         ax.set_yticks(y, names if column == 0 else [""] * len(y), fontsize=9)
-        ax.set_xlim(0, 1.18 * max(values, default=1))
-        for i, value in zip(y, values):
-            ax.text(value, i, f" {value:.3g}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.18 * max(drawn, default=0) or 1)
+        for i, value, bar in zip(y, values, drawn):
+            ax.text(bar, i, f" {value:.3g}" if math.isfinite(value) else " n/a",
+                    va="center", fontsize=8)
         ax.set_title(title)
     fig.suptitle(f"{result['task']}, k={result['k']}, batch size 1 ({result['device']})")
     fig.tight_layout()

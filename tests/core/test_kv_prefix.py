@@ -113,7 +113,7 @@ def test_kv_output_needs_the_llms_architecture(tiny_model):
 
 def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_path):
     from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
-    from mend.evaluation.efficiency import serving_costs
+    from mend.evaluation.efficiency import Serving, serving_costs
     from mend.methods.mend import Mend
 
     d = kv_distiller()
@@ -122,7 +122,8 @@ def test_serving_a_kv_prefix_costs_the_llm_nothing_up_front(kv_distiller, tmp_pa
     task = load_task(root, "t1")
     builder = ContextBuilder.for_method(d, ContextConfig(max_input_tokens=64))
     demos = [(r["input"], r["output"]) for r in task.rows("train", 100)[:4]]
-    costs = serving_costs(method, builder, demos, task.rows("test")[:3], "cpu")
+    costs = serving_costs({"mend": Serving(method, builder)}, demos, task.rows("test")[:3],
+                          "cpu", rounds=1)["mend"]
     once = costs["once"]
     assert once["llm_flops"] == 0 < once["context_flops"]  # only the distiller reads the demos
     from mend.core.kv_cache import shapes

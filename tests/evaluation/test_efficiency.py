@@ -51,7 +51,7 @@ def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatc
     per-query and the compress-once measurement (so the numbers measure the query)."""
     import torch
 
-    from mend.evaluation.efficiency import serving_costs
+    from mend.evaluation.efficiency import Serving, serving_costs
     tmp_path, root, llm = setup
     task = load_task(root, "t1")
     rows = task.rows("dev", 100)[:3]
@@ -66,7 +66,8 @@ def test_peak_memory_of_a_query_is_measured_around_its_scoring(setup, monkeypatc
         return score(*args, **kwargs)
     monkeypatch.setattr(method.llm, "score_pairs", hungry)
     per_query = query_costs(method, builder, [demos] * len(rows), rows, "cpu")
-    served = serving_costs(method, builder, demos, rows, "cpu")["per_query"]
+    served = serving_costs({"mend": Serving(method, builder)}, demos, rows, "cpu",
+                           rounds=1)["mend"]["per_query"]
     assert per_query["peak_bytes"] >= 32 * 2**20 and served["peak_bytes"] >= 32 * 2**20
 
 

@@ -46,14 +46,16 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     rows = {r["method"]: r for r in result["methods"]}
     assert list(rows) == ["zero-shot", "ICL (re-read per query)", "ICL + KV cache",
                           "ICL at equal memory + KV cache", "KV cache cut to equal memory",
+                          "KVzip cut to equal memory", "Attention Matching at equal memory",
                           "MEND (compress once)"]
     icl, kv, mend = (rows[k] for k in ("ICL (re-read per query)", "ICL + KV cache",
                                        "MEND (compress once)"))
     # The equal-memory rows hold what MEND's prefix holds: bos + l positions (l = 16).
-    for label in ("ICL at equal memory + KV cache", "KV cache cut to equal memory",
-                  "MEND (compress once)"):
+    cuts = ("KV cache cut to equal memory", "KVzip cut to equal memory",
+            "Attention Matching at equal memory")
+    for label in ("ICL at equal memory + KV cache", *cuts, "MEND (compress once)"):
         assert rows[label]["memory"]["prefix_positions"] <= 17
-    assert rows["KV cache cut to equal memory"]["memory"]["prefix_positions"] == 17
+    assert all(rows[label]["memory"]["prefix_positions"] == 17 for label in cuts)
     assert kv["memory"]["prefix_positions"] > 17
     # Short and long demonstrations apart: the share within each group is the share of the
     # group's own scores.

@@ -257,8 +257,12 @@ def test_fsdp_killed_and_resumed_reaches_the_ddp_weights(scale_runs):
     saved = dcp.FileSystemReader(str(last / "pytorch_model_fsdp_0")).read_metadata()
     keys = list(saved.state_dict_metadata)
     assert "model.trained.placeholders" in keys and not any("frozen" in k for k in keys)
-    assert json.loads((last / "mend_engine.json").read_text()) == {"engine": "fsdp",
-                                                                    "processes": 2}
+    record = json.loads((last / "mend_engine.json").read_text())
+    assert (record["engine"], record["processes"]) == ("fsdp", 2)
+    # ... and the model it was taken of, which a resume checks before loading.
+    shared = [k for k in ddp if k in record["shapes"]]
+    assert shared and all(record["shapes"][k] == list(ddp[k].shape) for k in shared)
+    assert record["config"]["num_placeholders"] == 4
 
 
 @pytest.mark.slow  # subprocesses
