@@ -72,7 +72,7 @@ STEPS = (
     Step("inference", 40, 180, "bench/inference.py at the zoo shape, output kv"),
     Step("inference-7b", 40, 180, "bench/inference.py with the 7B-shaped LLM"),
     Step("demo", 55, 240, "mend demo (the shipped distiller over random weights: times only)"),
-    Step("resume", 80, 60, "mend pretrain stopped at half its time, then resumed"),
+    Step("resume", 80, 40, "mend pretrain stopped at half its time, then resumed"),
 )
 
 
@@ -361,7 +361,8 @@ def train_args(args) -> list[str]:
     if args.tiny:
         return ["--batch", "2", "--demo-tokens", "48", "--input-tokens", "24",
                 "--finetune-batch", "2", "--finetune-demo-tokens", "48",
-                "--placeholders", "4", "--steps", "2", "--recipes", "paper", *text]
+                "--placeholders", "4", "--steps", "2", "--recipes", "paper", "--repeats", "1",
+                "--stages", "pretrain", *text]
     return ["--batch", "8", "--demo-tokens", "800", "--input-tokens", "300", "--placeholders",
             "100", "--finetune-batch", "8", "--finetune-demo-tokens", "800",
             "--finetune-input-tokens", "300", "--steps", "5", "--recipes", "paper", *text]

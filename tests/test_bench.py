@@ -53,10 +53,10 @@ def test_train_bench_measures_each_lever_beside_the_old_path(tmp_path):
     result = bench(tmp_path, "train.py", "--steps", "1", "--batch", "1", "--demo-tokens", "32",
                    "--input-tokens", "16", "--placeholders", "2", "--recipes", "kv,compacted",
                    "--stages", "pretrain", "--repeats", "1",
-                   "--variants", "eager-fp32,old,new,checkpointing,8bit")
+                   "--variants", "eager-fp32,old,new,8bit")
     rows = {(r["recipe"], r["stage"], r["variant"]): r for r in result["rows"]}
-    assert rows["kv", "pretrain", "eager-fp32"]["model_flops"] > 0
-    assert rows["compacted", "pretrain", "checkpointing"]["mfu"] > 0
+    assert rows["kv", "pretrain", "eager-fp32"]["model_flops"] > 0  # counted once, then shared
+    assert rows["compacted", "pretrain", "new"]["mfu"] > 0
     # Each lever's row is measured beside the old path of its recipe and stage (each in a
     # process of its own); the bound is what the step's FLOPs alone would take.
     new, old = rows["compacted", "pretrain", "new"], rows["compacted", "pretrain", "old"]
@@ -145,7 +145,7 @@ def test_the_gpu_training_call_dry_run_trains_evaluates_and_bundles(tmp_path):
         subprocess.run([*gpu, "stage", str(chunk), *staged], check=True, cwd=ROOT)
     out = tmp_path / "out"
     done = subprocess.run([*gpu, "train", "--device", "cpu", "--tiny", "--carried", str(carry),
-                           *staged, "--chunks", str(chunks[-1]), "--minutes", "0.5,0.5", "--out",
+                           *staged, "--chunks", str(chunks[-1]), "--minutes", "0.2,0.2", "--out",
                            str(out), "--work", str(tmp_path / "work")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -163,7 +163,7 @@ def test_the_gpu_training_call_dry_run_trains_evaluates_and_bundles(tmp_path):
                              "attention_matching", "mend"}
         assert runs["mend"]["swapped"] is not None  # its swap control beside it
     logs = tmp_path / "work" / "logs"
-    assert "max_minutes=0.5 spent" in (logs / "stage1.log").read_text()
+    assert "max_minutes=0.2 spent" in (logs / "stage1.log").read_text()
     with tarfile.open(out / "checkpoint.tgz") as tar:
         tar.extractall(tmp_path / "unpacked")
     d = Distiller.from_pretrained(tmp_path / "unpacked" / "checkpoint", device="cpu")

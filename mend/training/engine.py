@@ -24,6 +24,7 @@ engines: one device, DDP, FSDP (FSDP2) or DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 from collections.abc import Iterator
@@ -60,7 +61,14 @@ def end_launch() -> None:
     that succeeded (SIGABRT, "terminate called without an active exception"). Not after an
     error: a rank still waiting in a collective would hang on it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank reaches here before any tears down, so no rank's gloo threads are still
+        # talking to a peer that has gone; then the Python objects that hold gloo work
+        # (finished collectives' handles and their tensors) are freed while the interpreter
+        # is whole, not at its finalization (pytorch/pytorch#179291 describes that abort).
+        torch.distributed.barrier()
+        gc.collect()
         torch.distributed.destroy_process_group()
+        gc.collect()
 
 
 def launched_sharded() -> str | None:

@@ -70,7 +70,15 @@ frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
   for l in 4 8; do
     L=$l every_set compaction_rows
     L=$l every_set equal_memory_icl
+    L=$l every_set warm_at
   done
+}
+
+# warm_at CONFIG OUTDIR ARGS...: the trained distiller compacting to bos + L positions (its
+# budget is the compaction's, so one distiller serves every L).
+warm_at() {
+  local config=$1 out=$2; shift 2
+  mend_row "warm-$L" "$OUT/stage2" "$config" "$out" num_placeholders="$L" "$@"
 }
 
 equal_memory_icl() {
