@@ -112,16 +112,21 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     device = pick_device()
     # One frozen LLM for every method that needs only it; MEND loads its own beside it.
     shared = PrefixLM.load(FrozenLLM.of(methods[0][0]), device)
+    split = {"setup": time.perf_counter() - started}  # tasks, zoo conversion, models, checkpoint
     bar = tqdm(total=len(methods) * 2 * len(tasks) + len(tasks), desc="demo",
                dynamic_ncols=True)
     built, table = [], []
     for method_cfg, context, serving in methods:
+        began = time.perf_counter()
         method = build_method(method_cfg, device=device, llm=shared)
         builder = ContextBuilder.for_method(method, context)
         accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
         built.append((method, builder, serving))
         table += [{"method": label, **accuracy} for label, _ in serving]
+        split[f"accuracy: {serving[0][0]}"] = time.perf_counter() - began
+    began = time.perf_counter()
     costs = _costs(built, tasks, cfg, device, bar)
+    split["costs"] = time.perf_counter() - began
     for row in table:
         row.update(costs[row["method"]])
     bar.close()
@@ -131,7 +136,7 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
         "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
                    "checkpoint_origin": origin},
         "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": cfg.context.k,
-        "cost_queries_per_task": cfg.cost_queries,
+        "cost_queries_per_task": cfg.cost_queries, "wall_split_s": split,
         "wall_time_s": time.perf_counter() - started})
     plots.demo(table, even, cfg.context.k, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")

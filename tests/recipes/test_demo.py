@@ -90,6 +90,10 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
         total = lambda r, n: r["once"]["flops"] + n * r["per_query"]["flops"]  # noqa: E731
         assert total(mend, n) < total(b, n) and (n == 1 or total(mend, n - 1) >= total(b, n - 1))
     assert all(0 <= r["accuracy"] <= 1 and r["per_query"]["seconds"] > 0 for r in rows.values())
+    # Where the time went: setup, each method's accuracy, the costs; together within the whole.
+    split = result["wall_split_s"]
+    assert {"setup", "costs", "accuracy: MEND (compress once)"} <= set(split)
+    assert 0 < sum(split.values()) <= result["wall_time_s"]
     assert (tmp_path / "demo" / "demo.png").is_file()
     assert "versions" in result["provenance"]
     # A second run finds the checkpoint the first one trained.

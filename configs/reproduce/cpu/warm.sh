@@ -27,6 +27,7 @@ CFG=configs/reproduce/cpu
 WARM=$CFG/warm
 GENERALISE=docs/results/generalise-cpu
 COMPACTIONS=(kv_compress kvzip attention_matching kvzip_matching)
+WARM_RUN=${WARM_RUN:-$OUT/stage2}  # the distiller `frontier` scores at l = 4 and 8
 
 references() {  # copy the rows shared with generalise-cpu, results and tables as they are
   local set run
@@ -60,8 +61,8 @@ stage1() { train pretrain "$OUT/stage1" --config "$WARM/pretrain.yaml" "$@"; }
 
 stage2() { train finetune "$OUT/stage2" --config "$WARM/finetune.yaml" init_from="$OUT/stage1" "$@"; }
 
-scored() {  # the trained distiller (stage 2), and stage 1 alone, on every set
-  every_set mend_row warm "$OUT/stage2"
+scored() {  # the trained distiller (stage 2, once it finished), and stage 1 alone, on every set
+  if [ -f "$OUT/stage2/done" ]; then every_set mend_row warm "$OUT/stage2"; fi
   every_set mend_row warm-stage1 "$OUT/stage1"
 }
 
@@ -78,7 +79,7 @@ frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
 # budget is the compaction's, so one distiller serves every L).
 warm_at() {
   local config=$1 out=$2; shift 2
-  mend_row "warm-$L" "$OUT/stage2" "$config" "$out" num_placeholders="$L" "$@"
+  mend_row "warm-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
 }
 
 equal_memory_icl() {
