@@ -31,6 +31,15 @@ from mend._version import __version__
 from mend.errors import CheckpointError
 
 
+def user_mode(*files: str | os.PathLike) -> None:
+    """Give ``files`` the mode the user's umask gives any new file (safetensors and
+    accelerate write through temporary files, which are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
+
+
 def paths(directory: str | os.PathLike, kind: str) -> tuple[Path, Path]:
     directory = Path(directory)
     return directory / f"{kind}_config.json", directory / f"{kind}_weights.safetensors"
@@ -55,6 +64,7 @@ def save(directory: str | os.PathLike, kind: str, config: dict[str, Any],
             old.unlink(missing_ok=True)
         save_file(tensors, str(staged[0]), metadata={"format": "pt", "mend_save": save_id})
         staged[1].write_text(json.dumps(meta, indent=2))
+        user_mode(*staged)
     except OSError as e:
         for path in staged:
             with contextlib.suppress(OSError):

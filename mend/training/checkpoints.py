@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from mend.config import to_dict
+from mend.core.checkpoint import user_mode
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.counters import sum_counts
@@ -97,6 +98,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoints: Path, state: TrainSta
         (tmp / ENGINE_FILE).write_text(json.dumps(
             {"engine": engine_of(accelerator), "processes": accelerator.num_processes,
              **(run or {})}))
+        user_mode(*(f for f in tmp.rglob("*") if f.is_file()))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
         for old in sorted(p for p in checkpoints.glob("step-*") if p.is_dir())[:-keep]:

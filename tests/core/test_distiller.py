@@ -91,7 +91,14 @@ def test_save_then_load_gives_identical_scores(make_distiller, tmp_path, setting
         for p in d.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
-    d.save_pretrained(tmp_path / "ckpt")
+    import os
+    mask = os.umask(0o022)  # files get the umask's mode, not their temporary files' 0600
+    try:
+        d.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(mask)
+    assert {(tmp_path / "ckpt" / f).stat().st_mode & 0o777 for f in (CONFIG_FILE, WEIGHTS_FILE)
+            } == {0o644}
     saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["config"]
     assert saved["distiller"] == d.config.distiller and saved["llm"] == d.config.llm
     loaded = Distiller.from_pretrained(tmp_path / "ckpt")

@@ -3,6 +3,7 @@ selection, early stopping, NaN, gradient checkpointing and configs (runs of seve
 are in test_scale.py)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -208,6 +209,11 @@ def test_a_time_budget_ends_the_run_as_finished_and_resumes_across_it(setup, tmp
               .splitlines()]
     assert logged == [1, 2]
     assert (out / "checkpoints" / "step-00000002").is_dir() and (out / "loss.png").is_file()
+    # Every file of a checkpoint has the umask's mode (accelerate writes through 0600 files).
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in (out / "checkpoints").rglob("*") if f.is_file()
+            } == {0o666 & ~mask}
     final = weights(out)
     # The same command again: the budget is spent (checkpoints carry the time), so nothing
     # trains; a larger budget goes on from step 2.
