@@ -96,7 +96,7 @@ def run(args, llm: str) -> tuple[dict, torch.Tensor | None]:
         optimizer.zero_grad(set_to_none=True)
         common.sync(args.device)
         times.append(time.perf_counter() - began)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     memory.__exit__(None, None, None)
     moved = max(float((p.detach() - s).abs().max()) for p, s in zip(params, start))
     return {"llm": llm, "status": "ok", "loss_first": losses[0], "loss_last": losses[-1],
