@@ -74,3 +74,15 @@ def make_distiller(tiny_model):
         cfg = MendConfig(distiller=paths[0], llm=paths[1], **kwargs)
         return Distiller.from_config(cfg)
     return make
+
+
+@pytest.fixture
+def llm(tiny_model):
+    """``llm(arch) -> PrefixLM``: a tiny frozen LLM (hidden size 48) as the methods wrap it."""
+    from mend.core.backbones import load_model, load_tokenizer
+    from mend.core.prefix_lm import PrefixLM
+
+    def make(arch: str = "llama") -> PrefixLM:
+        path = tiny_model(arch, 48)
+        return PrefixLM(load_model(path), load_tokenizer(path))
+    return make

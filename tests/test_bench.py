@@ -51,21 +51,22 @@ def test_eval_bench_fast_and_naive_paths_agree(tmp_path):
 @pytest.mark.slow  # a subprocess per benchmark
 def test_train_bench_measures_each_lever_beside_the_old_path(tmp_path):
     result = bench(tmp_path, "train.py", "--steps", "1", "--batch", "1", "--demo-tokens", "32",
-                   "--input-tokens", "16", "--placeholders", "2", "--recipes", "kv,compacted",
+                   "--input-tokens", "16", "--placeholders", "2", "--recipes", "compacted",
                    "--stages", "pretrain", "--repeats", "1",
                    "--variants", "eager-fp32,old,new,8bit")
     rows = {(r["recipe"], r["stage"], r["variant"]): r for r in result["rows"]}
-    assert rows["kv", "pretrain", "eager-fp32"]["model_flops"] > 0  # counted once, then shared
+    assert rows["compacted", "pretrain", "eager-fp32"]["model_flops"] > 0  # counted once
     assert rows["compacted", "pretrain", "new"]["mfu"] > 0
     # Each lever's row is measured beside the old path of its recipe and stage (each in a
     # process of its own); the bound is what the step's FLOPs alone would take.
     new, old = rows["compacted", "pretrain", "new"], rows["compacted", "pretrain", "old"]
     assert new["speedup"] == pytest.approx(new["tokens_per_s"] / old["tokens_per_s"])
     assert new["spread"] >= 1.0 and new["bound_tokens_per_s"] > 0
-    assert any(t["target"].startswith("kv pretrain: new >= 3x") for t in result["targets"])
+    assert any(t["target"].startswith("compacted pretrain: new >= 3x")
+               for t in result["targets"])
     # The 8-bit LLM runs wherever bitsandbytes runs it (the CPU too), else says why not.
     from mend.core.backbones import bitsandbytes_problem
-    status = rows["kv", "pretrain", "8bit"]["status"]
+    status = rows["compacted", "pretrain", "8bit"]["status"]
     assert status == "ok" if bitsandbytes_problem("cpu") is None else status.startswith(
         "skipped: ")
 

@@ -9,26 +9,16 @@ from scipy.optimize import nnls
 
 from tests.support import DEMOS
 from mend.core import attention, compaction
-from mend.core.backbones import load_model, load_tokenizer
 from mend.core.compaction import Reading, select
 from mend.core.compaction.attention_cut import AttentionCut
 from mend.core.compaction.kvzip import KVzip
 from mend.core.compaction.matching import AttentionMatching
 from mend.core.kv_compress import KVCompressor
-from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat, encode
 from mend.errors import InputError
 
 FMT = DemoFormat("\n", "\n\n")
 OPTIONS = ["positive", "negative"]
-
-
-@pytest.fixture
-def llm(tiny_model):
-    def make(arch: str = "llama") -> PrefixLM:
-        path = tiny_model(arch, 48)
-        return PrefixLM(load_model(path), load_tokenizer(path))
-    return make
 
 
 class _Layer(torch.nn.Module):

@@ -6,7 +6,6 @@ import torch
 
 from tests.support import DEMOS, write_metaicl
 from mend import Distiller, MendConfig
-from mend.core.backbones import load_model, load_tokenizer
 from mend.core.kv_compress import KVCompressor
 from mend.core.losses import chunked_kl_distill
 from mend.core.prefix_lm import PrefixLM
@@ -18,14 +17,6 @@ from mend.reporting.results import memory, recovered
 
 OPTIONS = ["positive", "negative"]
 FMT = DemoFormat("\n", "\n\n")
-
-
-@pytest.fixture
-def llm(tiny_model):
-    def make(arch: str = "llama") -> PrefixLM:
-        path = tiny_model(arch, 48)
-        return PrefixLM(load_model(path), load_tokenizer(path))
-    return make
 
 
 def _icl_scores(llm: PrefixLM, context: list[int], queries: list[str]) -> list[float]:

@@ -40,7 +40,7 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEND_CACHE", str(tmp_path / "cache"))
     # Fewer queries, steps and rounds than a user's run: the same rows and code paths.
     assert main(["demo", "--tiny", "--output-dir", str(tmp_path / "demo"), "queries=12",
-                 "train_steps=30", "cost_rounds=2"]) == 0
+                 "train_steps=10", "cost_rounds=2"]) == 0
     printed = capsys.readouterr().out
     assert "training one briefly first" in printed and "| MEND (compress once) |" in printed
     assert "cheaper than ICL + KV cache from query" in printed
