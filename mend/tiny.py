@@ -24,6 +24,8 @@ from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
 import transformers as tf
 
+from mend._files import user_mode
+
 ARCHS = ("gpt2", "opt", "llama", "qwen2", "gemma3")
 """The causal architectures; ``t5`` (seq2seq) is built too, for the step-by-step student."""
 
@@ -124,7 +126,7 @@ def build(directory: str | Path, arch: str = "llama", style: str = "bytelevel",
             lm = model(arch, len(tok), hidden=hidden, layers=layers, seed=seed, tok=tok)
             lm.save_pretrained(staging)
             tok.save_pretrained(staging)
-            staging.chmod(0o777 & ~_umask())
+            user_mode(staging, *staging.iterdir())
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(staging, directory)
@@ -142,9 +144,3 @@ def _complete(directory: Path) -> bool:
         return False
     return (any(directory.glob("*.safetensors"))
             and (directory / "tokenizer.json").is_file())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

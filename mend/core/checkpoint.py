@@ -27,17 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mend._files import user_mode
 from mend._version import __version__
 from mend.errors import CheckpointError
-
-
-def user_mode(*files: str | os.PathLike) -> None:
-    """Give ``files`` the mode the user's umask gives any new file (safetensors and
-    accelerate write through temporary files, which are created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in files:
-        os.chmod(f, 0o666 & ~mask)
 
 
 def paths(directory: str | os.PathLike, kind: str) -> tuple[Path, Path]:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from mend._files import user_mode
 from mend.config import to_dict
-from mend.core.checkpoint import user_mode
 from mend.counters import Counters
 from mend.errors import CheckpointError
 from mend.counters import sum_counts

@@ -96,3 +96,18 @@ def test_two_processes_sharing_a_cache_convert_once_and_both_find_it(tmp_path):
     assert len(log.read_text().split()) == 1  # converted once
     assert json.loads((target / "zoo.json").read_text())["pid"] == int(log.read_text())
     assert not [p for p in target.parent.iterdir() if p.name.startswith(".smollm2")]
+
+
+def test_a_tiny_model_is_built_with_the_umasks_modes(tmp_path):
+    """The folder is staged by mkdtemp (0700) and the weights through a temporary file
+    (0600); what lands in the user's cache has the modes the umask gives new files."""
+    import os
+
+    from mend import tiny
+    mask = os.umask(0o022)
+    try:
+        built = tiny.build(tmp_path / "m", "llama")
+    finally:
+        os.umask(mask)
+    assert built.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in built.iterdir()} == {0o644}
