@@ -16,6 +16,7 @@ which loads in ``dtype`` with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
@@ -316,9 +317,32 @@ def zoo_from_gguf(name: str, gguf: str | Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Inside the block, the ``gguf`` package parses each file once and builds each tensor-name
+    map once. transformers (5.x) parses a GGUF file anew for its config, its tokenizer and its
+    weights, and rebuilds gguf's name map for every module it walks: on SmolLM2-135M, 12 s
+    and 6 s of a 16 s conversion, which every new user pays on first use. Both are pure
+    functions of their arguments (a read-only memory map; a lookup table), so they are
+    memoised for the block and restored after it; where gguf lacks either name, nothing is
+    changed and the conversion is only slower."""
+    import gguf
+
+    saved = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map")
+             if hasattr(gguf, name)}
+    for name, fn in saved.items():
+        setattr(gguf, name, functools.lru_cache(maxsize=None)(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gguf, name, fn)
+
+
 def _convert_zoo(entry: zoo.ZooModel, target: Path) -> None:
     optional.require("gguf", f"Converting zoo model `{entry.name}` from its GGUF file (done once)")
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{entry.name}-") as tmp, \
+            _gguf_read_once():
         gguf = entry.locate(Path(tmp))
         # The same GGUF path users get for a .gguf file: dequantized, real float32 weights.
         tokenizer = load_tokenizer(str(gguf))

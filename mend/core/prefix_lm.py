@@ -251,11 +251,30 @@ class PrefixLM(Scoring):
         """:meth:`_read_after` for scoring (no gradients)."""
         return self._read_after(head, index, input_ids, input_mask)
 
+    @torch.no_grad()
+    def _extend(self, head: Prefill, index: torch.Tensor, input_ids: torch.Tensor,
+                input_mask: torch.Tensor) -> tuple[torch.Tensor, Prefill]:
+        """:meth:`_read_after`, and the heads extended by the inputs: a :class:`Prefill` of
+        ``n`` rows, ``[head | input]``, whose ``last`` is each row's last real input position.
+        A right-padded input leaves its padding inside the new head, masked, so only on a
+        model without sliding-window layers are the distances after it those of an unpadded
+        row (:attr:`sliding`)."""
+        return self._read_after(head, index, input_ids, input_mask, extend=True)
+
+    @property
+    def sliding(self) -> bool:
+        """Whether some attention layer of the LLM sees only a window of recent positions."""
+        config = self.model.config.get_text_config()
+        kinds = getattr(config, "layer_types", None) or []
+        return any("sliding" in str(k) for k in kinds) or (
+            getattr(config, "sliding_window", None) is not None
+            and getattr(config, "use_sliding_window", True) is not False)
+
     def _read_after(self, head: Prefill, index: torch.Tensor, input_ids: torch.Tensor,
-                    input_mask: torch.Tensor) -> torch.Tensor:
+                    input_mask: torch.Tensor, extend: bool = False):
         """Final hidden states of the inputs read after cached heads, row ``i`` after head
         ``index[i]``: ``(n, T + 1, d)``, where index ``t`` predicts input token ``t`` (index 0
-        is the head's last position)."""
+        is the head's last position). ``extend``: also the extended heads (:meth:`_extend`)."""
         index = index.to(self.device)
         if head.from_distiller:  # tensors that may carry gradients: a fresh cache of them
             cache = fresh_cache(head, index, self.model.config)
@@ -272,9 +291,14 @@ class PrefixLM(Scoring):
             out = self.body(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, use_cache=True,
                             **({} if bias is None else {"key_bias": bias}))
-        return torch.cat([head.last.index_select(0, index.to(head.last.device)).unsqueeze(1)
-                          .to(out.last_hidden_state.device, out.last_hidden_state.dtype),
-                          out.last_hidden_state], 1)
+        hidden = torch.cat([head.last.index_select(0, index.to(head.last.device)).unsqueeze(1)
+                            .to(out.last_hidden_state.device, out.last_hidden_state.dtype),
+                            out.last_hidden_state], 1)
+        if not extend:
+            return hidden
+        lengths = input_mask.sum(-1)
+        return hidden, Prefill(cache, mask, hidden[torch.arange(len(lengths)), lengths],
+                               pos[:, 0] + lengths, bias)
 
     def _check_input(self, input_ids, attention_mask):
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

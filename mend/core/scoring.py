@@ -81,6 +81,10 @@ class Scoring:
         reuse = reuse_head and has_context or prefill is not None
         shared_head = prefill if prefill is not None else (
             self._run_head(prefix, prefix_mask) if reuse and shared else None)
+        if reuse and not self.sliding and _stems_pay(rows, batch_size):
+            nll = self._score_by_stem(shared_head, prefix, prefix_mask, shared, rows,
+                                      batch_size)
+            return _per_query(nll, groups)
         nll = torch.empty(len(rows))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -101,11 +105,65 @@ class Scoring:
             per_row = torch.zeros(len(chunk), device=token_nll.device).index_add_(
                 0, row.to(token_nll.device), token_nll)
             nll[start:start + len(chunk)] = (per_row / lengths).cpu()
-        out, k = [], 0
-        for pairs in groups:
-            out.append(nll[k:k + len(pairs)])
-            k += len(pairs)
-        return out
+        return _per_query(nll, groups)
+
+    def _score_by_stem(self, shared_head: Prefill | None, prefix: torch.Tensor | None,
+                       prefix_mask: torch.Tensor | None, shared: bool,
+                       rows: Sequence[tuple[int, list[int], int]], batch_size: int
+                       ) -> torch.Tensor:
+        """:meth:`score_pairs`'s NLLs, each query's *stem* read once: the tokens its rows share
+        (:func:`_stems`: the prompt, and the separator its options start with). The stems are
+        read after their heads, ``batch_size`` at a time; a row's target tokens inside its stem
+        are scored from that pass, its next one from the stem's last position, and only the
+        rest, where there is any, in a second pass continuing from the stem's cache.
+        ``rows``: ``(query, prompt + target ids, target length)``."""
+        stems = _stems(rows)
+        keys = list(dict.fromkeys(stems))
+        nll = torch.empty(len(rows))
+        for start in range(0, len(keys), batch_size):
+            batch = keys[start:start + batch_size]
+            where = {key: j for j, key in enumerate(batch)}
+            ids, mask = pad([list(stem) for _, stem in batch], self.tokenizer.pad_token_id)
+            index = torch.tensor([0 if shared else q for q, _ in batch])
+            head = shared_head
+            if head is None:
+                needed, index = torch.unique(index, return_inverse=True)
+                head = self._run_head(*_rows(prefix, prefix_mask, needed))
+            # Index t of a stem's row predicts its token t; the last real one, the next token.
+            hidden, read = self._extend(head, index, ids, mask)
+            mine = [i for i, key in enumerate(stems) if key in where]
+            for part in range(0, len(mine), batch_size):
+                chunk = mine[part:part + batch_size]
+                local = torch.tensor([where[stems[i]] for i in chunk])
+                width = [len(stems[i][1]) for i in chunk]
+                rests = [rows[i][1][w:] for i, w in zip(chunk, width)]
+                after = None
+                if max(map(len, rests)) > 1:  # index t after the stem predicts rest token t
+                    inputs = [r[:-1] for r in rests]
+                    r_ids, r_mask = pad([x or [self.tokenizer.pad_token_id] for x in inputs],
+                                        self.tokenizer.pad_token_id)
+                    r_mask[[j for j, x in enumerate(inputs) if not x]] = 0  # reads nothing
+                    after = self._continue(read, local, r_ids, r_mask)
+                states, targets = [], []
+                for j, i in enumerate(chunk):
+                    seq, n = rows[i][1], rows[i][2]
+                    first = len(seq) - n  # the first target token's index in the row
+                    inside = hidden[local[j], first:width[j]]  # target tokens in the stem
+                    beyond = (read.last[local[j]][None] if after is None
+                              else after[j, :len(rests[j])])
+                    states.append(torch.cat([inside, beyond.to(inside.dtype)])[-n:])
+                    targets += seq[-n:]
+                # One projection for the chunk: the head's weights are read once.
+                token_nll = F.cross_entropy(self.project(torch.cat(states)),
+                                            torch.tensor(targets, device=hidden.device),
+                                            reduction="none")
+                lengths = torch.tensor([rows[i][2] for i in chunk], device=token_nll.device)
+                row = torch.repeat_interleave(torch.arange(len(chunk), device=lengths.device),
+                                              lengths)
+                per_row = torch.zeros(len(chunk), device=token_nll.device).index_add_(
+                    0, row, token_nll)
+                nll[torch.tensor(chunk)] = (per_row / lengths).cpu()
+        return nll
 
     @torch.no_grad()
     def next_token_logits(self, prompt_ids: Sequence[Sequence[int]],
@@ -232,6 +290,54 @@ class Scoring:
             needed, index = torch.unique(index, return_inverse=True)
             head = self._run_head(*_rows(prefix, prefix_mask, needed))
         return self._continue(head, index, ids, mask)
+
+
+def _stems(rows: Sequence[tuple[int, list[int], int]]) -> list[tuple[int, tuple[int, ...]]]:
+    """Each row's stem, ``(query, ids)``: the longest start its query's rows share, leaving
+    every row at least one token after it (for the stem's last position to predict)."""
+    by_query: dict[int, list[list[int]]] = {}
+    for q, seq, _ in rows:
+        by_query.setdefault(q, []).append(seq)
+    stem = {}
+    for q, seqs in by_query.items():
+        width = min(map(len, seqs)) - 1
+        for k in range(width):
+            if any(seq[k] != seqs[0][k] for seq in seqs):
+                width = k
+                break
+        stem[q] = (q, tuple(seqs[0][:width]))
+    return [stem[q] for q, _, _ in rows]
+
+
+PASS_TOKENS = 128
+"""What a forward pass costs beyond its tokens, in tokens: a pass reads every weight of the
+LLM, about as long as computing some 50 tokens on a CPU (bf16 matmul rate over memory
+bandwidth) and a few hundred on a GPU; with the pass's fixed overhead, 128."""
+
+
+def _stems_pay(rows: Sequence[tuple[int, list[int], int]], batch_size: int) -> bool:
+    """Whether reading each query's stem once (:meth:`Scoring._score_by_stem`) pays: it reads
+    fewer tokens, but rows with two or more tokens after their stem need a second pass, so
+    it is taken where its tokens and passes (each :data:`PASS_TOKENS`) cost less than one
+    row per pair, and every stem is non-empty."""
+    stems = _stems(rows)
+    if any(len(ids) == 0 for _, ids in stems):
+        return False
+    rests = [len(seq) - len(ids) - 1 for (_, seq, _), (_, ids) in zip(rows, stems)]
+    longer = sum(r > 0 for r in rests)
+    passes = -(-len(set(stems)) // batch_size) + -(-longer // batch_size)
+    cost = sum(len(ids) for _, ids in set(stems)) + sum(rests) + passes * PASS_TOKENS
+    plain = sum(len(seq) for _, seq, _ in rows) + -(-len(rows) // batch_size) * PASS_TOKENS
+    return cost < plain
+
+
+def _per_query(nll: torch.Tensor, groups: Sequence[Sequence]) -> list[torch.Tensor]:
+    """The flat NLLs split back into one tensor per query."""
+    out, k = [], 0
+    for pairs in groups:
+        out.append(nll[k:k + len(pairs)])
+        k += len(pairs)
+    return out
 
 
 def _rows(prefix: torch.Tensor | None, prefix_mask: torch.Tensor | None, index: torch.Tensor

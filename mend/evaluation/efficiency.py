@@ -87,14 +87,21 @@ def gflops(flops: float) -> str:
 
 
 class PeakMemory:
-    """Context manager measuring peak memory growth in bytes (``.peak`` after exit)."""
+    """Context manager measuring peak memory growth in bytes (``.peak`` after exit).
 
-    def __init__(self, device: torch.device | str):
+    ``collect``: run the garbage collector first, so that garbage freed during the measured
+    code does not lower the peak. It takes a third of a second in a process holding a
+    transformers model, so a caller measuring many runs collects once before them and passes
+    False."""
+
+    def __init__(self, device: torch.device | str, collect: bool = True):
         self.cuda = torch.device(device).type == "cuda"
+        self.collect = collect
         self.peak = 0
 
     def __enter__(self) -> PeakMemory:
-        gc.collect()
+        if self.collect:
+            gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -132,10 +139,11 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def measure(fn: Callable[[], Any], device: torch.device | str) -> tuple[Any, float, int]:
+def measure(fn: Callable[[], Any], device: torch.device | str, collect: bool = True
+            ) -> tuple[Any, float, int]:
     """``fn()``'s result, its wall seconds (the device synchronised before the clock stops)
-    and its peak memory in bytes (:class:`PeakMemory`)."""
-    with PeakMemory(device) as memory:
+    and its peak memory in bytes (:class:`PeakMemory`, ``collect`` as there)."""
+    with PeakMemory(device, collect) as memory:
         began = time.perf_counter()
         out = fn()
         _sync(device)
@@ -190,7 +198,9 @@ class Serving:
 
 @torch.no_grad()
 def serving_costs(servings: dict[str, Serving], demos: list, rows: Sequence[dict],
-                  device: torch.device | str, rounds: int = 3) -> dict[str, dict[str, Any]]:
+                  device: torch.device | str, rounds: int = 3,
+                  made: dict[str, dict[str, Prefill]] | None = None
+                  ) -> dict[str, dict[str, Any]]:
     """Every way of ``servings`` serving one demonstration set's queries ``rows``, measured
     together.
 
@@ -202,19 +212,25 @@ def serving_costs(servings: dict[str, Serving], demos: list, rows: Sequence[dict
       every query, the servings taken in turn within each query (round-robin), so that a
       burst of load on the machine falls on all of them alike; ``spread`` is the ratio of
       the slowest to the fastest of its rounds' medians.
+
+    ``made``, where given, keeps each serving's context for reuse: ``made[label]`` gains it
+    under :func:`context_cost`'s key.
     """
     reserve = max(len(builder.query(r["input"], True)) + max(len(builder.option(o))
                                                              for o in r["options"])
                   for s in servings.values() for builder in [s.builder] for r in rows)
     prepared = {}
+    gc.collect()  # once: the runs below measure their peaks without collecting again
     for label, s in servings.items():
         once, prefill = dict(_ZERO), None
         if s.reuse and s.method.reads_context:
-            once, prefill = context_cost(s.method, s.builder, demos, device, reserve)
+            once, prefill = context_cost(s.method, s.builder, demos, device, reserve,
+                                         collect=False,
+                                         made=None if made is None else made.setdefault(label,
+                                                                                        {}))
         queries = [functools.partial(_answer, s, demos, row, prefill, reserve) for row in rows]
-        queries[0]()  # warms the kernels up
-        _, flops = count_flops(queries[0])
-        _, _, peak = measure(queries[0], device)
+        _, flops = count_flops(queries[0])  # also warms the kernels up
+        _, _, peak = measure(queries[0], device, collect=False)
         prepared[label] = (once, queries, {"flops": flops, "peak_bytes": peak,
                                            "cache_bytes": once["cache_bytes"]})
     times: dict[str, list[list[float]]] = {label: [] for label in servings}
@@ -257,12 +273,15 @@ def _answer(s: Serving, demos: list, row: dict, prefill: Prefill | None, reserve
 
 @torch.no_grad()
 def context_cost(method: Method, builder: ContextBuilder, demos: list,
-                 device: torch.device | str, reserve: int = 0) -> tuple[dict[str, Any], Prefill]:
+                 device: torch.device | str, reserve: int = 0, collect: bool = True,
+                 made: dict[str, Prefill] | None = None) -> tuple[dict[str, Any], Prefill]:
     """The one-off cost of one demonstration set's context, and the context: the method's
     prefix (MEND's distiller, a compaction's passes and fits: ``context_flops``) and the
     LLM's pass over it where it is read as vectors (``llm_flops``), their wall ``seconds``,
     and the KV cache's size, a compaction's fitted bias included (``cache_bytes``).
-    ``reserve``: tokens kept free for the longest query and option."""
+    ``reserve``: tokens kept free for the longest query and option; ``collect`` as in
+    :class:`PeakMemory`. ``made``, where given, gains the context under the key
+    :func:`prefix_key` gives the method's arguments."""
     kept, ids = builder.context(demos, reserve)
 
     def build() -> Prefill:
@@ -270,13 +289,22 @@ def context_cost(method: Method, builder: ContextBuilder, demos: list,
         # A key/value prefix is read by no LLM pass; vectors are prefilled once.
         return prefix if isinstance(prefix, Prefill) else method.llm.prefill(*prefix)
 
-    prefill, seconds, _ = measure(build, device)  # timed apart from the FLOP counter's work
+    # Timed apart from the FLOP counter's work.
+    prefill, seconds, _ = measure(build, device, collect)
     prefix, context_flops = count_flops(lambda: method.prefix([kept], [ids]))
     prefill_flops = 0 if isinstance(prefix, Prefill) else count_flops(
         lambda: method.llm.prefill(*prefix))[1]
+    if made is not None:
+        made[prefix_key([kept], [ids])] = prefill
     return ({"context_flops": context_flops, "llm_flops": prefill_flops,
              "flops": context_flops + prefill_flops, "seconds": seconds,
              "cache_bytes": tensor_bytes((prefill.cache, prefill.bias))}, prefill)
+
+
+def prefix_key(demo_sets: Sequence[Sequence], contexts: Sequence[Sequence[int]]) -> str:
+    """The key of a method's prefix for these arguments of ``Method.prefix``: every method's
+    prefix is a function of them."""
+    return repr((list(map(list, demo_sets)), list(map(list, contexts))))
 
 
 def break_even(a: dict[str, Any], b: dict[str, Any], key: str = "flops") -> float | None:

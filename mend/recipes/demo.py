@@ -20,13 +20,13 @@ meta-training tasks, and says so.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 import sys
 
+import torch
 from tqdm.auto import tqdm
 
 from mend.config import FrozenLLM, checked, MendConfig, replace
@@ -36,7 +36,8 @@ from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import LONG_TASKS, NUM_DEMOS, PARTITION, SEED, materialize
 from mend.errors import ConfigError
-from mend.evaluation.efficiency import Serving, break_even, gflops, serving_costs, uncounted
+from mend.evaluation.efficiency import (Serving, break_even, gflops, prefix_key, serving_costs,
+                                        uncounted)
 from mend.evaluation.harness import DemoConfig, evaluate_tasks
 from mend.methods import MethodConfig, build_method
 from mend.reporting.results import compression_text, memory
@@ -49,6 +50,7 @@ from mend.core.zoo import cache_root
 from mend.methods.mend import ObjectiveConfig
 from mend.recipes.finetune import FinetuneConfig, main as finetune
 from mend.training.config import TrainConfig
+from mend.training.precision import resolve
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "demo-distiller"
 ZOO_PAIR = ("smollm2-135m", "smollm2-135m")
@@ -65,11 +67,20 @@ class DemoJobConfig:
     """Steps of the brief training when no checkpoint is found."""
     queries: int = 32
     """Test queries per task."""
-    cost_queries: int = 3
+    cost_queries: int = 2
     """Queries per task whose time is measured (after a warm-up), every way of serving them
     in turn, ``cost_rounds`` times; FLOPs and peak memory are measured on the first."""
-    cost_rounds: int = 3
+    cost_rounds: int = 2
+    cost_tasks: Literal["one_per_length", "all"] = "one_per_length"
+    """Whose costs are measured: ``one_per_length``, the first task with short
+    demonstrations and the first with long ones, each standing for its group in the mean
+    with its group's share of the tasks (what a way of serving costs depends on the lengths
+    of the demonstrations and queries, not on their content); ``all``, every task."""
     """Rounds of the timed queries: each row's time is the median over all of them."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The weights of the frozen LLM and the distiller, the same for every row. ``auto``:
+    bfloat16 where this machine multiplies it at least as fast as float32 (measured: CUDA
+    GPUs from Ampere on, CPUs with AMX or AVX512-BF16), else float32."""
     refine_steps: int = 0
     """Also MEND with this many refinement steps per context (``compress(demos,
     refine_steps=N)``): a one-off cost per task; 0 leaves the row out."""
@@ -96,47 +107,51 @@ def main(cfg: DemoJobConfig) -> dict[str, Any]:
     fmt = read_config(checkpoint)
     # The equal-memory rows hold what MEND's prefix holds: bos + l positions.
     equal = replace(cfg.context, max_context_tokens=fmt.num_placeholders)
-    seps = {"io_sep": fmt.io_sep, "demo_sep": fmt.demo_sep}
+    device = pick_device()
+    dtype = _dtype(cfg.dtype, device)
+    seps = {"io_sep": fmt.io_sep, "demo_sep": fmt.demo_sep, "llm_dtype": dtype}
     free = {"llm": llm, "num_placeholders": fmt.num_placeholders, **seps}
+    trained = {"checkpoint": str(checkpoint), "distiller_dtype": dtype, **seps}
     methods = [(MethodConfig("zero_shot", llm=llm, **seps), cfg.context, SERVING["zero_shot"]),
                (MethodConfig("icl", llm=llm, **seps), cfg.context, SERVING["icl"]),
                (MethodConfig("icl", llm=llm, **seps), equal, SERVING["icl_equal_memory"]),
                *[(MethodConfig("kv_compress", compaction=name, **free), cfg.context,
                   SERVING[name]) for name in ("attention_cut", "kvzip", "attention_matching")],
-               (MethodConfig("mend", checkpoint=str(checkpoint)), cfg.context, SERVING["mend"])]
+               (MethodConfig("mend", **trained), cfg.context, SERVING["mend"])]
     if cfg.refine_steps:
-        methods.append((MethodConfig("mend", checkpoint=str(checkpoint),
-                                     refine_steps=cfg.refine_steps), cfg.context,
-                        [(f"MEND + {cfg.refine_steps} refine steps", True)]))
+        methods.append((MethodConfig("mend", refine_steps=cfg.refine_steps, **trained),
+                        cfg.context, [(f"MEND + {cfg.refine_steps} refine steps", True)]))
     tasks = load_partition(root, PARTITION)[1]
-    device = pick_device()
     # One frozen LLM for every method that needs only it; MEND loads its own beside it.
     shared = PrefixLM.load(FrozenLLM.of(methods[0][0]), device)
-    split = {"setup": time.perf_counter() - started}  # tasks, zoo conversion, models, checkpoint
+    split = {}  # setup: tasks, zoo conversion, models, checkpoint
     bar = tqdm(total=len(methods) * 2 * len(tasks) + len(tasks), desc="demo",
                dynamic_ncols=True)
-    built, table = [], []
+    built = []
     for method_cfg, context, serving in methods:
-        began = time.perf_counter()
         method = build_method(method_cfg, device=device, llm=shared)
-        builder = ContextBuilder.for_method(method, context)
-        accuracy = _accuracy(method, tasks, builder, cfg.queries, bar)
-        built.append((method, builder, serving))
-        table += [{"method": label, **accuracy} for label, _ in serving]
-        split[f"accuracy: {serving[0][0]}"] = time.perf_counter() - began
-    began = time.perf_counter()
-    costs = _costs(built, tasks, cfg, device, bar)
+        built.append((method, ContextBuilder.for_method(method, context), serving))
+    split["setup"] = time.perf_counter() - started
+    # Costs first: each task's context is made there once, timed, and then scored below.
+    began, made = time.perf_counter(), {}
+    costs = _costs(built, tasks, cfg, device, bar, made)
     split["costs"] = time.perf_counter() - began
-    for row in table:
-        row.update(costs[row["method"]])
+    table = []
+    for method, builder, serving in built:
+        began = time.perf_counter()
+        contexts = {k: v for label, _ in serving for k, v in made.get(label, {}).items()}
+        accuracy = _accuracy(_MadeOnce(method, contexts), tasks, builder, cfg.queries, bar)
+        table += [{"method": label, **accuracy, **costs[label]} for label, _ in serving]
+        split[f"accuracy: {serving[0][0]}"] = time.perf_counter() - began
     bar.close()
     _add_shares(table)
     even = break_evens(table)
     result = write_results(cfg, {
         "models": {"distiller": distiller, "llm": llm, "checkpoint": str(checkpoint),
-                   "checkpoint_origin": origin},
+                   "checkpoint_origin": origin, "dtype": dtype},
         "methods": table, "break_even": even, "queries_per_task": cfg.queries, "k": cfg.context.k,
-        "cost_queries_per_task": cfg.cost_queries, "wall_split_s": split,
+        "cost_queries_per_task": cfg.cost_queries,
+        "cost_tasks": cost_weights([t.name for t in tasks], cfg.cost_tasks), "wall_split_s": split,
         "wall_time_s": time.perf_counter() - started})
     plots.demo(table, even, cfg.context.k, out / "demo.png")
     print(f"\nMEND checkpoint: {checkpoint} ({origin})\n")
@@ -207,27 +222,60 @@ def _accuracy(method, tasks, builder, queries: int, bar) -> dict[str, Any]:
             "tasks": scores["own"], "swapped_tasks": scores["swapped"], "memory": held}
 
 
-def _costs(built, tasks, cfg: DemoJobConfig, device, bar) -> dict[str, dict[str, Any]]:
+class _MadeOnce:
+    """``method``, making each demonstration set's prefix once (``made``: those the costs
+    made, by :func:`~mend.evaluation.efficiency.prefix_key`). Every task's own context was
+    made while its cost was measured, and the swap control scores each task with the next
+    task's demonstrations, whose context is that task's own."""
+
+    def __init__(self, method, made: dict[str, Any]):
+        self._method, self._made = method, dict(made)
+
+    def __getattr__(self, name: str):
+        return getattr(self._method, name)
+
+    def prefix(self, demo_sets, contexts):
+        key = prefix_key(demo_sets, contexts)
+        if key not in self._made:
+            self._made[key] = self._method.prefix(demo_sets, contexts)
+        return self._made[key]
+
+
+def _costs(built, tasks, cfg: DemoJobConfig, device, bar, made: dict[str, dict[str, Any]]
+           ) -> dict[str, dict[str, Any]]:
     """Every row's costs (:func:`~mend.evaluation.efficiency.serving_costs`, every way of
-    serving timed in turn) on every task, its 16 demonstrations serving ``cost_queries``
-    test queries, averaged over the tasks; a row's ``spread`` is its widest."""
+    serving timed in turn) on the tasks :func:`cost_weights` picks, each task's 16
+    demonstrations serving ``cost_queries`` test queries, their mean weighted as it says; a
+    row's ``spread`` is its widest. ``made`` gains those tasks' contexts, per row."""
     servings = {label: Serving(method, builder, reuse)
                 for method, builder, serving in built for label, reuse in serving}
+    weights = cost_weights([t.name for t in tasks], cfg.cost_tasks)
     runs = []
     for task in tasks:
-        bar.set_postfix(task=task.name, step="costs")
-        runs.append(serving_costs(servings, [(r["input"], r["output"])
-                                             for r in task.rows("train", SEED)],
-                                  task.rows("test")[:cfg.cost_queries], device,
-                                  rounds=cfg.cost_rounds))
+        if task.name in weights:
+            bar.set_postfix(task=task.name, step="costs")
+            runs.append((weights[task.name], serving_costs(
+                servings, [(r["input"], r["output"]) for r in task.rows("train", SEED)],
+                task.rows("test")[:cfg.cost_queries], device, rounds=cfg.cost_rounds,
+                made=made)))
         bar.update(1)
     out = {}
     for label in servings:
-        per_task = [run[label] for run in runs]
-        out[label] = {part: {k: (max if k == "spread" else statistics.mean)(
-            r[part][k] for r in per_task) for k in per_task[0][part]}
-            for part in ("once", "per_query")}
+        per_task = [(w, run[label]) for w, run in runs]
+        out[label] = {part: {k: max(r[part][k] for _, r in per_task) if k == "spread"
+                             else sum(w * r[part][k] for w, r in per_task)
+                             for k in per_task[0][1][part]}
+                      for part in ("once", "per_query")}
     return out
+
+
+def cost_weights(tasks: list[str], which: str) -> dict[str, float]:
+    """The tasks whose costs are measured, each with its weight in the mean: every task
+    alike (``all``), or the first of each length group with its group's share of the tasks
+    (``one_per_length``)."""
+    if which == "all":
+        return {t: 1 / len(tasks) for t in tasks}
+    return {names[0]: len(names) / len(tasks) for names in _by_length(tasks).values() if names}
 
 
 def break_evens(table: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int | None]]]:
@@ -295,6 +343,14 @@ def _queries(n: float | None) -> str:
     if n is None:
         return "never (it costs as much or more per query)"
     return "n/a (not counted)" if math.isnan(n) else f"from query {n} on"
+
+
+def _dtype(setting: str, device: str) -> str:
+    """The weights' dtype: ``setting``, or for ``auto`` bfloat16 where it is native here."""
+    if setting != "auto":
+        return setting
+    native = resolve("auto", torch.device(device).type)[0] == "bf16"
+    return "bfloat16" if native else "float32"
 
 
 def _models(tiny: bool) -> tuple[str, str]:

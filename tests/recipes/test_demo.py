@@ -96,6 +96,9 @@ def test_mend_demo_tiny_runs_end_to_end(tmp_path, monkeypatch, capsys):
     split = result["wall_split_s"]
     assert {"setup", "costs", "accuracy: MEND (compress once)"} <= set(split)
     assert 0 < sum(split.values()) <= result["wall_time_s"]
+    # Costs measured on one task per length group, each weighted by its group's share.
+    assert result["cost_tasks"] == {"country_capital": pytest.approx(4 / 6),
+                                    "trip_capital": pytest.approx(2 / 6)}
     assert (tmp_path / "demo" / "demo.png").is_file()
     assert "versions" in result["provenance"]
     # A second run finds the checkpoint the first one trained.
