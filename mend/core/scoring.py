@@ -3,7 +3,9 @@
 
 A context (``[bos | prefix]``) is run once and every row continues from its KV cache: one
 distilled context serves all queries and options, and a context per query serves all that
-query's options. Every method returns float32 results on the CPU.
+query's options. Where it reads fewer tokens without more passes, each query's stem (its
+prompt, and the separator its options start with) is read once too, and its options continue
+from the stem's cache. Every method returns float32 results on the CPU.
 """
 
 from __future__ import annotations

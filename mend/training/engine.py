@@ -24,8 +24,10 @@ engines: one device, DDP, FSDP (FSDP2) or DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import inspect
+import itertools
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,14 +63,39 @@ def end_launch() -> None:
     that succeeded (SIGABRT, "terminate called without an active exception"). Not after an
     error: a rank still waiting in a collective would hang on it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Every rank reaches here before any tears down, so no rank's gloo threads are still
-        # talking to a peer that has gone; then the Python objects that hold gloo work
-        # (finished collectives' handles and their tensors) are freed while the interpreter
-        # is whole, not at its finalization (pytorch/pytorch#179291 describes that abort).
-        torch.distributed.barrier()
+        # Every rank has returned from its last collective before any tears down, so no
+        # rank's gloo threads are still reading from a peer that has gone; then the Python
+        # objects that hold gloo work (finished collectives' handles and their tensors) are
+        # freed while the interpreter is whole, not at its finalization
+        # (pytorch/pytorch#179291 describes that abort).
+        _all_returned()
         gc.collect()
         torch.distributed.destroy_process_group()
         gc.collect()
+
+
+_ENDS = itertools.count()
+"""How many launches this process has ended: each end's key on the store is its own."""
+
+
+def _all_returned() -> None:
+    """Wait until every rank is here. Under ``accelerate launch`` (torchrun), on the
+    launcher's own store, which its agent hosts and which outlives the ranks: a gloo barrier
+    cannot do this, since the rank that finishes it first may close its connections while a
+    peer still reads the barrier's last message from them ("Connection closed by peer", seen
+    once in 120 launches). Elsewhere (a process group set up by hand), a barrier."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in env:
+        torch.distributed.barrier()
+        return
+    store = torch.distributed.TCPStore(env.get("MASTER_ADDR", "localhost"),
+                                       int(env["MASTER_PORT"]), is_master=False,
+                                       timeout=datetime.timedelta(minutes=10))
+    key = (f"mend/end/{env.get('TORCHELASTIC_RUN_ID', '')}/"
+           f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_ENDS)}")
+    if store.add(key, 1) == torch.distributed.get_world_size():
+        store.set(key + "/all", "1")
+    store.wait([key + "/all"])
 
 
 def launched_sharded() -> str | None:
