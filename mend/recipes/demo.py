@@ -71,12 +71,12 @@ class DemoJobConfig:
     """Queries per task whose time is measured (after a warm-up), every way of serving them
     in turn, ``cost_rounds`` times; FLOPs and peak memory are measured on the first."""
     cost_rounds: int = 2
+    """Rounds of the timed queries: each row's time is the median over all of them."""
     cost_tasks: Literal["one_per_length", "all"] = "one_per_length"
     """Whose costs are measured: ``one_per_length``, the first task with short
     demonstrations and the first with long ones, each standing for its group in the mean
     with its group's share of the tasks (what a way of serving costs depends on the lengths
     of the demonstrations and queries, not on their content); ``all``, every task."""
-    """Rounds of the timed queries: each row's time is the median over all of them."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """The weights of the frozen LLM and the distiller, the same for every row. ``auto``:
     bfloat16 where this machine multiplies it at least as fast as float32 (measured: CUDA
