@@ -83,8 +83,9 @@ class Scoring:
         reuse = reuse_head and has_context or prefill is not None
         shared_head = prefill if prefill is not None else (
             self._run_head(prefix, prefix_mask) if reuse and shared else None)
-        if reuse and not self.sliding and _stems_pay(rows, batch_size):
-            nll = self._score_by_stem(shared_head, prefix, prefix_mask, shared, rows,
+        stems = _stems(rows) if reuse and not self.sliding else None
+        if stems is not None and _stems_pay(rows, stems, batch_size):
+            nll = self._score_by_stem(shared_head, prefix, prefix_mask, shared, rows, stems,
                                       batch_size)
             return _per_query(nll, groups)
         nll = torch.empty(len(rows))
@@ -100,26 +101,35 @@ class Scoring:
             # Only the target tokens' predictors are projected onto the vocabulary, and the
             # batch's NLLs come back in one transfer.
             row, col = _target_positions([(len(seq), n) for _, seq, n in chunk])
-            target = ids[row, col].to(hidden.device)
-            token_nll = F.cross_entropy(self.project(hidden[row, col - shift]), target,
-                                        reduction="none")
-            lengths = torch.tensor([n for _, _, n in chunk], device=token_nll.device)
-            per_row = torch.zeros(len(chunk), device=token_nll.device).index_add_(
-                0, row.to(token_nll.device), token_nll)
-            nll[start:start + len(chunk)] = (per_row / lengths).cpu()
+            nll[start:start + len(chunk)] = self._mean_nll(
+                hidden[row, col - shift], ids[row, col], [n for _, _, n in chunk])
         return _per_query(nll, groups)
+
+    def _mean_nll(self, states: torch.Tensor, targets: torch.Tensor | Sequence[int],
+                  lengths: Sequence[int]) -> torch.Tensor:
+        """Each row's mean NLL of its target tokens, on the CPU: ``states`` ``(N, d)`` are the
+        predictors of the ``N`` target tokens ``targets``, row after row, ``lengths[r]`` of
+        row ``r``. Only these positions are projected onto the vocabulary, and the rows' NLLs
+        come back in one transfer."""
+        token_nll = F.cross_entropy(self.project(states),
+                                    torch.as_tensor(targets, device=states.device),
+                                    reduction="none")
+        n = torch.tensor(list(lengths), device=token_nll.device)
+        row = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
+        per_row = torch.zeros(len(n), device=n.device).index_add_(0, row, token_nll)
+        return (per_row / n).cpu()
 
     def _score_by_stem(self, shared_head: Prefill | None, prefix: torch.Tensor | None,
                        prefix_mask: torch.Tensor | None, shared: bool,
-                       rows: Sequence[tuple[int, list[int], int]], batch_size: int
+                       rows: Sequence[tuple[int, list[int], int]],
+                       stems: Sequence[tuple[int, tuple[int, ...]]], batch_size: int
                        ) -> torch.Tensor:
         """:meth:`score_pairs`'s NLLs, each query's *stem* read once: the tokens its rows share
         (:func:`_stems`: the prompt, and the separator its options start with). The stems are
         read after their heads, ``batch_size`` at a time; a row's target tokens inside its stem
         are scored from that pass, its next one from the stem's last position, and only the
         rest, where there is any, in a second pass continuing from the stem's cache.
-        ``rows``: ``(query, prompt + target ids, target length)``."""
-        stems = _stems(rows)
+        ``rows``: ``(query, prompt + target ids, target length)``; ``stems``: theirs."""
         keys = list(dict.fromkeys(stems))
         nll = torch.empty(len(rows))
         for start in range(0, len(keys), batch_size):
@@ -155,16 +165,8 @@ class Scoring:
                               else after[j, :len(rests[j])])
                     states.append(torch.cat([inside, beyond.to(inside.dtype)])[-n:])
                     targets += seq[-n:]
-                # One projection for the chunk: the head's weights are read once.
-                token_nll = F.cross_entropy(self.project(torch.cat(states)),
-                                            torch.tensor(targets, device=hidden.device),
-                                            reduction="none")
-                lengths = torch.tensor([rows[i][2] for i in chunk], device=token_nll.device)
-                row = torch.repeat_interleave(torch.arange(len(chunk), device=lengths.device),
-                                              lengths)
-                per_row = torch.zeros(len(chunk), device=token_nll.device).index_add_(
-                    0, row, token_nll)
-                nll[torch.tensor(chunk)] = (per_row / lengths).cpu()
+                nll[torch.tensor(chunk)] = self._mean_nll(torch.cat(states), targets,
+                                                          [rows[i][2] for i in chunk])
         return nll
 
     @torch.no_grad()
@@ -317,12 +319,12 @@ LLM, about as long as computing some 50 tokens on a CPU (bf16 matmul rate over m
 bandwidth) and a few hundred on a GPU; with the pass's fixed overhead, 128."""
 
 
-def _stems_pay(rows: Sequence[tuple[int, list[int], int]], batch_size: int) -> bool:
+def _stems_pay(rows: Sequence[tuple[int, list[int], int]],
+               stems: Sequence[tuple[int, tuple[int, ...]]], batch_size: int) -> bool:
     """Whether reading each query's stem once (:meth:`Scoring._score_by_stem`) pays: it reads
     fewer tokens, but rows with two or more tokens after their stem need a second pass, so
     it is taken where its tokens and passes (each :data:`PASS_TOKENS`) cost less than one
-    row per pair, and every stem is non-empty."""
-    stems = _stems(rows)
+    row per pair, and every stem is non-empty. ``stems``: the rows' (:func:`_stems`)."""
     if any(len(ids) == 0 for _, ids in stems):
         return False
     rests = [len(seq) - len(ids) - 1 for (_, seq, _), (_, ids) in zip(rows, stems)]

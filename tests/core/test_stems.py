@@ -24,22 +24,26 @@ def test_stems_are_the_start_a_querys_rows_share_leaving_each_a_token():
 def test_stems_pay_only_where_they_save_tokens_and_passes():
     long_prompts = [(q, list(range(100, 130)) + [q, 1, 2 + o], 2)
                     for q in range(32) for o in range(2)]
-    assert scoring._stems_pay(long_prompts, 32)  # 32 x 31 read once, not twice
+    assert _pays(long_prompts)  # 32 x 31 read once, not twice
     one_query = [(0, [5, 6, 1, 2, 3], 2), (0, [5, 6, 1, 4, 3], 2)]
-    assert not scoring._stems_pay(one_query, 32)  # a second pass costs more than 4 tokens
+    assert not _pays(one_query)  # a second pass costs more than 4 tokens
     no_stem = [(0, [1, 2], 1), (0, [3, 2], 1)]  # channel pairs that share nothing
-    assert not scoring._stems_pay(no_stem, 32)
+    assert not _pays(no_stem)
+
+
+def _pays(rows) -> bool:
+    return scoring._stems_pay(rows, scoring._stems(rows), 32)
 
 
 def _both_ways(monkeypatch, model, score):
     """``score()`` by stems (checking that path is taken) and by one row per option."""
     taken = []
     real = scoring.Scoring._score_by_stem
-    monkeypatch.setattr(scoring, "_stems_pay", lambda rows, batch_size: True)
+    monkeypatch.setattr(scoring, "_stems_pay", lambda rows, stems, batch_size: True)
     monkeypatch.setattr(scoring.Scoring, "_score_by_stem",
                         lambda *a, **k: taken.append(1) or real(*a, **k))
     by_stem = score()
-    monkeypatch.setattr(scoring, "_stems_pay", lambda rows, batch_size: False)
+    monkeypatch.setattr(scoring, "_stems_pay", lambda rows, stems, batch_size: False)
     by_row = score()
     assert taken, "the stem path was not taken"
     return by_stem, by_row
