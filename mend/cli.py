@@ -35,6 +35,8 @@ COMMANDS = (
     Command("finetune", "mend.recipes.finetune:cli",
             "stage 2 on a MetaICL partition: MEND and its ablations, or prompt tuning"),
     Command("eval", "mend.recipes.evaluate:cli", "score a method on MetaICL tasks"),
+    Command("export", "mend.recipes.export:cli",
+            "one saved step of a training run as a checkpoint (from_pretrained reads it)"),
     Command("diagnose", "mend.recipes.diagnose:cli",
             "a distiller's content controls on held-out text"),
     Command("efficiency", "mend.recipes.efficiency:cli",

@@ -349,3 +349,25 @@ def test_prompt_tuning_trains_through_the_finetune_entry_point(setup, tmp_path, 
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
              if "eval_score" in line]
     assert len(evals) == 1 and evals[0]["eval_tasks"] == 1
+
+
+def test_export_writes_a_saved_step_as_a_checkpoint(setup, tmp_path):
+    """`mend export <run>/checkpoints/step-N OUT`: the last step's export is the run's own
+    final model bit for bit; an earlier step's is another model, and from_pretrained reads
+    it; bf16 halves it; what is not a training checkpoint is refused, naming the fix."""
+    from mend.recipes.export import cli as export
+    root, _, stage1 = setup
+    run = tmp_path / "run"
+    pretrain(pretrain_cfg(stage1, run, max_steps=4, save_every=2, keep_checkpoints=2))
+    steps = run / "checkpoints"
+    assert export([str(steps / "step-00000004"), str(tmp_path / "s4")]) == 0
+    assert export([str(steps / "step-00000002"), str(tmp_path / "s2"), "dtype=bfloat16"]) == 0
+    final, s4, s2 = weights(run), weights(tmp_path / "s4"), weights(tmp_path / "s2")
+    assert final.keys() == s4.keys() == s2.keys()
+    assert all(torch.equal(final[k], s4[k]) for k in final)
+    assert all(v.dtype == torch.bfloat16 for v in s2.values() if v.is_floating_point())
+    assert not all(torch.equal(final[k].bfloat16(), s2[k]) for k in final)
+    loaded = Distiller.from_pretrained(tmp_path / "s2").trainable_state_dict()
+    assert all(torch.equal(loaded[k], s2[k].float()) for k in s2)
+    assert export([str(run), str(tmp_path / "bad")]) == 2  # the run itself, not a step
+    assert not (tmp_path / "bad").exists()
