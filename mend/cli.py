@@ -51,6 +51,8 @@ COMMANDS = (
             "one table of several results.json files"),
     Command("controls", "mend.reporting.commands:controls",
             "the content controls of training runs"),
+    Command("curve", "mend.reporting.commands:curve",
+            "a training run's recovered share against the tokens it read"),
     Command("report", "mend.reporting.commands:report",
             "the paper's tables from a reproduction (docs/results -> docs/results.md)"),
     Command("zoo", "mend.recipes.zoo:cli", "offline models shipped as GGUF files in PyPI packages"),

@@ -1,11 +1,14 @@
-"""The reporting commands: ``mend compare``, ``mend controls`` and ``mend report``, each a
-table (or the report) built from results files that runs have already written."""
+"""The reporting commands: ``mend compare``, ``mend controls``, ``mend curve`` and ``mend
+report``, each a table, figure or report built from results files that runs have already
+written."""
 
 from __future__ import annotations
 
 import argparse
 
-from mend.reporting import controls as controls_table, report as reports, results
+from pathlib import Path
+
+from mend.reporting import controls as controls_table, curves, report as reports, results
 
 
 def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
@@ -35,6 +38,22 @@ def controls(argv=None) -> int:
                         "--reference, each run's recovered share of ICL's gain")
     args = parser.parse_args(argv)
     results.emit(controls_table.table(args.runs, args.reference, args.zero_shot), args.output)
+    return 0
+
+
+def curve(argv=None) -> int:
+    """``mend curve RUN RESULTS.json ... [--output FIGURE.png]``."""
+    parser = _parser("mend curve", "a training run's recovered share and controls against "
+                     "the tokens it read", "the figure (default: RUN/curve.png); the table "
+                     "goes beside it as .md")
+    parser.add_argument("run", help="the training output directory")
+    parser.add_argument("results", nargs="+", help="mend eval results of the run's models")
+    args = parser.parse_args(argv)
+    points = curves.points(args.run, args.results)
+    figure = Path(args.output or Path(args.run) / "curve.png")
+    curves.draw(args.run, points, figure)
+    results.emit(curves.table(points), figure.with_suffix(".md"))
+    print(f"wrote {figure}")
     return 0
 
 
