@@ -6,7 +6,7 @@
 #
 #     bash configs/reproduce/cpu/warm.sh                 # everything, keeping what is done
 #     bash configs/reproduce/cpu/warm.sh stage1          # one part: references free stage1
-#                                                        #   stage2 scored frontier report
+#                                                        #   stage2 scored curve frontier report
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -15,6 +15,7 @@
 # `stage1` and `stage2` train in the background-safe way of generalise.sh (killed once and
 # resumed; each on a wall-clock budget, train.max_minutes); `scored` scores the trained rows
 # (with the same positions' LoRA frozen: step 0 itself, and swapped demonstrations, as always);
+# `curve` is the share on the demo's sets against tokens read over stage 2 (`mend curve`);
 # `frontier` is the share against positions (l = 4, 8, 16) for every training-free row and
 # the distiller. Results (no weights) go to docs/results/warm-cpu.
 set -euo pipefail
@@ -26,7 +27,7 @@ source "$(dirname "$0")/generalise.sh"
 CFG=configs/reproduce/cpu
 WARM=$CFG/warm
 GENERALISE=docs/results/generalise-cpu
-COMPACTIONS=(kv_compress kvzip attention_matching kvzip_matching)
+read -r -a COMPACTIONS <<< "${COMPACTIONS:-kv_compress kvzip attention_matching kvzip_matching}"
 WARM_RUN=${WARM_RUN:-$OUT/stage2}  # the distiller `frontier` scores at l = 4 and 8
 
 references() {  # copy the rows shared with generalise-cpu, results and tables as they are
@@ -66,6 +67,24 @@ scored() {  # the trained distiller (stage 2, once it finished), and stage 1 alo
   every_set mend_row warm-stage1 "$OUT/stage1"
 }
 
+curve() {  # the recovered share on the demo's sets against tokens read: stage 1's end (stage
+  # 2's step 0), stage 2's kept steps every CURVE_EVERY steps (`mend export`ed), and the model
+  # selection kept
+  local step name
+  for step in "$OUT/stage2/checkpoints"/step-*; do
+    name=$(basename "$step")
+    (( 10#${name#step-} % ${CURVE_EVERY:-150} == 0 )) || continue
+    [ -d "$OUT/stage2/steps/$name" ] || mend export "$step" "$OUT/stage2/steps/$name"
+    mend_row "warm-$name" "$OUT/stage2/steps/$name" "$CFG/eval-demo.yaml" "$OUT/demo/eval" \
+      "$SHORT"
+    mend_row "warm-$name" "$OUT/stage2/steps/$name" "$CFG/eval-demo.yaml" \
+      "$OUT/demo-long/eval" "$LONG"
+  done
+  mkdir -p "$DOCS/stage2"
+  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,,-step-*}/results.json \
+    --output "$DOCS/stage2/curve.png"
+}
+
 frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
   local l
   for l in 4 8; do
@@ -90,7 +109,7 @@ equal_memory_icl() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(references free stage1 stage2 scored frontier report)
+[ ${#parts[@]} -gt 0 ] || parts=(references free stage1 stage2 scored curve frontier report)
 for part in "${parts[@]}"; do
   case $part in
     references) references ;;
@@ -98,6 +117,7 @@ for part in "${parts[@]}"; do
     stage1) stage1 ;;
     stage2) stage2 ;;
     scored) scored ;;
+    curve) curve ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
