@@ -94,11 +94,12 @@ frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
   done
 }
 
-# warm_at CONFIG OUTDIR ARGS...: the trained distiller compacting to bos + L positions (its
-# budget is the compaction's, so one distiller serves every L).
+# warm_at CONFIG OUTDIR ARGS...: the trained distiller (WARM_RUN) compacting to bos + L
+# positions (its budget is the compaction's, so one distiller serves every L), as the row
+# warm-<run>-L.
 warm_at() {
   local config=$1 out=$2; shift 2
-  mend_row "warm-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
+  mend_row "warm-$(basename "$WARM_RUN")-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
 }
 
 equal_memory_icl() {
