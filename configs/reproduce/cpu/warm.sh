@@ -31,11 +31,13 @@ read -r -a COMPACTIONS <<< "${COMPACTIONS:-kv_compress kvzip attention_matching 
 WARM_RUN=${WARM_RUN:-$OUT/stage2}  # the distiller `frontier` scores at l = 4 and 8
 
 references() {  # copy the rows shared with generalise-cpu, results and tables as they are
+  # (the cut cache too, on the partitions, where `free` has not scored it here)
   local set run
   for set in demo demo-long "${PARTITIONS[@]}"; do
-    for run in zero_shot icl icl-equal-memory prompt_tuning prompt_tuning-mixture mend \
-               stage1-600-mixture-answer; do
+    for run in zero_shot icl icl-equal-memory kv_compress prompt_tuning prompt_tuning-mixture \
+               mend stage1-600-mixture-answer; do
       [ -f "$GENERALISE/$set/eval/$run/results.json" ] || continue
+      [ -f "$OUT/$set/eval/$run/results.json" ] && continue  # scored here (kv_compress: free)
       mkdir -p "$OUT/$set/eval/$run" "$DOCS/$set/eval/$run"
       cp "$GENERALISE/$set/eval/$run/"results.* "$OUT/$set/eval/$run/"
       cp "$GENERALISE/$set/eval/$run/"results.* "$DOCS/$set/eval/$run/"
@@ -68,8 +70,7 @@ scored() {  # the trained distiller (stage 2, once it finished), and stage 1 alo
 }
 
 curve() {  # the recovered share on the demo's sets against tokens read: stage 1's end (stage
-  # 2's step 0), stage 2's kept steps every CURVE_EVERY steps (`mend export`ed), and the model
-  # selection kept
+  # 2's step 0) and stage 2's kept steps every CURVE_EVERY steps (`mend export`ed)
   local step name
   for step in "$OUT/stage2/checkpoints"/step-*; do
     name=$(basename "$step")
@@ -81,7 +82,7 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
       "$OUT/demo-long/eval" "$LONG"
   done
   mkdir -p "$DOCS/stage2"
-  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,,-step-*}/results.json \
+  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,-step-*}/results.json \
     --output "$DOCS/stage2/curve.png"
 }
 
