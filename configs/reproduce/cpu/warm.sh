@@ -7,6 +7,7 @@
 #     bash configs/reproduce/cpu/warm.sh                 # everything, keeping what is done
 #     bash configs/reproduce/cpu/warm.sh stage1          # one part: references free stage1
 #                                                        #   stage2 scored curve frontier report
+#     STEP=150 bash configs/reproduce/cpu/warm.sh step_rows  # a kept stage-2 step, every set
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -86,6 +87,14 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
     --output "$DOCS/stage2/curve.png"
 }
 
+step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default stage2) on every
+  # set, `mend export`ed, as the row warm-step-N (warm-pred-step-N for the run stage2-pred)
+  local run=${STEP_RUN:-stage2} name
+  name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
+  [ -d "$OUT/$run/steps/$name" ] || mend export "$OUT/$run/checkpoints/$name" "$OUT/$run/steps/$name"
+  every_set mend_row "warm${run#stage2}-$name" "$OUT/$run/steps/$name"
+}
+
 frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
   local l
   for l in 4 8; do
@@ -120,6 +129,7 @@ for part in "${parts[@]}"; do
     stage2) stage2 ;;
     scored) scored ;;
     curve) curve ;;
+    step_rows) step_rows ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
