@@ -72,15 +72,13 @@ scored() {  # the trained distiller (stage 2, once it finished), and stage 1 alo
 
 curve() {  # the recovered share on the demo's sets against tokens read: stage 1's end (stage
   # 2's step 0) and stage 2's kept steps every CURVE_EVERY steps (`mend export`ed)
-  local step name
+  local step name dir
   for step in "$OUT/stage2/checkpoints"/step-*; do
     name=$(basename "$step")
     (( 10#${name#step-} % ${CURVE_EVERY:-150} == 0 )) || continue
-    [ -d "$OUT/stage2/steps/$name" ] || mend export "$step" "$OUT/stage2/steps/$name"
-    mend_row "warm-$name" "$OUT/stage2/steps/$name" "$CFG/eval-demo.yaml" "$OUT/demo/eval" \
-      "$SHORT"
-    mend_row "warm-$name" "$OUT/stage2/steps/$name" "$CFG/eval-demo.yaml" \
-      "$OUT/demo-long/eval" "$LONG"
+    dir=$(exported stage2 "$name")
+    mend_row "warm-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+    mend_row "warm-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
   done
   mkdir -p "$DOCS/stage2"
   mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,-step-*}/results.json \
@@ -89,10 +87,18 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
 
 step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default stage2) on every
   # set, `mend export`ed, as the row warm-step-N (warm-pred-step-N for the run stage2-pred)
-  local run=${STEP_RUN:-stage2} name
+  local run=${STEP_RUN:-stage2} name dir
   name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
-  [ -d "$OUT/$run/steps/$name" ] || mend export "$OUT/$run/checkpoints/$name" "$OUT/$run/steps/$name"
-  every_set mend_row "warm${run#stage2}-$name" "$OUT/$run/steps/$name"
+  dir=$(exported "$run" "$name")
+  every_set mend_row "warm${run#stage2}-$name" "$dir"
+}
+
+# exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
+# by `mend export` the first time.
+exported() {
+  local dir="$OUT/$1/steps/$2"
+  [ -d "$dir" ] || mend export "$OUT/$1/checkpoints/$2" "$dir" >&2
+  echo "$dir"
 }
 
 frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
