@@ -17,6 +17,7 @@
 # resumed; each on a wall-clock budget, train.max_minutes); `scored` scores the trained rows
 # (with the same positions' LoRA frozen: step 0 itself, and swapped demonstrations, as always);
 # `curve` is the share on the demo's sets against tokens read over stage 2 (`mend curve`);
+# `refined` the selected distiller refined at compress time (REFINE steps) on the demo's sets;
 # `frontier` is the share against positions (l = 4, 8, 16) for every training-free row and
 # the distiller. Results (no weights) go to docs/results/warm-cpu.
 set -euo pipefail
@@ -85,6 +86,13 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
     --output "$DOCS/stage2/curve.png"
 }
 
+refined() {  # the selected warm distiller + REFINE steps at compress time, on the demo's sets
+  mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/demo/eval" \
+    refine_steps="$REFINE" "$SHORT"
+  mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
+    refine_steps="$REFINE" "$LONG"
+}
+
 step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default stage2) on every
   # set, `mend export`ed, as the row warm-step-N (warm-pred-step-N for the run stage2-pred)
   local run=${STEP_RUN:-stage2} name dir
@@ -126,7 +134,7 @@ equal_memory_icl() {
 }
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(references free stage1 stage2 scored curve frontier report)
+[ ${#parts[@]} -gt 0 ] || parts=(references free stage1 stage2 scored curve refined frontier report)
 for part in "${parts[@]}"; do
   case $part in
     references) references ;;
@@ -136,6 +144,7 @@ for part in "${parts[@]}"; do
     scored) scored ;;
     curve) curve ;;
     step_rows) step_rows ;;
+    refined) refined ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
