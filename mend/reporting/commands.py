@@ -5,7 +5,6 @@ written."""
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 from mend.reporting import controls as controls_table, curves, report as reports, results
