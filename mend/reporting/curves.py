@@ -31,36 +31,33 @@ from mend.reporting.plots import pyplot
 from mend.reporting.results import read_results
 
 
-def tokens_read(run: Path) -> dict[int, float]:
-    """Tokens read by the end of each logged step (every start of the run included)."""
+def records(run: Path) -> list[dict[str, Any]]:
+    """The lines of a run's ``metrics.jsonl``."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def tokens_read(lines: Sequence[dict[str, Any]]) -> dict[int, float]:
+    """Tokens read by the end of each logged step (every start of the run included), from
+    its metrics lines."""
     total, out = 0.0, {0: 0.0}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in lines:
         if "tokens" in record:  # a training log line: the tokens of its window
             total += record["tokens"]
             out[record["step"]] = total
     return out
 
 
-def step_of(result: dict[str, Any], run: Path) -> int:
-    """The training step of the model a results file scored (see the module docstring)."""
-    checkpoint = (result.get("models") or {}).get("checkpoint")
-    if not checkpoint:
-        raise ConfigError(f"{result.get('label')!r} scored no checkpoint: a curve plots a "
-                          f"training run's models.")
+def step_of(checkpoint: str, run: Path, init_from: str | None, kept: int) -> int:
+    """The training step of the model a results file scored (see the module docstring):
+    ``init_from`` is step 0, ``run`` itself step ``kept``."""
     path = Path(checkpoint).resolve()
     named = re.fullmatch(r"step-0*(\d+)", path.name)
     if named:
         return int(named.group(1))
-    config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    if config.get("init_from") and path == Path(config["init_from"]).resolve():
+    if init_from and path == Path(init_from).resolve():
         return 0
     if path == run.resolve():
-        evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-                 if "eval_score" in x]
-        if evals:  # the step selection kept: the first best, as the loop keeps it
-            return max(evals, key=lambda r: r["eval_score"])["step"]
-        return max(tokens_read(run))
+        return kept
     raise ConfigError(f"{checkpoint} is not a step of {run}: score `mend export`ed steps "
                       f"(step-N), the run's init_from, or the run itself.")
 
@@ -68,14 +65,24 @@ def step_of(result: dict[str, Any], run: Path) -> int:
 def points(run: str | Path, results: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """``{set: [{"step", "tokens", "share", "content_gap", "score"}, ...]}``, by step."""
     run = Path(run)
-    tokens = tokens_read(run)
+    lines = records(run)
+    tokens = tokens_read(lines)
+    init_from = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("init_from")
+    evals = [r for r in lines if "eval_score" in r]
+    # The run's own model: the step selection kept (the first best, as the loop keeps it),
+    # or, with no selection, its last.
+    kept = max(evals, key=lambda r: r["eval_score"])["step"] if evals else max(tokens)
     sets: dict[str, list[dict[str, Any]]] = {}
     for path in map(Path, results):
         result = read_results(path)
         if "recovered_share" not in result:
             raise ConfigError(f"{path} has no recovered share: score it with "
                               f"references.zero_shot=... and references.icl=....")
-        step = step_of(result, run)
+        checkpoint = (result.get("models") or {}).get("checkpoint")
+        if not checkpoint:
+            raise ConfigError(f"{path} ({result.get('label')!r}) scored no checkpoint: a curve "
+                              f"plots a training run's models.")
+        step = step_of(checkpoint, run, init_from, kept)
         if step not in tokens:
             raise ConfigError(f"{run}/metrics.jsonl logged no line at step {step}: log every "
                               f"step that is saved (train.save_every a multiple of "
@@ -103,15 +110,14 @@ def table(curves: dict[str, list[dict[str, Any]]]) -> str:
 def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
     """The figure of the module docstring."""
     run = Path(run)
-    tokens = tokens_read(run)
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-               if x.strip()]
+    lines = records(run)
+    tokens = tokens_read(lines)
 
     def at(step: int) -> float:  # tokens read by a logged line's step (the nearest before)
         return tokens[max(s for s in tokens if s <= step)] / 1e3
 
-    content = [r for r in records if "monitor_content_share" in r]
-    evals = [r for r in records if "eval_score" in r]
+    content = [r for r in lines if "monitor_content_share" in r]
+    evals = [r for r in lines if "eval_score" in r]
     panels = 1 + bool(content) + bool(evals)
     plt = pyplot()
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
