@@ -82,7 +82,7 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
     mend_row "warm-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
   done
   mkdir -p "$DOCS/stage2"
-  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,-step-*}/results.json \
+  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,-step-????????}/results.json \
     --output "$DOCS/stage2/curve.png"
 }
 
