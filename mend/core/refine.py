@@ -115,23 +115,29 @@ def _leaves(prefix: torch.Tensor | Prefill):
         if len(prefix) != 1 or not prefix.from_distiller:
             raise InputError("Refinement takes one context at a time, as a key/value prefix "
                              "of one row.")
-        layers = [(k.detach().clone().requires_grad_(), v.detach().clone().requires_grad_())
-                  for k, v in prefix.cache]
+        layers = [(_leaf(k), _leaf(v)) for k, v in prefix.cache]
+        # Attention Matching's fitted key biases are part of the prefix: refined with it.
+        bias = None if prefix.bias is None else [_leaf(b) for b in prefix.bias]
 
         def as_prefix(rows: int | None) -> Prefill:
             if rows is None:
                 return Prefill([(k.detach(), v.detach()) for k, v in layers], prefix.mask,
-                               prefix.last, prefix.offset)
-            whole = Prefill(layers, prefix.mask, prefix.last, prefix.offset)
+                               prefix.last, prefix.offset,
+                               None if bias is None else [b.detach() for b in bias])
+            whole = Prefill(layers, prefix.mask, prefix.last, prefix.offset, bias)
             return select_rows(whole, torch.zeros(rows, dtype=torch.long))
 
-        return [t for pair in layers for t in pair], as_prefix
+        return [t for pair in layers for t in pair] + (bias or []), as_prefix
     if prefix.dim() != 3 or prefix.shape[0] != 1:
         raise InputError(f"Refinement takes one context at a time, (1, l, d); got "
                          f"{tuple(prefix.shape)}.")
-    vectors = prefix.detach().clone().requires_grad_()
+    vectors = _leaf(prefix)
 
     def as_vectors(rows: int | None) -> torch.Tensor:
         return vectors.detach() if rows is None else vectors.expand(rows, -1, -1)
 
     return [vectors], as_vectors
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
