@@ -8,6 +8,7 @@
 #     bash configs/reproduce/cpu/warm.sh stage1          # one part: references free stage1
 #                                                        #   stage2 scored curve frontier report
 #     STEP=150 bash configs/reproduce/cpu/warm.sh step_rows  # a kept stage-2 step, every set
+#     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -101,6 +102,25 @@ step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default sta
   every_set mend_row "warm${run#stage2}-$name" "$dir"
 }
 
+reselect() {  # the second selection (select-dev.yaml, fixed before any candidate was scored on
+  # it): the training-free start (Attention Matching), stage 1's end (stage 2's step 0) and
+  # every 50th step of stage 2 on the dev rows of the three partitions' tasks, in one table
+  local dir="$OUT/selection-dev" step name
+  local refs=(references.zero_shot="$dir/zero_shot/results.json"
+              references.icl="$dir/icl/results.json")
+  evaluate "$WARM/select-dev.yaml" "$dir/zero_shot" method=zero_shot
+  evaluate "$WARM/select-dev.yaml" "$dir/icl" method=icl
+  evaluate "$WARM/select-dev.yaml" "$dir/attention_matching" method=kv_compress \
+    compaction=attention_matching num_placeholders="$L" label=attention_matching "${refs[@]}"
+  mend_row warm-stage1 "$OUT/stage1" "$WARM/select-dev.yaml" "$dir"
+  for step in "$OUT/stage2/checkpoints"/step-*; do
+    name=$(basename "$step")
+    (( 10#${name#step-} % 50 == 0 )) || continue
+    mend_row "warm-$name" "$(exported stage2 "$name")" "$WARM/select-dev.yaml" "$dir"
+  done
+  mend compare "$dir"/*/results.json --output "$DOCS/selection-dev/compare.md"
+}
+
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
 # by `mend export` the first time.
 exported() {
@@ -145,6 +165,7 @@ for part in "${parts[@]}"; do
     curve) curve ;;
     step_rows) step_rows ;;
     refined) refined ;;
+    reselect) reselect ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
