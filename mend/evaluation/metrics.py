@@ -77,6 +77,23 @@ def recovered_share(method: Mapping[str, float], zero_shot: Mapping[str, float],
     return {"share": share, "tasks": per_task, "counted": counted, "min_icl_gain": min_gain}
 
 
+def paired_difference(method: Mapping[Any, float], reference: Mapping[Any, float]
+                      ) -> dict[str, float] | None:
+    """The mean of ``method - reference`` over the cells both score (a task and a seed: the
+    same queries and demonstration sets), with its standard error, the sample standard
+    deviation of the differences over ``sqrt(n)``. Pairing removes what the cells share, so
+    the error says how finely the set can tell the two apart. None under two shared cells.
+
+    Returns:
+        ``{"mean", "se", "n"}``.
+    """
+    diffs = np.array([method[c] - reference[c] for c in method.keys() & reference.keys()])
+    if len(diffs) < 2:
+        return None
+    return {"mean": float(diffs.mean()), "se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
+            "n": len(diffs)}
+
+
 def _check(preds: Sequence[str], golds: Sequence[str]) -> None:
     if len(preds) != len(golds) or not golds:
         raise ValueError(f"Need equally many predictions and golds, at least one; got "

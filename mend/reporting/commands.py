@@ -17,12 +17,15 @@ def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentP
 
 
 def compare(argv=None) -> int:
-    """``mend compare RESULTS.json ... [--output FILE]``."""
+    """``mend compare RESULTS.json ... [--against LABEL] [--output FILE]``."""
     parser = _parser("mend compare", "one markdown table of several results.json",
                      "also write the table to this file")
     parser.add_argument("results", nargs="+")
+    parser.add_argument("--against", metavar="LABEL",
+                        help="also each run's paired difference from the run of this label, "
+                        "over the tasks and seeds both scored, with its standard error")
     args = parser.parse_args(argv)
-    results.emit(results.compare(args.results), args.output)
+    results.emit(results.compare(args.results, args.against), args.output)
     return 0
 
 

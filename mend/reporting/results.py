@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mend.evaluation.metrics import recovered_share
+from mend.evaluation.metrics import paired_difference, recovered_share
 from mend.errors import InputError
 
 
@@ -164,12 +164,17 @@ def read_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def compare(paths: Sequence[str | Path]) -> str:
-    """Markdown: tasks as rows, one column per results file (score mean ± std, %)."""
+def compare(paths: Sequence[str | Path], against: str | None = None) -> str:
+    """Markdown: tasks as rows, one column per results file (score mean ± std, %); with
+    ``against`` (a run's label), each run's paired difference from that run over the task and
+    seed cells both scored, ± its standard error."""
     runs = [r for run in map(read_results, paths)
             for r in (run.get("runs") or [run])]  # sweeps: every point
     tasks = sorted({t for r in runs for t in r["results"]["tasks"]})
     labels = [r["label"] for r in runs]
+    if against is not None and against not in labels:
+        raise InputError(f"--against {against!r} names none of the runs compared; their labels: "
+                         f"{', '.join(labels)}.")
     lines = ["| task | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
     for task in tasks:
         cells = [fmt(r["results"]["tasks"].get(task, {}).get("score")) for r in runs]
@@ -184,6 +189,10 @@ def compare(paths: Sequence[str | Path]) -> str:
         lines.append("| recovered share of ICL's gain over zero-shot | "
                      + " | ".join(_pct(recovered(r, zero_shot, icl)["share"]) for r in runs)
                      + " |")
+    if against is not None:
+        ref = seed_scores(runs[labels.index(against)])
+        lines.append(f"| minus {against}, paired over tasks × seeds (± s.e.) | " + " | ".join(
+            _paired_text(paired_difference(seed_scores(r), ref)) for r in runs) + " |")
     if any(r.get("memory") for r in runs):
         lines.append("| compression (tokens / prefix positions) | " + " | ".join(
             compression_text(r.get("memory")) for r in runs) + " |")
@@ -191,6 +200,16 @@ def compare(paths: Sequence[str | Path]) -> str:
     if any(c != common[0] for c in common):
         lines.append("\nThe runs cover different tasks, so their averages are not comparable.")
     return "\n".join(lines) + "\n"
+
+
+def seed_scores(result: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """A run's score on each (task, seed) it scored."""
+    return {(task, seed): v["score"] for task, t in result["results"]["tasks"].items()
+            for seed, v in t["seeds"].items()}
+
+
+def _paired_text(diff: dict[str, float] | None) -> str:
+    return "–" if diff is None else f"{diff['mean'] * 100:+.1f} ± {diff['se'] * 100:.1f}"
 
 
 def emit(text: str, output: str | Path | None) -> None:

@@ -164,6 +164,40 @@ def test_sweep_and_compare(eval_setup):
     assert len(table.splitlines()[0].split("|")) == 2 + 1 + 3 + 1  # task, zero-shot, 3 k's
 
 
+def _scored(label: str, scores: dict[tuple[str, str], float]) -> dict:
+    """A results file's shape, from (task, seed) scores."""
+    tasks = {}
+    for (task, seed), x in scores.items():
+        tasks.setdefault(task, {"seeds": {}, "score": {"mean": x, "std": 0.0}})["seeds"][seed] = {
+            "score": x}
+    return {"label": label, "method": label, "results": {
+        "tasks": tasks, "average": {"score": {"mean": 0.0, "std": 0.0}}}}
+
+
+def test_compare_against_a_run_pairs_its_tasks_and_seeds(tmp_path):
+    from mend.errors import InputError
+    from mend.evaluation.metrics import paired_difference
+
+    cells = [("t1", "21"), ("t1", "42"), ("t2", "21"), ("t2", "42")]
+    runs = {"new": dict(zip(cells, [0.50, 0.70, 0.40, 0.60])),
+            "ref": dict(zip(cells, [0.40, 0.70, 0.10, 0.60])),
+            "one": {("t1", "21"): 0.9}}
+    # Differences 0.1, 0, 0.3, 0: mean 0.1; sample std sqrt(0.06 / 3); s.e. that over 2.
+    got = paired_difference(runs["new"], runs["ref"])
+    assert got == pytest.approx({"mean": 0.1, "se": (0.02 ** 0.5) / 2, "n": 4})
+    assert paired_difference(runs["one"], runs["ref"]) is None
+    paths = []
+    for label, scores in runs.items():
+        paths.append(tmp_path / label / "results.json")
+        paths[-1].parent.mkdir()
+        paths[-1].write_text(json.dumps(_scored(label, scores)))
+    table = compare(paths, against="ref")
+    row = "| minus ref, paired over tasks × seeds (± s.e.) | +10.0 ± 7.1 | +0.0 ± 0.0 | – |"
+    assert row in table.splitlines() and "| minus ref" not in compare(paths)
+    with pytest.raises(InputError, match="names none of the runs.*new, ref, one"):
+        compare(paths, against="icl")
+
+
 def test_a_task_whose_context_cannot_fit_is_skipped_and_named(eval_setup):
     from mend.counters import Counters
     from mend.data.metaicl import ContextBuilder
