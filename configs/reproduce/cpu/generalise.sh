@@ -226,7 +226,8 @@ report() {
   local set
   for set in demo demo-long "${PARTITIONS[@]}"; do
     mkdir -p "$DOCS/$set"
-    mend compare "$OUT/$set"/eval/*/results.json --output "$DOCS/$set/compare.md"
+    mend compare "$OUT/$set"/eval/*/results.json ${AGAINST:+--against "$AGAINST"} \
+      --output "$DOCS/$set/compare.md"
   done
 }
 

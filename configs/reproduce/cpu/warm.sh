@@ -31,6 +31,7 @@ CFG=configs/reproduce/cpu
 WARM=$CFG/warm
 GENERALISE=docs/results/generalise-cpu
 read -r -a COMPACTIONS <<< "${COMPACTIONS:-kv_compress kvzip attention_matching kvzip_matching}"
+AGAINST=${AGAINST:-attention_matching}  # `report`'s tables: each row's paired difference from it
 WARM_RUN=${WARM_RUN:-$OUT/stage2}  # the distiller `frontier` scores at l = 4 and 8
 
 references() {  # copy the rows shared with generalise-cpu, results and tables as they are
@@ -87,11 +88,20 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
     --output "$DOCS/stage2/curve.png"
 }
 
-refined() {  # the selected warm distiller + REFINE steps at compress time, on the demo's sets
-  mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/demo/eval" \
-    refine_steps="$REFINE" "$SHORT"
-  mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
-    refine_steps="$REFINE" "$LONG"
+refined() {  # the warm distiller stage 2 kept + REFINE steps at compress time, on the demo's
+  # sets, beside the training-free start + the same steps (the compaction's fitted biases are
+  # refined with its keys and values)
+  local set tasks
+  for set in demo demo-long; do
+    tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
+    mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/$set/eval" \
+      refine_steps="$REFINE" "$tasks"
+    evaluate "$CFG/eval-demo.yaml" "$OUT/$set/eval/attention_matching-refine$REFINE" \
+      method=kv_compress compaction=attention_matching num_placeholders="$L" \
+      refine_steps="$REFINE" label="attention_matching + $REFINE refine steps" \
+      references.zero_shot="$OUT/$set/eval/zero_shot/results.json" \
+      references.icl="$OUT/$set/eval/icl/results.json" "$tasks"
+  done
 }
 
 step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default stage2) on every
@@ -118,7 +128,8 @@ reselect() {  # the second selection (select-dev.yaml, fixed before any candidat
     (( 10#${name#step-} % 50 == 0 )) || continue
     mend_row "warm-$name" "$(exported stage2 "$name")" "$WARM/select-dev.yaml" "$dir"
   done
-  mend compare "$dir"/*/results.json --output "$DOCS/selection-dev/compare.md"
+  mend compare "$dir"/*/results.json --against attention_matching \
+    --output "$DOCS/selection-dev/compare.md"
 }
 
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
