@@ -8,6 +8,7 @@
 #     bash configs/reproduce/cpu/warm.sh stage1          # one part: references free stage1
 #                                                        #   stage2 scored curve frontier report
 #     STEP=150 bash configs/reproduce/cpu/warm.sh step_rows  # a kept stage-2 step, every set
+#     STEP=150 REFINE_SETS=demo-long bash configs/reproduce/cpu/warm.sh refined  # it, refined
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
@@ -88,14 +89,18 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
     --output "$DOCS/stage2/curve.png"
 }
 
-refined() {  # the warm distiller stage 2 kept + REFINE steps at compress time, on the demo's
-  # sets, beside the training-free start + the same steps (the compaction's fitted biases are
-  # refined with its keys and values)
-  local set tasks
-  for set in demo demo-long; do
+refined() {  # the warm distiller stage 2 kept (or its kept step STEP=N) + REFINE steps at
+  # compress time, on the demo's sets (REFINE_SETS), beside the training-free start + the same
+  # steps (the compaction's fitted biases are refined with its keys and values)
+  local set tasks dir="$OUT/stage2" name="warm-refine$REFINE"
+  if [ -n "${STEP:-}" ]; then
+    name=$(printf "step-%08d" "$STEP")
+    dir=$(exported stage2 "$name")
+    name="warm-$name-refine$REFINE"
+  fi
+  for set in ${REFINE_SETS:-demo demo-long}; do
     tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
-    mend_row "warm-refine$REFINE" "$OUT/stage2" "$CFG/eval-demo.yaml" "$OUT/$set/eval" \
-      refine_steps="$REFINE" "$tasks"
+    mend_row "$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/$set/eval" refine_steps="$REFINE" "$tasks"
     evaluate "$CFG/eval-demo.yaml" "$OUT/$set/eval/attention_matching-refine$REFINE" \
       method=kv_compress compaction=attention_matching num_placeholders="$L" \
       refine_steps="$REFINE" label="attention_matching + $REFINE refine steps" \
