@@ -24,7 +24,7 @@ import yaml
 
 from mend.errors import ConfigError
 from mend.reporting.results import fmt, recovered
-from mend.training.run_log import train_cost
+from mend.training.run_log import read_metrics, train_cost
 
 
 def last_controls(run: Path) -> dict[str, float] | None:
@@ -32,7 +32,7 @@ def last_controls(run: Path) -> dict[str, float] | None:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return None
-    rows = [json.loads(x) for x in path.read_text().splitlines() if "monitor_kl_own" in x]
+    rows = [r for r in read_metrics(path) if "monitor_kl_own" in r]
     if not rows:
         return None
     return {"step": rows[-1]["step"], **{k[len("monitor_"):]: v for k, v in rows[-1].items()

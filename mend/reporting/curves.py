@@ -18,7 +18,6 @@ the figure (``curve.md``).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +28,7 @@ import yaml
 from mend.errors import ConfigError
 from mend.reporting.plots import pyplot
 from mend.reporting.results import read_results
-
-
-def records(run: Path) -> list[dict[str, Any]]:
-    """The lines of a run's ``metrics.jsonl``."""
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+from mend.training.run_log import kept_step, read_metrics
 
 
 def tokens_read(lines: Sequence[dict[str, Any]]) -> dict[int, float]:
@@ -65,13 +60,12 @@ def step_of(checkpoint: str, run: Path, init_from: str | None, kept: int) -> int
 def points(run: str | Path, results: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """``{set: [{"step", "tokens", "share", "content_gap", "score"}, ...]}``, by step."""
     run = Path(run)
-    lines = records(run)
+    lines = read_metrics(run / "metrics.jsonl")
     tokens = tokens_read(lines)
     init_from = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("init_from")
-    evals = [r for r in lines if "eval_score" in r]
-    # The run's own model: the step selection kept (the first best, as the loop keeps it),
-    # or, with no selection, its last.
-    kept = max(evals, key=lambda r: r["eval_score"])["step"] if evals else max(tokens)
+    # The run's own model: the step selection kept or, with no selection, its last.
+    kept = kept_step(lines)
+    kept = max(tokens) if kept is None else kept
     sets: dict[str, list[dict[str, Any]]] = {}
     for path in map(Path, results):
         result = read_results(path)
@@ -110,7 +104,7 @@ def table(curves: dict[str, list[dict[str, Any]]]) -> str:
 def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
     """The figure of the module docstring."""
     run = Path(run)
-    lines = records(run)
+    lines = read_metrics(run / "metrics.jsonl")
     tokens = tokens_read(lines)
 
     def at(step: int) -> float:  # tokens read by a logged line's step (the nearest before)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mend.reporting.results import compression_text, cost_text, fmt, recovered, references
+from mend.training.run_log import kept_step, read_metrics
 
 ORDER = ("zero_shot", "icl", "icl-equal-memory", "kv_compress", "kvzip", "attention_matching",
          "kvzip_matching", "prompt_tuning")
@@ -67,9 +68,8 @@ def held_out_share(path: Path) -> float | None:
         return None
     if path.suffix == ".json":
         return json.loads(path.read_text()).get("content_share")
-    logged = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    evals = [row for row in logged if "eval_score" in row]
-    kept = max(evals, key=lambda row: row["eval_score"])["step"] if evals else None
+    logged = read_metrics(path)
+    kept = kept_step(logged)
     shares = [row["monitor_content_share"] for row in logged if "monitor_content_share" in row
               and (kept is None or row["step"] <= kept)]
     return shares[-1] if shares else None

@@ -82,6 +82,18 @@ def record_call(output_dir: Path, step: int, **resolved: Any) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl``, in order."""
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def kept_step(records: list[dict[str, Any]]) -> int | None:
+    """The step whose weights a run kept: the first best ``eval_score``, as the loop keeps
+    it; None where the run selected by none."""
+    evals = [r for r in records if "eval_score" in r]
+    return max(evals, key=lambda r: r["eval_score"])["step"] if evals else None
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the resumed step: a killed run may have logged beyond its
     last checkpoint, and those steps will be run (and logged) again."""
@@ -107,7 +119,7 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = read_metrics(path)
     content = [r for r in records if "monitor_kl_own" in r]
     evals = [r for r in records if "eval_score" in r]
     fig, axes = plt.subplots(1, 1 + bool(evals) + bool(content),
@@ -129,8 +141,8 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
         if any("eval_swapped_score" in r for r in evals):
             ax.plot(steps, [100 * r.get("eval_swapped_score", float("nan")) for r in evals],
                     "--s", color="grey", label="swapped demos (control)")
-        best = max(evals, key=lambda r: r["eval_score"])
-        ax.axvline(best["step"], color="k", ls=":", lw=0.8, label=f"kept: step {best['step']}")
+        best = kept_step(evals)
+        ax.axvline(best, color="k", ls=":", lw=0.8, label=f"kept: step {best}")
         ax.set(xlabel="step", ylabel="selection score (%)", title="model selection (dev)")
         ax.legend(fontsize=8)
     if content:
@@ -158,8 +170,7 @@ def train_cost(run: Path) -> str:
     accum = (config.get("train") or {}).get("grad_accum", 1)
     steps = tokens = seconds = 0.0
     last = 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(run / "metrics.jsonl"):
         if "steps_per_s" not in record:
             continue  # a model-selection line
         n = record["step"] - last
