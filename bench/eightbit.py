@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
 def run(args, llm: str) -> tuple[dict, torch.Tensor | None]:
     """One LLM precision: its row, and the distiller's first gradient (flattened)."""
-    from mend.config import MendConfig
+    from mend.core.config import MendConfig
     from mend.core.distiller import Distiller
     from mend.errors import MendError
     from mend.methods.mend import MendObjective, ObjectiveConfig

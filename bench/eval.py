@@ -53,9 +53,9 @@ def main(argv=None) -> int:
 
 
 def run(args) -> list[dict]:
-    from mend.config import MendConfig
-    from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition
+    from mend.core.config import MendConfig
     from mend.core.distiller import Distiller
+    from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition
     from mend.evaluation.harness import DemoConfig, evaluate_task
     from mend.methods.icl import ICL
     from mend.methods.mend import Mend

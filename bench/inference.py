@@ -71,9 +71,9 @@ def run(args) -> list[dict]:
     from transformers import AutoConfig
 
     from mend.core.backbones import resolve
-    from mend.config import MendConfig
-    from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
+    from mend.core.config import MendConfig
     from mend.core.distiller import Distiller
+    from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
     from mend.evaluation.harness import demo_pool
 
     distiller_path, llm_path = common.models(args)

@@ -235,7 +235,7 @@ def make_batch(args, objective, stage: str):
 def model_config(args, recipe: str, variant: str):
     """The recipe's config with the variant's levers; ``None`` where the variant cannot apply
     (8-bit where bitsandbytes cannot run it)."""
-    from mend.config import MendConfig
+    from mend.core.config import MendConfig
 
     distiller_path, llm_path = common.models(args)
     levers = {}

@@ -15,11 +15,18 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from mend._version import __version__  # noqa: E402
-from mend.config import MendConfig, load_config  # noqa: E402
+from mend.config import load_config  # noqa: E402
+from mend.core.config import MendConfig  # noqa: E402
 from mend.core.distiller import DistilledContext, Distiller  # noqa: E402
 from mend.core.prefix_lm import PrefixLM  # noqa: E402
 from mend.errors import (  # noqa: E402
-    BackboneError, CheckpointError, ConfigError, InputError, MendError, TruncationWarning)
+    BackboneError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    MendError,
+    TruncationWarning,
+)
 
 __all__ = [
     "__version__", "BackboneError", "CheckpointError", "ConfigError", "DistilledContext",

@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers as tf
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 from transformers import PreTrainedTokenizerFast
-import transformers as tf
 
 from mend._files import user_mode
 

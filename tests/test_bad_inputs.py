@@ -7,11 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
-
-from mend import (BackboneError, CheckpointError, ConfigError, Distiller, InputError,
-                  MendConfig, load_config)
 import torch
 
+from mend import (
+    BackboneError,
+    CheckpointError,
+    ConfigError,
+    Distiller,
+    InputError,
+    MendConfig,
+    load_config,
+)
 from mend.cli import main as cli
 from mend.core.kv_compress import KVCompressor
 from mend.methods import MethodConfig

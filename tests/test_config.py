@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from mend.config import MendConfig, from_dict, load_config, parse_overrides, replace, to_dict
+from mend.config import from_dict, load_config, parse_overrides, replace, to_dict
+from mend.core.config import MendConfig
 from mend.errors import ConfigError
 from mend.recipes.pretrain import PretrainConfig
 

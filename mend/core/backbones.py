@@ -29,14 +29,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                          GgufConfig)
-from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging as hf_logging
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GgufConfig,
+)
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from mend import optional
 from mend.core import zoo

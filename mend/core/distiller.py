@@ -23,21 +23,30 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 
+from mend.config import from_dict, replace, to_dict
 from mend.core import checkpoint, context, kv_cache
 from mend.core import compaction as compactions
+from mend.core.backbones import (
+    DTYPES,
+    add_lora,
+    enable_checkpointing,
+    hidden_size,
+    init_vectors,
+    load_model,
+    load_tokenizer,
+    max_positions,
+)
+from mend.core.config import FrozenLLM, MendConfig
 from mend.core.context import DistilledContext, ServesContext
-from mend.core.backbones import (DTYPES, add_lora, enable_checkpointing, hidden_size,
-                                 init_vectors, load_model, load_tokenizer, max_positions)
-from mend.config import FrozenLLM, MendConfig, from_dict, replace, to_dict
-from mend.counters import Counters
-from mend.errors import CheckpointError, ConfigError, InputError, TruncationWarning
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.refine import check_steps, refine_each
 from mend.core.text import DemoFormat, Demos, bos_ids, encode, fit, positions
+from mend.counters import Counters
+from mend.errors import CheckpointError, ConfigError, InputError, TruncationWarning
 
 __all__ = ["DistilledContext", "Distiller", "read_config"]
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 import torch
 
 from mend.core import compaction as compactions
-from mend.core.compaction import Compaction
 from mend.core import context
+from mend.core.compaction import Compaction
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM

@@ -32,14 +32,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mend.config import FrozenLLM
-from mend.core.backbones import (enable_checkpointing, freeze, hidden_size, load_model,
-                                 load_tokenizer, max_positions)
-from mend.errors import InputError
 from mend.core import attention
+from mend.core.backbones import (
+    enable_checkpointing,
+    freeze,
+    hidden_size,
+    load_model,
+    load_tokenizer,
+    max_positions,
+)
+from mend.core.config import FrozenLLM
 from mend.core.kv_cache import Prefill, bias_rows, fresh_cache
 from mend.core.scoring import Scoring
 from mend.core.text import bos_ids, pad, positions
+from mend.errors import InputError
 
 
 class PrefixLM(Scoring):

@@ -18,7 +18,7 @@ from typing import Union
 
 import torch
 
-from mend.config import SEP
+from mend.core.config import SEP
 from mend.errors import InputError
 
 Demo = Union[tuple[str, str], str]

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from mend.config import checked
-from mend.counters import Counters
-from mend.data import Example
-from mend.errors import ConfigError, InputError
 from mend.core.text import Demo, DemoFormat, encode, fit
 from mend.core.zoo import cache_root
+from mend.counters import Counters
+from mend.data import Example
 from mend.data.demo import materialize
+from mend.errors import ConfigError, InputError
 
 SEEDS = (100, 13, 21, 42, 87)
 DEMO_PARTITION = "demo"

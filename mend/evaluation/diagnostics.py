@@ -30,12 +30,12 @@ import torch
 
 from mend.config import checked
 from mend.core import kv_cache
+from mend.core.losses import chunked_kl_distill
+from mend.core.text import pad
 from mend.counters import Counters
 from mend.data import Example
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
-from mend.core.losses import chunked_kl_distill
-from mend.core.text import pad
 
 HELD_OUT = TextDataConfig(path="../shared/data/text/wikitext-2/wiki.test.tokens.gz",
                           documents="wikitext", max_length=128, windows_per_document=1)

@@ -42,11 +42,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mend.core.kv_cache import Prefill
 from mend.data.metaicl import ContextBuilder
 from mend.evaluation.flops import FORMULAS
-from mend.core.kv_cache import Prefill
 from mend.methods.base import Method, prefix_kwargs
-
 
 _UNCOUNTED: dict[str, None] = {}  # why counts failed in this process, in the order first seen
 

@@ -41,11 +41,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mend.config import checked
+from mend.core.text import Demo
 from mend.data.metaicl import SEEDS, ContextBuilder, Task
 from mend.errors import ConfigError, InputError
-from mend.methods.base import Method, prefix_kwargs, prefix_positions
 from mend.evaluation.metrics import task_metrics
-from mend.core.text import Demo
+from mend.methods.base import Method, prefix_kwargs, prefix_positions
 
 Perturbation = Literal["none", "no_label", "no_input", "random_label", "wrong_label"]
 PERTURBATIONS: tuple[str, ...] = typing.get_args(Perturbation)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mend.config import CompactionName, checked, Dtype
+from mend.config import checked
+from mend.core.config import CompactionName, Dtype
 from mend.errors import ConfigError
 from mend.methods.base import Method, Prefix, Trainable
 from mend.methods.registry import get_method, method_names, register_method

@@ -24,12 +24,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from mend.config import FrozenLLM, SEP
-from mend.counters import Counters
-from mend.data import Example
+from mend.core.config import SEP, FrozenLLM
 from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat
+from mend.counters import Counters
+from mend.data import Example
 
 Prefix = tuple[torch.Tensor | None, torch.Tensor | None] | Prefill
 """``(B, P, d)`` prefix embeddings and their ``(B, P)`` mask (None: all real), or no prefix;

@@ -26,14 +26,14 @@ from typing import Any, Literal
 import torch
 
 from mend.config import checked
+from mend.core.distiller import Distiller, read_config
+from mend.core.losses import auto_chunk, ce_loss, chunked_ce, chunked_kl_distill, kl_distill
+from mend.core.text import pad
 from mend.counters import Counters
 from mend.data import Example
-from mend.core.distiller import Distiller, read_config
 from mend.errors import ConfigError
-from mend.core.losses import auto_chunk, ce_loss, chunked_ce, chunked_kl_distill, kl_distill
 from mend.methods.base import Prefix
 from mend.methods.registry import register_method
-from mend.core.text import pad
 
 
 @dataclass(frozen=True)

@@ -17,18 +17,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mend.config import checked, from_dict, replace, to_dict
 from mend.core import checkpoint
 from mend.core.backbones import init_vectors
-from mend.config import checked, Dtype, from_dict, FrozenLLM, replace, SEP, to_dict
+from mend.core.config import SEP, Dtype, FrozenLLM
+from mend.core.losses import ce_loss
+from mend.core.prefix_lm import PrefixLM
+from mend.core.text import DemoFormat, pad
 from mend.counters import Counters
 from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
-from mend.core.losses import ce_loss
 from mend.methods.base import Prefix
 from mend.methods.registry import register_method
-from mend.core.prefix_lm import PrefixLM
-from mend.core.text import DemoFormat, pad
-
 
 LEGACY_KEYS = {"num_vectors": "num_placeholders", "init": "placeholder_init"}
 

@@ -19,34 +19,36 @@ meta-training tasks, and says so.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from mend.config import FrozenLLM, checked, MendConfig, replace
+from mend import tiny as tiny_models
+from mend.config import checked, replace
 from mend.core.backbones import pick_device, zoo_path
+from mend.core.config import FrozenLLM, MendConfig
+from mend.core.distiller import read_config
 from mend.core.prefix_lm import PrefixLM
+from mend.core.zoo import cache_root
 from mend.counters import sum_counts
-from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.data.demo import LONG_TASKS, NUM_DEMOS, PARTITION, SEED, materialize
+from mend.data.metaicl import ContextBuilder, ContextConfig, MetaICLConfig, load_partition
 from mend.errors import ConfigError
 from mend.evaluation.efficiency import Serving, break_even, prefix_key, serving_costs
 from mend.evaluation.harness import DemoConfig, evaluate_tasks
-from mend.methods import MethodConfig, build_method
-from mend.reporting.results import memory
-from mend.reporting import demo_table, plots
-from mend.recipes.run import Recipe, run, write_results
-from mend.core.distiller import read_config
 from mend.evaluation.metrics import recovered_share
-from mend import tiny as tiny_models
-from mend.core.zoo import cache_root
+from mend.methods import MethodConfig, build_method
 from mend.methods.mend import ObjectiveConfig
-from mend.recipes.finetune import FinetuneConfig, main as finetune
+from mend.recipes.finetune import FinetuneConfig
+from mend.recipes.finetune import main as finetune
+from mend.recipes.run import Recipe, run, write_results
+from mend.reporting import demo_table, plots
+from mend.reporting.results import memory
 from mend.training.config import TrainConfig
 from mend.training.precision import resolve
 

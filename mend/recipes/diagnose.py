@@ -10,15 +10,15 @@ as JSON with its provenance.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-import sys
 
 from mend.config import checked, to_dict
 from mend.core.backbones import pick_device
-from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
 from mend.core.distiller import Distiller
+from mend.evaluation.diagnostics import HELD_OUT, ContentConfig, content_gain, held_out_examples
 from mend.provenance import provenance, write_json
 from mend.recipes.run import Recipe, run
 

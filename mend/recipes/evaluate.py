@@ -18,19 +18,25 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mend.core.backbones import pick_device
 from mend.config import checked, replace, to_dict
+from mend.core.backbones import pick_device
 from mend.counters import sum_counts
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_partition, load_task
 from mend.errors import ConfigError
-from mend.evaluation.harness import (DemoConfig, EvalDataConfig, aggregate, content_gap,
-                                   demo_pool, evaluate_tasks)
+from mend.evaluation.efficiency import context_cost
+from mend.evaluation.harness import (
+    DemoConfig,
+    EvalDataConfig,
+    aggregate,
+    content_gap,
+    demo_pool,
+    evaluate_tasks,
+)
+from mend.evaluation.retrieval import Retriever
 from mend.methods import MethodConfig, build_method
 from mend.recipes.run import Recipe, run, write_results
-from mend.reporting.results import memory, recovered, results_table
 from mend.reporting import plots
-from mend.evaluation.efficiency import context_cost
-from mend.evaluation.retrieval import Retriever
+from mend.reporting.results import memory, recovered, results_table
 
 
 @dataclass(frozen=True)

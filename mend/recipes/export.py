@@ -24,7 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mend.config import MendConfig, checked, from_dict
+from mend.config import checked, from_dict
+from mend.core.config import MendConfig
 from mend.core.distiller import CONFIG_FILE
 from mend.errors import CheckpointError, ConfigError
 from mend.recipes.run import Recipe, load_distiller, run

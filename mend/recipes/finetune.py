@@ -17,20 +17,28 @@ from typing import Literal
 
 from accelerate.utils import set_seed
 
-from mend.training.engine import load_device
-from mend.config import checked, MendConfig, replace, to_dict
+from mend.config import checked, replace, to_dict
+from mend.core.config import MendConfig
 from mend.counters import Counters
 from mend.data import batches
-from mend.data.metaicl import (DEMO_PARTITION, ContextBuilder, ContextConfig, FinetuneData,
-                               MetaICLConfig, Task, load_partitions)
+from mend.data.metaicl import (
+    DEMO_PARTITION,
+    ContextBuilder,
+    ContextConfig,
+    FinetuneData,
+    MetaICLConfig,
+    Task,
+    load_partitions,
+)
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.evaluation.harness import DemoConfig, aggregate, content_gap, evaluate_tasks, mean_score
+from mend.methods import get_method
 from mend.methods.mend import Mend, MendObjective, ObjectiveConfig
 from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningObjective
-from mend.methods import get_method
 from mend.recipes.run import Recipe, begin_distiller, run, write_config
 from mend.training.config import Position, TrainConfig, TrainResult
+from mend.training.engine import load_device
 from mend.training.loop import train
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mend.config import checked, MendConfig, to_dict
+from mend.config import checked, to_dict
+from mend.core.config import MendConfig
 from mend.counters import Counters
 from mend.data import batches
 from mend.data.pretrain import PretrainData, TextDataConfig
 from mend.errors import ConfigError
 from mend.evaluation.diagnostics import ContentConfig, content_monitor
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.recipes.run import begin_distiller, Recipe, run
+from mend.recipes.run import Recipe, begin_distiller, run
 from mend.training.config import Position, TrainConfig, TrainResult
 from mend.training.loop import train
 

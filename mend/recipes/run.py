@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import yaml
 from accelerate.utils import set_seed
 
-from mend.config import MendConfig, config_data, from_dict, to_dict
+from mend.config import config_data, from_dict, to_dict
 from mend.core.backbones import process_state
+from mend.core.config import MendConfig
 from mend.core.distiller import IDENTITY, Distiller, read_config
 from mend.errors import ConfigError, MendError
 from mend.provenance import provenance, write_json

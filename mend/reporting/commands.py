@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mend.reporting import controls as controls_table, curves, report as reports, results
+from mend.reporting import controls as controls_table
+from mend.reporting import curves, results
+from mend.reporting import report as reports
 
 
 def _parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:

@@ -29,10 +29,10 @@ from typing import Any
 import yaml
 
 from mend.evaluation.harness import PERTURBATIONS
+from mend.reporting import plots
 from mend.reporting.controls import controls_section
 from mend.reporting.results import fmt, provenance_summary, recovered
 from mend.training.run_log import train_cost
-from mend.reporting import plots
 
 MAIN_ROWS = (("zero-shot", "zero_shot"), ("PromptTuning", "prompt_tuning"),
              ("vanilla ICL", "icl"), ("HyperTuning", "hypertuning"), ("MEND", "mend"))

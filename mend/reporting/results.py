@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mend.evaluation.metrics import paired_difference, recovered_share
 from mend.errors import InputError
+from mend.evaluation.metrics import paired_difference, recovered_share
 
 
 def provenance_summary(root: Path, link: str) -> str:

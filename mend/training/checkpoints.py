@@ -21,9 +21,8 @@ from accelerate.utils import gather_object
 
 from mend._files import user_mode
 from mend.config import to_dict
-from mend.counters import Counters
+from mend.counters import Counters, sum_counts
 from mend.errors import CheckpointError
-from mend.counters import sum_counts
 from mend.training.engine import SHARDED, engine_of, save_state_kwargs
 
 ENGINE_FILE = "mend_engine.json"

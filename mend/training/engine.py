@@ -33,9 +33,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch import nn
 
 from mend import optional
 from mend.core.backbones import pick_device

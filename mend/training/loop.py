@@ -36,31 +36,39 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.flop_counter import FlopCounterMode
-from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
 from mend import optional
 from mend.core.backbones import pick_device
-from mend.training import engine, optim, precision
 from mend.counters import Counters
 from mend.errors import ConfigError, TrainingError
 from mend.methods.base import Trainable
-from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
-from mend.training.run_log import (Window, flat, log_record, plot_metrics, record_call,
-                           truncate_metrics, write_record)
+from mend.training import engine, optim, precision
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
 from mend.training.checkpoints import identity as checkpoints_identity
+from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
+from mend.training.run_log import (
+    Window,
+    flat,
+    log_record,
+    plot_metrics,
+    record_call,
+    truncate_metrics,
+    write_record,
+)
+
 
 @dataclass
 class TrainState:

@@ -33,18 +33,19 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from accelerate import init_empty_weights
 from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from mend.config import MendConfig, replace
-from mend.data.pretrain import TextDataConfig
-from mend.errors import BackboneError, ConfigError
-from mend.core.backbones import DTYPES, add_lora, load_tokenizer, resolve
 from mend import tiny
+from mend.config import replace
+from mend.core.backbones import DTYPES, add_lora, load_tokenizer, resolve
+from mend.core.config import MendConfig
 from mend.core.distiller import Distiller
 from mend.core.prefix_lm import PrefixLM
+from mend.data.pretrain import TextDataConfig
+from mend.errors import BackboneError, ConfigError
 from mend.methods.mend import MendObjective, ObjectiveConfig
 
 Engine = Literal["ddp", "fsdp", "8bit"]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from mend import tiny
-from mend.config import load_config
-from mend.errors import ConfigError
-from mend.core.losses import label_distill_loss
-from mend.evaluation.metrics import label_scores
 from mend.baselines.nli.data import LABELS, NLIExample, balanced_sample, load_hans, load_task
 from mend.baselines.nli.patterns import Pattern, get_pattern, load_patterns
+from mend.config import load_config
+from mend.core.losses import label_distill_loss
+from mend.errors import ConfigError
+from mend.evaluation.metrics import label_scores
 
 WORDS = ["cat", "dog", "film", "plot", "story", "bird", "door", "mat"]
 
@@ -131,8 +131,8 @@ def test_cd_loss_matches_hand_computation():
 
 
 def test_teacher_cache_hits_only_for_identical_inputs(nli_data, tiny_model, tmp_path):
-    from mend.core.backbones import load_model, load_tokenizer
     from mend.baselines.nli.context_distillation import TeacherCache, teacher_logits
+    from mend.core.backbones import load_model, load_tokenizer
     from mend.core.prefix_lm import PrefixLM
     path = tiny_model("gpt2", 48)
     teacher = PrefixLM(load_model(path), load_tokenizer(path))

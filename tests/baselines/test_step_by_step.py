@@ -7,11 +7,16 @@ import json
 import pytest
 import torch
 
+from mend.baselines.step_by_step.data import (
+    RationaleExample,
+    is_correct,
+    load,
+    parse_cot,
+    safe_value,
+)
+from mend.baselines.step_by_step.student import IGNORE, StepByStepObjective, Student, StudentConfig
 from mend.config import load_config
 from mend.counters import Counters
-from mend.baselines.step_by_step.student import IGNORE, Student, StepByStepObjective, StudentConfig
-from mend.baselines.step_by_step.data import (RationaleExample, is_correct, load, parse_cot,
-                                              safe_value)
 
 
 @pytest.mark.parametrize("text, dataset, expected", [
@@ -100,8 +105,12 @@ def test_rationale_files_load_with_malformed_ones_counted(cqa_root):
 def test_students_train_and_evaluate_end_to_end(cqa_root, tiny_model, tmp_path, arch, weight,
                                                 source):
     from mend import tiny
-    from mend.baselines.step_by_step.recipe import (StepByStepConfig, StepByStepEvalConfig, main,
-                                           main_eval)
+    from mend.baselines.step_by_step.recipe import (
+        StepByStepConfig,
+        StepByStepEvalConfig,
+        main,
+        main_eval,
+    )
     path = tiny.build(tmp_path / arch, arch, "metaspace") if arch == "t5" else tiny_model(arch)
     out = tmp_path / "run"
     result = main(load_config(StepByStepConfig, None, [

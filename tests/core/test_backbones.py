@@ -3,8 +3,7 @@
 import pytest
 
 from mend.core import zoo
-from mend.core.backbones import zoo_path
-from mend.core.backbones import load_model, load_tokenizer, resolve
+from mend.core.backbones import load_model, load_tokenizer, resolve, zoo_path
 from mend.errors import BackboneError
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from tests.support import DEMOS
 from mend.core import attention, compaction
 from mend.core.compaction import Reading, select
 from mend.core.compaction.attention_cut import AttentionCut
@@ -16,6 +15,7 @@ from mend.core.compaction.matching import AttentionMatching
 from mend.core.kv_compress import KVCompressor
 from mend.core.text import DemoFormat, encode
 from mend.errors import InputError
+from tests.support import DEMOS
 
 FMT = DemoFormat("\n", "\n\n")
 OPTIONS = ["positive", "negative"]

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from tests.support import DEMOS
 from mend import Distiller, MendConfig
 from mend.core.distiller import CONFIG_FILE, WEIGHTS_FILE
-from mend.errors import BackboneError, CheckpointError, ConfigError, InputError, TruncationWarning
 from mend.core.losses import kl_distill
 from mend.core.text import encode
+from mend.errors import BackboneError, CheckpointError, ConfigError, InputError, TruncationWarning
 from mend.tiny import ARCHS
+from tests.support import DEMOS
 
 OPTIONS = ["positive", "negative"]
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support import DEMOS
 from mend.core.backbones import load_model, load_tokenizer
-from mend.data import Example
-from mend.errors import InputError
 from mend.core.losses import ce_loss, chunked_ce, chunked_kl_distill, kl_distill
-from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import encode, pad
+from mend.data import Example
+from mend.errors import InputError
+from mend.methods.mend import MendObjective, ObjectiveConfig
 from mend.tiny import ARCHS
+from tests.support import DEMOS
 
 
 @pytest.mark.parametrize("arch,softcap", [(a, None) for a in ARCHS] + [("gemma3", 3.0)])

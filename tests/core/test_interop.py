@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tests.support import DEMOS
 from mend import Distiller, MendConfig
 from mend.core.interop import to_base64
 from mend.core.kv_compress import KVCompressor
 from mend.core.text import encode
 from mend.errors import InputError
+from tests.support import DEMOS
 
 QUERIES = ["a joyless film", "the cat sat on the mat by the door"]  # two lengths: padding
 OPTIONS = ["positive", "negative"]

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from tests.support import DEMOS, write_metaicl
 from mend import Distiller, MendConfig
+from mend.core.text import encode
 from mend.errors import ConfigError, InputError
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.core.text import encode
+from tests.support import DEMOS, write_metaicl
 
 OPTIONS = ["positive", "negative"]
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from mend.core.backbones import load_model, load_tokenizer
-from mend.errors import InputError
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import bos_ids, encode, pad
+from mend.errors import InputError
 from mend.tiny import ARCHS
 
 CONTEXTS = ["the film was great positive", "dull negative the plot was too long and weak"]
@@ -156,7 +156,7 @@ def test_bad_shapes_and_lengths_are_explained(tiny_model):
 
 def test_every_config_loads_its_frozen_llm_through_one_spec(tiny_model):
     from mend import MendConfig
-    from mend.config import FrozenLLM
+    from mend.core.config import FrozenLLM
     from mend.methods import MethodConfig, build_method
     from mend.methods.prompt_tuning import PromptTuningConfig
     llm = tiny_model("gpt2", 48)

@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
-from tests.support import DEMOS
 from mend.core import scoring
 from mend.core.kv_compress import KVCompressor
 from mend.core.text import DemoFormat, encode
+from tests.support import DEMOS
 
 FMT = DemoFormat("\n", "\n")
 

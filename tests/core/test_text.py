@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from mend import tiny
-from mend.errors import InputError
 from mend.core.text import DemoFormat, bos_ids, fit, pad, positions
+from mend.errors import InputError
 
 
 def test_demo_forms_render_with_separators():

@@ -6,14 +6,14 @@ import typing
 import pytest
 import torch
 
-from tests.support import DEMOS
 from mend import Distiller, MendConfig
-from mend.config import CompactionName
 from mend.core import compaction
+from mend.core.config import CompactionName
 from mend.core.kv_compress import KVCompressor
 from mend.data import Example
 from mend.errors import ConfigError, InputError
 from mend.methods.mend import MendObjective, ObjectiveConfig
+from tests.support import DEMOS
 
 OPTIONS = ["positive", "negative"]
 

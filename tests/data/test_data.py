@@ -7,15 +7,21 @@ import random
 
 import pytest
 
-from tests.support import SHARED, write_metaicl
 from mend import tiny
+from mend.core.text import DemoFormat, encode
 from mend.counters import Counters
 from mend.data import batches, shuffled
-from mend.data.metaicl import (ContextBuilder, ContextConfig, FinetuneData, MetaICLConfig,
-                               load_partition, sample_demos)
+from mend.data.metaicl import (
+    ContextBuilder,
+    ContextConfig,
+    FinetuneData,
+    MetaICLConfig,
+    load_partition,
+    sample_demos,
+)
 from mend.data.pretrain import PretrainData, TextDataConfig, documents, wikitext_articles
 from mend.errors import ConfigError
-from mend.core.text import DemoFormat, encode
+from tests.support import SHARED, write_metaicl
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tests.support import write_metaicl
 from mend.cli import main as cli
 from mend.data.pretrain import TextDataConfig
-from mend.evaluation.diagnostics import ContentConfig, content_gain, held_out_examples
 from mend.errors import ConfigError
+from mend.evaluation.diagnostics import ContentConfig, content_gain, held_out_examples
+from tests.support import write_metaicl
 
 WORDS = ("river stone garden music winter harbor lantern meadow copper violin orchard "
          "thunder silver canyon pepper marble falcon velvet").split()

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from tests.support import write_metaicl
 from mend.config import load_config
 from mend.data.metaicl import ContextBuilder, ContextConfig, load_task
 from mend.evaluation.efficiency import PeakMemory, count_flops, query_costs
 from mend.methods import MethodConfig, build_method
 from mend.recipes.efficiency import EfficiencyConfig
 from mend.recipes.efficiency import main as efficiency
+from tests.support import write_metaicl
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ memory, the training-free KV cache at the same memory, and refinement at compres
 import pytest
 import torch
 
-from tests.support import DEMOS, write_metaicl
 from mend import Distiller, MendConfig
 from mend.core.kv_compress import KVCompressor
 from mend.core.losses import chunked_kl_distill
@@ -14,6 +13,7 @@ from mend.data.metaicl import ContextBuilder, ContextConfig
 from mend.errors import InputError
 from mend.evaluation.metrics import recovered_share
 from mend.reporting.results import memory, recovered
+from tests.support import DEMOS, write_metaicl
 
 OPTIONS = ["positive", "negative"]
 FMT = DemoFormat("\n", "\n\n")
@@ -181,8 +181,8 @@ def test_refinement_starts_from_attention_matchings_biases_and_refines_them(llm)
 
 
 def test_eval_reports_memory_and_the_kv_baseline_has_a_swap_control(tmp_path, tiny_model):
-    from mend.recipes.evaluate import EvalConfig, evaluate
     from mend.evaluation.harness import EvalDataConfig
+    from mend.recipes.evaluate import EvalConfig, evaluate
 
     root = write_metaicl(tmp_path / "data", train=["t1"], test=["t2", "t3"])
     data = EvalDataConfig(root=str(root), partition="part", seeds=(100,), limit=4)

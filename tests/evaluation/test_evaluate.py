@@ -7,16 +7,16 @@ import random
 import pytest
 import torch
 
-from tests.support import write_metaicl
 from mend import Distiller, MendConfig
 from mend.config import load_config
 from mend.data.metaicl import ContextConfig, load_task
-from mend.evaluation.harness import (DemoConfig, TaskResult, aggregate, choose_demos, perturb)
-from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig
+from mend.evaluation.harness import DemoConfig, TaskResult, aggregate, choose_demos, perturb
 from mend.evaluation.metrics import accuracy, macro_f1, task_metrics
+from mend.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from mend.recipes.evaluate import EvalConfig
 from mend.recipes.evaluate import main as evaluate_main
 from mend.reporting.results import compare
+from tests.support import write_metaicl
 
 
 def test_metrics_match_hand_computation_with_a_label_never_predicted():

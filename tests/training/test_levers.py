@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mend.training import precision
+from mend.core.text import encode
 from mend.data import Example
 from mend.errors import ConfigError
 from mend.methods.mend import MendObjective, ObjectiveConfig
-from mend.core.text import encode
+from mend.training import precision
 from mend.training.config import TrainConfig
 from mend.training.optim import param_groups
 

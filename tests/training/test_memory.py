@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mend import tiny
-from mend.config import MendConfig, replace
+from mend.config import replace
+from mend.core.config import MendConfig
 from mend.data.pretrain import TextDataConfig
 from mend.training import memory
 

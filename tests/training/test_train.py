@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support import write_metaicl
 from mend import Distiller, tiny
 from mend.config import load_config
 from mend.core.distiller import WEIGHTS_FILE
+from mend.errors import MendError
 from mend.recipes.finetune import FinetuneConfig
 from mend.recipes.finetune import main as finetune
 from mend.recipes.pretrain import PretrainConfig
 from mend.recipes.pretrain import main as pretrain
-from mend.errors import MendError
 from mend.training.config import TrainConfig
 from mend.training.loop import TrainingError, train
+from tests.support import write_metaicl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,14 +153,15 @@ def test_finetune_from_stage1_selects_the_best_dev_checkpoint(setup, tmp_path):
     assert result.best_score == max(scores)
     assert result.best_step == evals[scores.index(max(scores))]["step"]
     # The output directory holds the best model: re-scoring it gives the best score.
+    from mend.data.metaicl import ContextBuilder, load_partition
     from mend.evaluation.harness import evaluate_task, mean_score
     from mend.methods.mend import Mend
-    from mend.data.metaicl import ContextBuilder, load_partition
     best = Distiller.from_pretrained(tmp_path / "ft")
     _, test = load_partition(data, "part")
     # Selection reads the run's own context (context.k = 3, not the evaluation default of
     # 16), and config.yaml says so.
     import yaml
+
     from mend.evaluation.harness import DemoConfig
     saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert saved["context"]["k"] == 3 and saved["select"]["mode"] == "fixed"

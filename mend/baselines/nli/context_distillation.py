@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mend.core.losses import label_distill_loss
-from mend.baselines.nli.model import PatternLM
 from mend.baselines.nli.data import LABELS, NLIExample
+from mend.baselines.nli.model import PatternLM
 from mend.baselines.nli.patterns import Pattern, context_text
+from mend.core.losses import label_distill_loss
 from mend.core.prefix_lm import PrefixLM
 
 DEFAULT_INSTRUCTION = ("Based on the premise and the label of the hypothesis, please deduce "

@@ -19,22 +19,23 @@ import gc
 import math
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mend.core.backbones import pick_device
-from mend.config import checked, Dtype, FrozenLLM
-from mend.recipes.run import write_results
-from mend.baselines.nli.data import balanced_sample, nli_data, NLIDataConfig, NLIExample
-from mend.baselines.nli.patterns import context_text, get_pattern, Pattern
-from mend.evaluation.efficiency import measure
-from mend.core.prefix_lm import PrefixLM
 from mend.baselines.nli.context_distillation import DistillObjective
+from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, nli_data
 from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
+from mend.baselines.nli.patterns import Pattern, context_text, get_pattern
+from mend.config import checked
+from mend.core.backbones import pick_device
+from mend.core.config import Dtype, FrozenLLM
+from mend.core.prefix_lm import PrefixLM
+from mend.evaluation.efficiency import measure
+from mend.recipes.run import write_results
 
 
 @dataclass(frozen=True)

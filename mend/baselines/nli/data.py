@@ -19,12 +19,12 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 from mend.config import checked
-from mend.errors import ConfigError
 from mend.data.metaicl import load_task as load_metaicl
+from mend.errors import ConfigError
 
 LABELS = ("entailment", "non-entailment")
 _LABEL_MAP = {"entailment": "entailment", "contradiction": "non-entailment",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mend.evaluation.metrics import label_scores
 from mend.baselines.nli.data import LABELS, NLIExample, balanced_sample
 from mend.baselines.nli.patterns import Pattern, context_text
 from mend.core.prefix_lm import PrefixLM
+from mend.evaluation.metrics import label_scores
 
 
 def score(logits: torch.Tensor, label_ids: Sequence[int], examples: Sequence[NLIExample]

@@ -26,14 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mend.core import checkpoint
-from mend.core.backbones import add_lora, enable_checkpointing, load_model, load_tokenizer
-from mend.config import checked, Dtype, from_dict, to_dict
-from mend.counters import Counters
-from mend.errors import CheckpointError, ConfigError
 from mend.baselines.nli.data import LABELS, NLIExample
 from mend.baselines.nli.patterns import get_pattern
+from mend.config import checked, from_dict, to_dict
+from mend.core import checkpoint
+from mend.core.backbones import add_lora, enable_checkpointing, load_model, load_tokenizer
+from mend.core.config import Dtype
 from mend.core.text import bos_ids, pad, positions
+from mend.counters import Counters
+from mend.errors import CheckpointError, ConfigError
 
 KIND = "pattern_lm"
 

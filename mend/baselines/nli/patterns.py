@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from mend.errors import ConfigError
 from mend.baselines.nli.data import LABELS, NLIExample
+from mend.errors import ConfigError
 
 BUILTIN = Path(__file__).with_name("patterns.yaml")
 

@@ -23,26 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
-from accelerate.utils import set_seed
 import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from mend.core.backbones import pick_device
-from mend.config import checked, Dtype, FrozenLLM, to_dict
-from mend.errors import ConfigError
-from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
 from mend.baselines.nli import cost
-from mend.baselines.nli.context_distillation import (DEFAULT_INSTRUCTION, DistillObjective,
-                                                   TeacherCache, teacher_logits)
+from mend.baselines.nli.context_distillation import (
+    DEFAULT_INSTRUCTION,
+    DistillObjective,
+    TeacherCache,
+    teacher_logits,
+)
 from mend.baselines.nli.data import NLIDataConfig, NLIExample, balanced_sample, nli_data
+from mend.baselines.nli.evaluation import evaluate_icl, evaluate_model
+from mend.baselines.nli.model import PatternLM, PatternModelConfig, PatternObjective
+from mend.baselines.nli.patterns import get_pattern
+from mend.config import checked, to_dict
+from mend.core.backbones import pick_device
+from mend.core.config import Dtype, FrozenLLM
+from mend.core.prefix_lm import PrefixLM
+from mend.errors import ConfigError
+from mend.evaluation.efficiency import PeakMemory
 from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
 from mend.training.loop import train
-from mend.baselines.nli.evaluation import evaluate_icl, evaluate_model
-from mend.baselines.nli.patterns import get_pattern
-from mend.core.prefix_lm import PrefixLM
-from mend.evaluation.efficiency import PeakMemory
-
 
 # --------------------------------------------------------------------------------------------
 # Pattern-based ICL (evaluation only)

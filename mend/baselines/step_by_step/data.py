@@ -38,10 +38,11 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from mend.config import checked, FrozenLLM
+from mend.config import checked
+from mend.core.config import FrozenLLM
+from mend.core.prefix_lm import PrefixLM
 from mend.counters import Counters
 from mend.errors import ConfigError
-from mend.core.prefix_lm import PrefixLM
 
 PHRASES = {"cqa": "So the answer is", "svamp": "The answer is", "esnli": "So the answer is"}
 

@@ -21,13 +21,18 @@ from typing import Any, Literal
 
 from accelerate.utils import set_seed
 
-from mend.core.backbones import pick_device
+from mend.baselines.step_by_step.data import (
+    RationaleDataConfig,
+    RationaleExample,
+    is_correct,
+    load,
+    teacher_rationales,
+)
+from mend.baselines.step_by_step.student import StepByStepObjective, Student, StudentConfig
 from mend.config import checked, to_dict
+from mend.core.backbones import pick_device
 from mend.counters import Counters
 from mend.errors import ConfigError
-from mend.baselines.step_by_step.student import Student, StepByStepObjective, StudentConfig
-from mend.baselines.step_by_step.data import (RationaleDataConfig, RationaleExample, is_correct,
-                                              load, teacher_rationales)
 from mend.recipes.run import Recipe, run_verb, write_config, write_results
 from mend.training.config import TrainConfig, TrainResult, by_epochs
 from mend.training.loop import train

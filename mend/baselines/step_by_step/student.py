@@ -28,12 +28,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-from mend.config import checked, Dtype, from_dict, to_dict
+from mend.baselines.step_by_step.data import RationaleExample
+from mend.config import checked, from_dict, to_dict
+from mend.core.backbones import DTYPES, enable_checkpointing, load_model, load_tokenizer, resolve
+from mend.core.config import Dtype
+from mend.core.text import bos_ids, pad
 from mend.counters import Counters
 from mend.errors import CheckpointError
-from mend.baselines.step_by_step.data import RationaleExample
-from mend.core.text import bos_ids, pad
-from mend.core.backbones import DTYPES, enable_checkpointing, load_model, load_tokenizer, resolve
 
 PREFIXES = {"brackets": ("[label] ", "[rationale] "), "words": ("predict: ", "explain: ")}
 CONFIG_FILE = "step_by_step_config.json"
