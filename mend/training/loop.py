@@ -27,13 +27,12 @@ What it does:
   ``mend.training.run_log``).
 - **Model selection:** every ``eval_every`` steps, ``evaluate`` scores the model (higher is
   better); the best is saved as the output directory's checkpoint; ``patience`` evaluations
-  without improvement stop the run.
+  without improvement stop the run (:mod:`mend.training.selection`).
 - A NaN or infinite loss stops the run with a message naming the step and the usual fixes.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +54,7 @@ from mend.core.backbones import pick_device
 from mend.counters import Counters
 from mend.errors import ConfigError, TrainingError
 from mend.methods.base import Trainable
-from mend.training import engine, optim, precision
+from mend.training import engine, optim, precision, selection
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
 from mend.training.checkpoints import identity as checkpoints_identity
 from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
@@ -201,10 +200,10 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     budget = _Budget(cfg.max_minutes, state, accelerator)
     if cfg.eval_every and cfg.eval_at_start and state.step == 0:
         if evaluate is not None:
-            _select(accelerator, model, method, evaluate, state, cfg, output_dir,
+            selection.select(accelerator, model, method, evaluate, state, cfg, output_dir,
                     keep_best or {})
         if monitor is not None:
-            _monitor(accelerator, model, monitor, state.step, output_dir)
+            selection.monitor(accelerator, model, monitor, state.step, output_dir)
     out_of_time = budget.spent()
     counting, flops_per_token = cfg.count_flops, None
     model.train()
@@ -235,12 +234,12 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
             scored = cfg.eval_every and (state.step % cfg.eval_every == 0 or out_of_time)
             if evaluate is not None and scored:
                 began = time.perf_counter()
-                _select(accelerator, model, method, evaluate, state, cfg, output_dir,
+                selection.select(accelerator, model, method, evaluate, state, cfg, output_dir,
                         keep_best or {})
                 window.start += time.perf_counter() - began  # throughput excludes evaluation
             if monitor is not None and scored:
                 began = time.perf_counter()
-                _monitor(accelerator, model, monitor, state.step, output_dir)
+                selection.monitor(accelerator, model, monitor, state.step, output_dir)
                 window.start += time.perf_counter() - began
             if stop_signal.raised:
                 accelerator.set_trigger()
@@ -261,7 +260,7 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
         if status != "interrupted" and (keep_best or state.best_step is None
                                         or evaluate is None):
             # nothing selected: the final model is the run's checkpoint
-            _save_model(accelerator, model, method, output_dir)
+            selection.save_model(accelerator, model, method, output_dir)
         if main and status != "interrupted":
             plot_metrics(output_dir)
     finally:
@@ -344,77 +343,3 @@ def _step(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return values[1] if len(values) > 1 else None
-
-
-# --------------------------------------------------------------------------------------------
-# Model selection and monitoring
-
-
-def _select(accelerator: Accelerator, model: nn.Module, method: Trainable,
-            evaluate: Callable[[nn.Module], dict[str, Any]], state: TrainState, cfg: TrainConfig,
-            output_dir: Path, keep_best: dict[str, str]) -> None:
-    """Evaluate, keep the best model(s), and decide on early stopping."""
-    keys = ["score", *keep_best.values()]
-    values = torch.zeros(len(keys), device=accelerator.device, dtype=torch.float64)
-    metrics = _run_on_model(accelerator, model, evaluate)
-    if metrics is not None:
-        values[:] = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    if accelerator.is_main_process:
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": state.step, **{f"eval_{k}": v for k, v in
-                                                       metrics.items()}}) + "\n")
-    values = broadcast(values).tolist()
-    score = values[0]
-    for name, value in zip(keep_best, values[1:]):
-        if name not in state.best_by or value > state.best_by[name]:
-            state.best_by[name] = value
-            _save_model(accelerator, model, method, output_dir / name)
-    if state.best_score is None or score > state.best_score:
-        state.best_score, state.best_step, state.evals_without_improvement = (
-            score, state.step, 0)
-        if not keep_best:
-            _save_model(accelerator, model, method, output_dir)
-    else:
-        state.evals_without_improvement += 1
-        state.stopped = state.evals_without_improvement >= cfg.patience
-    accelerator.wait_for_everyone()
-
-
-def _monitor(accelerator: Accelerator, model: nn.Module,
-             monitor: Callable[[nn.Module], dict[str, Any]], step: int, output_dir: Path) -> None:
-    """Log ``monitor``'s metrics (main process); nothing is selected by them."""
-    metrics = _run_on_model(accelerator, model, monitor)
-    if accelerator.is_main_process:
-        with open(output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{f"monitor_{k}": v for k, v in
-                                                 metrics.items()}}) + "\n")
-        print(f"mend: step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                 if isinstance(v, float)), flush=True)
-    accelerator.wait_for_everyone()
-
-
-def _run_on_model(accelerator: Accelerator, model: nn.Module, fn: Callable[[nn.Module], Any]
-                  ) -> dict[str, Any] | None:
-    """``fn(trained module)`` in eval mode: on the main process alone (None elsewhere), or,
-    where the model is sharded, on every rank in step, each gathering what it reads."""
-    sharded = engine.engine_of(accelerator) in engine.SHARDED
-    if not (sharded or accelerator.is_main_process):
-        return None
-    model.eval()
-    try:
-        with engine.gathered(accelerator, model):
-            return fn(accelerator.unwrap_model(model).trained)
-    finally:
-        model.train()
-
-
-def _save_model(accelerator: Accelerator, model: nn.Module, method: Trainable, path: Path) -> None:
-    """``method.save_pretrained(path)`` on the main process, from weights gathered off every
-    rank where the model is sharded."""
-    if engine.engine_of(accelerator) in engine.SHARDED:
-        state = engine.trained_state_dict(accelerator, model)
-        if accelerator.is_main_process:
-            method.save_pretrained(path, state_dict=state)
-    elif accelerator.is_main_process:
-        method.save_pretrained(path)
-    accelerator.wait_for_everyone()
