@@ -86,6 +86,11 @@ class MendConfig:
     compaction: CompactionName = "attention_matching"
     """With ``output: compacted``, how the distiller's cache is cut and fitted
     (:mod:`mend.core.compaction`)."""
+    learned_scorer: bool = False
+    """With ``output: compacted``, also train a small scorer per layer that corrects the
+    compaction's choice of positions and raises the kept keys' logits
+    (:mod:`mend.core.compaction.learned`; KV-Distill's learned selection). It starts at no
+    correction, so step 0 is still the compaction."""
     vector_norm: Literal["none", "match"] = "none"
     """``match`` ends the distiller's output in an RMSNorm whose gains start at the RMS of the
     LLM's token embeddings, so the vectors begin at the scale of the inputs the LLM was
@@ -131,5 +136,8 @@ class MendConfig:
             raise ConfigError(f"output: {self.output} hands the distiller's keys and values to "
                               f"the LLM unchanged, at one or more positions: set projection: "
                               f"auto, vector_norm: none and num_placeholders >= 1.")
+        if self.learned_scorer and self.output != "compacted":
+            raise ConfigError(f"learned_scorer corrects a compaction's choice of positions, so "
+                              f"it needs output: compacted (not {self.output}).")
         if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_r must be > 0 and lora_dropout in [0, 1).")

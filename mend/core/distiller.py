@@ -39,6 +39,7 @@ from mend.core.backbones import (
     load_tokenizer,
     max_positions,
 )
+from mend.core.compaction.learned import LearnedScorer
 from mend.core.config import FrozenLLM, MendConfig
 from mend.core.context import DistilledContext, ServesContext
 from mend.core.kv_cache import Prefill
@@ -56,7 +57,7 @@ CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
 # must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
 IDENTITY = ("distiller", "llm", "num_placeholders", "output", "projection", "train_mode", "lora_r",
-            "lora_target_modules")
+            "lora_target_modules", "learned_scorer")
 
 
 class Distiller(ServesContext, nn.Module):
@@ -99,6 +100,8 @@ class Distiller(ServesContext, nn.Module):
         weight = encoder.get_input_embeddings().weight
         self.compaction = None
         """With ``output: compacted``: the compaction of the distiller's own cache."""
+        self.scorer: LearnedScorer | None = None
+        """With ``learned_scorer``: its corrections of the compaction's scores."""
         if config.output == "compacted":
             # No placeholder is read: the kept positions are the demonstrations' own. An
             # empty, frozen tensor keeps the checkpoint's layout and leaves DDP nothing unused.
@@ -107,6 +110,9 @@ class Distiller(ServesContext, nn.Module):
                             if self.compaction.needs_repeat else None)
             self.placeholders = nn.Parameter(weight.new_zeros(0, weight.shape[1]),
                                              requires_grad=False)
+            if config.learned_scorer:  # float32, as LoRA's adapters are
+                layers, _, head_dim = kv_cache.shapes(encoder.config)
+                self.scorer = LearnedScorer(layers, head_dim).to(weight.device)
         else:
             self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
         self.projection: nn.Module = nn.Identity()
@@ -185,16 +191,16 @@ class Distiller(ServesContext, nn.Module):
 
     def trainable_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None
                              ) -> dict[str, torch.Tensor]:
-        """Placeholders, projection, and the distiller's weights (or only its LoRA adapters),
-        taken from ``state_dict`` (this module's, gathered from a sharded run) or from the
-        module itself."""
+        """Placeholders, projection, the learned scorer, and the distiller's weights (or only
+        its LoRA adapters), taken from ``state_dict`` (this module's, gathered from a sharded
+        run) or from the module itself."""
         if self.merged:
             raise CheckpointError("This distiller's LoRA adapters were merged for inference "
                                   "(merge_adapters), so there is no adapter to save: save it "
                                   "before merging, or load the checkpoint again.")
         own = self.state_dict() if state_dict is None else state_dict
         state = {k: v for k, v in own.items() if k == "placeholders"
-                 or k.startswith("projection.")}
+                 or k.startswith(("projection.", "scorer."))}
         encoder = {k[len("encoder."):]: v for k, v in own.items() if k.startswith("encoder.")}
         if self.config.train_mode == "lora":
             encoder = get_peft_model_state_dict(self.encoder, state_dict=encoder)
@@ -216,10 +222,19 @@ class Distiller(ServesContext, nn.Module):
                 f"The checkpoint's projection ({_shapes(proj)}) does not fit this distiller and "
                 f"LLM ({_shapes(mine)}): the LLM's hidden size ({self.llm.hidden_size}) must be "
                 f"the one the checkpoint was trained for.")
+        scorer = {k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")}
+        mine = {} if self.scorer is None else self.scorer.state_dict()
+        if scorer.keys() != mine.keys() or any(scorer[k].shape != mine[k].shape for k in mine):
+            raise CheckpointError(
+                f"The checkpoint's learned scorer ({len(scorer)} tensors) does not fit this "
+                f"distiller's ({len(mine)}; learned_scorer: {self.config.learned_scorer}): set "
+                f"learned_scorer as the checkpoint was trained, on the same distiller.")
         encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         with torch.no_grad():
             self.placeholders.copy_(ph)
         self.projection.load_state_dict(proj)
+        if self.scorer is not None:
+            self.scorer.load_state_dict(scorer)
         if self.config.train_mode == "lora":
             result = set_peft_model_state_dict(self.encoder, encoder)
             unexpected = getattr(result, "unexpected_keys", [])
@@ -314,7 +329,7 @@ class Distiller(ServesContext, nn.Module):
             embeds = self.encoder.get_input_embeddings()(input_ids)
             head = compactions.compact(self.encoder, embeds, attention_mask,
                                        input_ids.shape[1] if width is None else width,
-                                       self.compaction, num_placeholders + 1)
+                                       self.compaction, num_placeholders + 1, self.scorer)
             return kv_cache.cast(head, self.llm.dtype)
         if num_placeholders == 0:
             return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)

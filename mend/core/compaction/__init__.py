@@ -11,6 +11,9 @@ Every compaction is three steps, run on each layer as the model reads the contex
 3. **fit**, optionally, what the kept positions hold (:mod:`.matching`: Attention Matching's
    bias per kept key and least-squares values), in closed form, so gradients pass through it.
 
+A trained distiller may add a learned scorer (:mod:`.learned`), which corrects step 1's
+scores and raises the kept keys' biases, starting from no correction at all.
+
 Each named compaction (:data:`COMPACTIONS`) is one scorer and one fit. The training-free
 :class:`~mend.core.kv_compress.KVCompressor` runs it on the LLM's own cache; a distiller with
 ``output: compacted`` runs the same code on its own keys and values (the LLM plus LoRA), so
@@ -24,7 +27,7 @@ about a second prefill, once per context.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,17 +97,27 @@ class Compaction:
     def needs_repeat(self) -> bool:
         return self.scorer.needs_repeat or self.fit is not None
 
-    def __call__(self, reading: Reading, keep: int
+    def __call__(self, reading: Reading, keep: int, correction: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One layer compacted: ``(index, keys, values, bias)``, ``index`` ``(R, kv_heads,
         keep)`` ascending, keys and values ``(R, kv_heads, keep, d)``, bias ``(R, kv_heads,
-        keep)`` float32 or None."""
+        keep)`` float32 or None.
+
+        ``correction``: a learned scorer's ``(R, kv_heads, S)`` logit corrections
+        (:mod:`.learned`): the positions kept are the top of ``score * exp(correction)``, and
+        each kept key's bias is raised by its correction (differentiably)."""
         with torch.no_grad():
-            index = select(self.scorer(reading), reading.mask, keep)
+            scores = self.scorer(reading)
+            if correction is not None:
+                scores = scores.float() * correction.detach().exp()
+            index = select(scores, reading.mask, keep)
         keys, values = gather(reading.keys, index), gather(reading.values, index)
         bias = None
         if self.fit is not None:
             values, bias = self.fit(reading, index)
+        if correction is not None:
+            raised = correction.gather(2, index)
+            bias = raised if bias is None else bias + raised
         return index, keys, values, bias
 
 
@@ -171,7 +184,8 @@ def layout(contexts: Sequence[Sequence[int]], skip: int, prompt: Sequence[int] |
 
 
 def compact(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
-            compaction: Compaction, keep: int) -> Prefill:
+            compaction: Compaction, keep: int,
+            learned: Callable[[int, Reading], torch.Tensor] | None = None) -> Prefill:
     """Read ``[pad.. context | repeat pad..]`` once with ``model`` (a transformers body) and
     cut every layer's context cache to ``keep`` positions per key/value head.
 
@@ -181,6 +195,8 @@ def compact(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
             needs none).
         mask: ``(R, S + Q)``, 1 on real tokens.
         width: ``S``.
+        learned: a learned scorer (:class:`.learned.LearnedScorer`): ``(layer, reading)`` to
+            that layer's ``(R, kv_heads, S)`` corrections of the compaction's scores.
 
     Returns:
         A key/value prefix of ``R`` rows: per layer ``(R, kv_heads, keep, d)`` keys and values
@@ -198,7 +214,8 @@ def compact(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
         if mask.shape[1] > width:
             reading.ref_queries, reading.ref_keys = query[:, :, width:], key[:, :, width:]
             reading.ref_mask = mask[:, width:]
-        kept[layer] = compaction(reading, keep)
+        kept[layer] = compaction(reading, keep,
+                                 None if learned is None else learned(layer, reading))
 
     with attention.kernel(model):
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
