@@ -162,21 +162,16 @@ def query_costs(method: Method, builder: ContextBuilder, demo_sets: Sequence[lis
         raise ValueError("Need one demonstration set per query and at least two queries.")
     records = []
     for demos, row in zip(demo_sets, rows):
-        query = builder.query(row["input"], method.reads_context)
-        pairs = [[(query, builder.option(o)) for o in row["options"]]]
-
-        def context(demos=demos, query=query, pairs=pairs):
-            if not method.reads_context:
-                return None, None
-            kept, ids = builder.context(demos, max(len(p) + len(t) for p, t in pairs[0]))
-            return method.prefix([kept], [ids])
+        pairs = _pairs(method, builder, row)
+        context = functools.partial(_read_context, method, builder, demos,
+                                    max(len(p) + len(t) for p, t in pairs[0]))
 
         def score(prefix, pairs=pairs):
             return method.llm.score_pairs(pairs, **prefix_kwargs(prefix))
 
         prefix, context_flops = count_flops(context)
         _, llm_flops = count_flops(functools.partial(score, prefix))
-        _, seconds, peak = measure(lambda: score(context()), device)
+        _, seconds, peak = measure(lambda context=context: score(context()), device)
         records.append({"context_flops": context_flops, "llm_flops": llm_flops,
                         "flops": context_flops + llm_flops, "seconds": seconds,
                         "peak_bytes": peak})
@@ -258,16 +253,26 @@ def _answer(s: Serving, demos: list, row: dict, prefill: Prefill | None, reserve
     """One query's options scored as ``s`` serves it: after the context read once
     (``prefill``), or building and reading the context again (ICL re-read; zero-shot reads
     the query alone)."""
-    method, builder = s.method, s.builder
-    query = builder.query(row["input"], method.reads_context)
-    pairs = [[(query, builder.option(o)) for o in row["options"]]]
+    pairs = _pairs(s.method, s.builder, row)
     if prefill is not None:
-        return method.llm.score_pairs(pairs, prefill=prefill)
-    prefix = (None, None)
-    if method.reads_context:
-        kept, ids = builder.context(demos, reserve)
-        prefix = method.prefix([kept], [ids])
-    return method.llm.score_pairs(pairs, **prefix_kwargs(prefix))
+        return s.method.llm.score_pairs(pairs, prefill=prefill)
+    prefix = _read_context(s.method, s.builder, demos, reserve)
+    return s.method.llm.score_pairs(pairs, **prefix_kwargs(prefix))
+
+
+def _pairs(method: Method, builder: ContextBuilder, row: dict) -> list[list[tuple]]:
+    """One query's ``(query ids, option ids)`` pairs, one per option, as the LLM scores them."""
+    query = builder.query(row["input"], method.reads_context)
+    return [[(query, builder.option(o)) for o in row["options"]]]
+
+
+def _read_context(method: Method, builder: ContextBuilder, demos: list, reserve: int):
+    """The method's prefix of ``demos`` (vectors and mask, or a key/value prefix), leaving
+    ``reserve`` tokens for the query; ``(None, None)`` for a method that reads no context."""
+    if not method.reads_context:
+        return None, None
+    kept, ids = builder.context(demos, reserve)
+    return method.prefix([kept], [ids])
 
 
 @torch.no_grad()
