@@ -39,6 +39,15 @@ evaluate() {
   cp "$dir/results.json" "$dir/results.md" "$dest/"
 }
 
+# row CONFIG OUTDIR ARGS...: `evaluate`, with the recovered share and the tables reading
+# the zero-shot and ICL rows in OUTDIR's folder (`references` scores them first).
+row() {
+  local config=$1 dir=$2; shift 2
+  local set; set=$(dirname "$dir")
+  evaluate "$config" "$dir" references.zero_shot="$set/zero_shot/results.json" \
+    references.icl="$set/icl/results.json" "$@"
+}
+
 # references CONFIG OUTDIR ARGS...: zero-shot and ICL, which every recovered share needs.
 references() {
   local config=$1 out=$2; shift 2
@@ -51,12 +60,10 @@ references() {
 equal_memory() {
   local config=$1 out=$2 tag=""; shift 2
   [ "$L" = 16 ] || tag="-$L"
-  local refs=(references.zero_shot="$out/zero_shot/results.json"
-              references.icl="$out/icl/results.json")
-  evaluate "$config" "$out/icl-equal-memory$tag" method=icl context.max_context_tokens="$L" \
-    label="ICL at equal memory${tag:+ (bos + $L)}" "${refs[@]}" "$@"
-  evaluate "$config" "$out/kv_compress$tag" method=kv_compress num_placeholders="$L" \
-    label="kv_compress${tag:+ (bos + $L)}" "${refs[@]}" "$@"
+  row "$config" "$out/icl-equal-memory$tag" method=icl context.max_context_tokens="$L" \
+    label="ICL at equal memory${tag:+ (bos + $L)}" "$@"
+  row "$config" "$out/kv_compress$tag" method=kv_compress num_placeholders="$L" \
+    label="kv_compress${tag:+ (bos + $L)}" "$@"
 }
 
 # methods CONFIG OUTDIR ARGS...: the references first, then the rest.
@@ -64,8 +71,7 @@ methods() {
   local config=$1 out=$2; shift 2
   references "$config" "$out" "$@"
   equal_memory "$config" "$out" "$@"
-  evaluate "$config" "$out/mend" method=mend checkpoint="$MEND" \
-    references.zero_shot="$out/zero_shot/results.json" references.icl="$out/icl/results.json" "$@"
+  row "$config" "$out/mend" method=mend checkpoint="$MEND" "$@"
 }
 
 # every_set FN [FN-ARGS...]: FN FN-ARGS... CONFIG OUTDIR SET-ARGS... on the demo's short and
@@ -80,8 +86,6 @@ every_set() {
   done
 }
 
-DEMO_REFS=(references.zero_shot="$OUT/demo/eval/zero_shot/results.json"
-           references.icl="$OUT/demo/eval/icl/results.json")
 # The demo's tasks with short demonstrations (demo/) and with long ones (demo-long/).
 SHORT="data.tasks=[country_capital,country_language,animal_fruit,sentence_agent]"
 LONG="data.tasks=[trip_capital,story_agent]"
@@ -94,21 +98,19 @@ demo() {
 demo_long() {
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
   methods "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/mend-refine$REFINE" method=mend \
-    checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" "$LONG" \
-    references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
-    references.icl="$OUT/demo-long/eval/icl/results.json"
+  row "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/mend-refine$REFINE" method=mend \
+    checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" "$LONG"
 }
 
 refine() {
   # Refinement at compress time, from the distiller's prefix and, as its training-free
   # control, from the KV cache cut to the same memory (one context per task: K = 16 fixed).
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$REFINE" method=mend \
+  row "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$REFINE" method=mend \
     checkpoint="$MEND" refine_steps="$REFINE" label="MEND + $REFINE refine steps" \
-    "${DEMO_REFS[@]}" "$SHORT"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/kv_compress-refine$REFINE" \
+    "$SHORT"
+  row "$CFG/eval-demo.yaml" "$OUT/demo/eval/kv_compress-refine$REFINE" \
     method=kv_compress num_placeholders="$L" refine_steps="$REFINE" \
-    label="KV cut + $REFINE refine steps" "${DEMO_REFS[@]}" "$SHORT"
+    label="KV cut + $REFINE refine steps" "$SHORT"
 }
 
 partitions() {
@@ -124,16 +126,15 @@ distiller() {
   local name=$1 dir=$2
   every_set references
   every_set mend_row "$name" "$dir"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
+  row "$CFG/eval-demo.yaml" "$OUT/demo/eval/$name-refine$REFINE" method=mend \
     checkpoint="$dir" refine_steps="$REFINE" label="$name + $REFINE refine steps" \
-    "${DEMO_REFS[@]}" "$SHORT"
+    "$SHORT"
 }
 
 # mend_row NAME DIR CONFIG OUTDIR ARGS...: the distiller at DIR, labelled NAME, on one set.
 mend_row() {
   local name=$1 dir=$2 config=$3 out=$4; shift 4
-  evaluate "$config" "$out/$name" method=mend checkpoint="$dir" label="$name" \
-    references.zero_shot="$out/zero_shot/results.json" references.icl="$out/icl/results.json" "$@"
+  row "$config" "$out/$name" method=mend checkpoint="$dir" label="$name" "$@"
 }
 
 # train JOB DIR ARGS...: a training job to its end; the first call is cut at CUT seconds, so
@@ -170,17 +171,14 @@ prompt_tuning() {
   local dir="$OUT/prompt-tuning-mixture" p
   train finetune "$dir" --config "$CFG/prompt-tuning-mixture.yaml"
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/prompt_tuning" method=prompt_tuning \
-    checkpoint="$dir" "${DEMO_REFS[@]}" "$SHORT"
-  evaluate "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/prompt_tuning" method=prompt_tuning \
-    checkpoint="$dir" "$LONG" references.zero_shot="$OUT/demo-long/eval/zero_shot/results.json" \
-    references.icl="$OUT/demo-long/eval/icl/results.json"
+  row "$CFG/eval-demo.yaml" "$OUT/demo/eval/prompt_tuning" method=prompt_tuning \
+    checkpoint="$dir" "$SHORT"
+  row "$CFG/eval-demo.yaml" "$OUT/demo-long/eval/prompt_tuning" method=prompt_tuning \
+    checkpoint="$dir" "$LONG"
   for p in "${PARTITIONS[@]}"; do
-    evaluate "$CFG/eval.yaml" "$OUT/$p/eval/prompt_tuning-mixture" method=prompt_tuning \
+    row "$CFG/eval.yaml" "$OUT/$p/eval/prompt_tuning-mixture" method=prompt_tuning \
       checkpoint="$dir" data.partition="$p" "data.seeds=[100,13]" \
-      label="prompt tuning (mixture)" \
-      references.zero_shot="$OUT/$p/eval/zero_shot/results.json" \
-      references.icl="$OUT/$p/eval/icl/results.json"
+      label="prompt tuning (mixture)"
   done
 }
 
@@ -216,9 +214,9 @@ refine_curve() {
   # The one-off cost against quality: MEND refined for 5 and 10 steps (20 in refine).
   local steps
   for steps in 5 10; do
-    evaluate "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$steps" method=mend \
+    row "$CFG/eval-demo.yaml" "$OUT/demo/eval/mend-refine$steps" method=mend \
       checkpoint="$MEND" refine_steps="$steps" label="MEND + $steps refine steps" \
-      "${DEMO_REFS[@]}" "$SHORT"
+      "$SHORT"
   done
 }
 

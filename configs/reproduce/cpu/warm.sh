@@ -10,6 +10,7 @@
 #     STEP=150 bash configs/reproduce/cpu/warm.sh step_rows  # a kept stage-2 step, every set
 #     STEP=150 REFINE_SETS=demo-long bash configs/reproduce/cpu/warm.sh refined  # it, refined
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
+#     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -56,10 +57,8 @@ compaction_rows() {
   [ "$L" = 16 ] || tag="-$L"
   for name in "${COMPACTIONS[@]}"; do
     local compaction=${name/kv_compress/attention_cut}
-    evaluate "$config" "$out/$name$tag" method=kv_compress num_placeholders="$L" \
-      compaction="$compaction" label="$compaction${tag:+ (bos + $L)}" \
-      references.zero_shot="$out/zero_shot/results.json" \
-      references.icl="$out/icl/results.json" "$@"
+    row "$config" "$out/$name$tag" method=kv_compress num_placeholders="$L" \
+      compaction="$compaction" label="$compaction${tag:+ (bos + $L)}" "$@"
   done
 }
 
@@ -78,6 +77,7 @@ curve() {  # the recovered share on the demo's sets against tokens read: stage 1
   # 2's step 0) and stage 2's kept steps every CURVE_EVERY steps (`mend export`ed)
   local step name dir
   for step in "$OUT/stage2/checkpoints"/step-*; do
+    [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
     (( 10#${name#step-} % ${CURVE_EVERY:-150} == 0 )) || continue
     dir=$(exported stage2 "$name")
@@ -101,11 +101,9 @@ refined() {  # the warm distiller stage 2 kept (or its kept step STEP=N) + REFIN
   for set in ${REFINE_SETS:-demo demo-long}; do
     tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
     mend_row "$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/$set/eval" refine_steps="$REFINE" "$tasks"
-    evaluate "$CFG/eval-demo.yaml" "$OUT/$set/eval/attention_matching-refine$REFINE" \
+    row "$CFG/eval-demo.yaml" "$OUT/$set/eval/attention_matching-refine$REFINE" \
       method=kv_compress compaction=attention_matching num_placeholders="$L" \
-      refine_steps="$REFINE" label="attention_matching + $REFINE refine steps" \
-      references.zero_shot="$OUT/$set/eval/zero_shot/results.json" \
-      references.icl="$OUT/$set/eval/icl/results.json" "$tasks"
+      refine_steps="$REFINE" label="attention_matching + $REFINE refine steps" "$tasks"
   done
 }
 
@@ -121,20 +119,43 @@ reselect() {  # the second selection (select-dev.yaml, fixed before any candidat
   # it): the training-free start (Attention Matching), stage 1's end (stage 2's step 0) and
   # every 50th step of stage 2 on the dev rows of the three partitions' tasks, in one table
   local dir="$OUT/selection-dev" step name
-  local refs=(references.zero_shot="$dir/zero_shot/results.json"
-              references.icl="$dir/icl/results.json")
   evaluate "$WARM/select-dev.yaml" "$dir/zero_shot" method=zero_shot
   evaluate "$WARM/select-dev.yaml" "$dir/icl" method=icl
-  evaluate "$WARM/select-dev.yaml" "$dir/attention_matching" method=kv_compress \
-    compaction=attention_matching num_placeholders="$L" label=attention_matching "${refs[@]}"
+  row "$WARM/select-dev.yaml" "$dir/attention_matching" method=kv_compress \
+    compaction=attention_matching num_placeholders="$L" label=attention_matching
   mend_row warm-stage1 "$OUT/stage1" "$WARM/select-dev.yaml" "$dir"
   for step in "$OUT/stage2/checkpoints"/step-*; do
+    [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
     (( 10#${name#step-} % 50 == 0 )) || continue
     mend_row "warm-$name" "$(exported stage2 "$name")" "$WARM/select-dev.yaml" "$dir"
   done
   mend compare "$dir"/*/results.json --against attention_matching \
     --output "$DOCS/selection-dev/compare.md"
+}
+
+ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from LoRA at zero
+  # on one wall-clock budget (ABLATE_MINUTES), scored on the demo's sets beside its own step 0
+  # (the training-free row `free`/`frontier` scored) and the stage-1 run above:
+  #   kvzip: selection inside the distiller, no fit (KV-Distill's way: KVzip's query-agnostic
+  #          scorer picks the positions, the LoRA teaches them to carry the rest);
+  #   am-4:  Attention Matching's fit on the distiller's cache at bos + 4 positions (l = 4);
+  #   learned: Attention Matching with a learned scorer (KV-Distill's learned selection).
+  ablate_way kvzip 16 model.compaction=kvzip
+  ablate_way am-4 4 model.num_placeholders=4
+  ablate_way learned 16 model.learned_scorer=true
+}
+
+# ablate_way NAME L ARGS...: stage 1 with ARGS at bos + L positions, then its demo rows.
+ablate_way() {
+  local name=$1 l=$2 dir="$OUT/ablate/$1"; shift 2
+  train pretrain "$dir" --config "$WARM/pretrain.yaml" \
+    train.max_minutes="${ABLATE_MINUTES:-25}" "$@"
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" num_placeholders="$l" \
+    "$SHORT"
+  mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
+    num_placeholders="$l" "$LONG"
 }
 
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
@@ -164,9 +185,8 @@ warm_at() {
 
 equal_memory_icl() {
   local config=$1 out=$2; shift 2
-  evaluate "$config" "$out/icl-equal-memory-$L" method=icl context.max_context_tokens="$L" \
-    label="ICL at equal memory (bos + $L)" references.zero_shot="$out/zero_shot/results.json" \
-    references.icl="$out/icl/results.json" "$@"
+  row "$config" "$out/icl-equal-memory-$L" method=icl context.max_context_tokens="$L" \
+    label="ICL at equal memory (bos + $L)" "$@"
 }
 
 parts=("$@")
@@ -182,6 +202,7 @@ for part in "${parts[@]}"; do
     step_rows) step_rows ;;
     refined) refined ;;
     reselect) reselect ;;
+    ablate) ablate ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
