@@ -1,6 +1,6 @@
 """A training run's checkpoints on disk, for :func:`mend.training.loop.train`: each saved
 atomically as ``checkpoints/step-N`` (model, optimizer, scheduler, RNG and the loop's
-:class:`~mend.training.loop.TrainState`, through accelerate, plus ``mend_engine.json``, the
+:class:`~mend.training.config.TrainState`, through accelerate, plus ``mend_engine.json``, the
 engine and number of processes that wrote it), resumed from the newest one that can be read,
 and a SIGTERM turned into a checkpoint at the next step.
 """
@@ -14,7 +14,6 @@ import shutil
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -23,12 +22,11 @@ from mend._files import user_mode
 from mend.config import to_dict
 from mend.counters import Counters, sum_counts
 from mend.errors import CheckpointError
+from mend.training.config import TrainState
 from mend.training.engine import SHARDED, engine_of, save_state_kwargs
 
 ENGINE_FILE = "mend_engine.json"
 
-if TYPE_CHECKING:  # the loop imports this module
-    from mend.training.loop import TrainState
 
 
 def identity(module) -> dict:

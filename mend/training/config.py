@@ -1,6 +1,7 @@
 """How long and in what order a run trains: :class:`TrainConfig` (the ``train:`` section of
-every training config), what a run ends with, and :func:`by_epochs` for jobs counted in
-epochs (the NLI and step-by-step baselines)."""
+every training config), where a run stands (:class:`TrainState`, which checkpoints carry),
+what it ends with, and :func:`by_epochs` for jobs counted in epochs (the NLI and
+step-by-step baselines)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,34 @@ class TrainConfig:
         if self.lr <= 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ConfigError("train.lr must be > 0, train.warmup_ratio in [0, 1) and "
                               "train.warmup_steps >= 0.")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint records beyond accelerate's model/optimizer/scheduler/RNG state."""
+
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    best_by: dict[str, float] = field(default_factory=dict)
+    """Best value of each ``keep_best`` metric so far."""
+    stopped: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    """The data pipeline's counts over all processes, at this step."""
+    batches: int | None = None
+    """Global micro-batches consumed (None in checkpoints older than this field: then
+    ``step * grad_accum * world_size``)."""
+    world_size: int | None = None
+    """The number of processes that trained up to this step."""
+    seconds: float = 0.0
+    """Wall-clock seconds of training so far, over every start (``train.max_minutes``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
 
 @dataclass

@@ -37,7 +37,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from mend.methods.base import Trainable
 from mend.training import engine, optim, precision, selection
 from mend.training.checkpoints import SigtermFlag, resume, save_checkpoint
 from mend.training.checkpoints import identity as checkpoints_identity
-from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult
+from mend.training.config import BatchFactory, Position, TrainConfig, TrainResult, TrainState
 from mend.training.run_log import (
     Window,
     flat,
@@ -67,34 +66,6 @@ from mend.training.run_log import (
     truncate_metrics,
     write_record,
 )
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint records beyond accelerate's model/optimizer/scheduler/RNG state."""
-
-    step: int = 0
-    best_score: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    best_by: dict[str, float] = field(default_factory=dict)
-    """Best value of each ``keep_best`` metric so far."""
-    stopped: bool = False
-    counts: dict[str, int] = field(default_factory=dict)
-    """The data pipeline's counts over all processes, at this step."""
-    batches: int | None = None
-    """Global micro-batches consumed (None in checkpoints older than this field: then
-    ``step * grad_accum * world_size``)."""
-    world_size: int | None = None
-    """The number of processes that trained up to this step."""
-    seconds: float = 0.0
-    """Wall-clock seconds of training so far, over every start (``train.max_minutes``)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
 
 def compile_modules(module: torch.nn.Module) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -18,10 +18,8 @@ from torch import nn
 
 from mend.methods.base import Trainable
 from mend.training import engine
-from mend.training.config import TrainConfig
+from mend.training.config import TrainConfig, TrainState
 
-if TYPE_CHECKING:  # the loop imports this module
-    from mend.training.loop import TrainState
 
 
 def select(accelerator: Accelerator, model: nn.Module, method: Trainable,
