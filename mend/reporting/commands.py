@@ -52,11 +52,18 @@ def curve(argv=None) -> int:
                      "goes beside it as .md")
     parser.add_argument("run", help="the training output directory")
     parser.add_argument("results", nargs="+", help="mend eval results of the run's models")
+    parser.add_argument("--beside", nargs="+", default=[], metavar="RUN",
+                        help="other training runs whose held-out content controls are drawn "
+                        "and tabled beside the run's")
     args = parser.parse_args(argv)
     points = curves.points(args.run, args.results)
     figure = Path(args.output or Path(args.run) / "curve.png")
-    curves.draw(args.run, points, figure)
-    results.emit(curves.table(points), figure.with_suffix(".md"))
+    curves.draw(args.run, points, figure, args.beside)
+    controls = curves.held_out([args.run, *args.beside])
+    tables = curves.table(points)
+    if any(controls.values()):
+        tables += "\n" + curves.held_out_table(controls)
+    results.emit(tables, figure.with_suffix(".md"))
     print(f"wrote {figure}")
     return 0
 

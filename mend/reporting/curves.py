@@ -11,9 +11,10 @@ from the run's ``metrics.jsonl``. Results are grouped by the folder above their 
 folder (``<out>/<set>/eval/<row>/results.json``, as the reproduce scripts lay them out).
 
 It draws, against tokens read: each set's recovered share; the held-out content share (the
-content controls the run logged); and, for stage 2, the dev score that selected the model,
-with another task's demonstrations beside it. The same numbers go to a markdown table beside
-the figure (``curve.md``).
+content controls the run logged, and those of other runs given with ``--beside``, e.g. the
+ablation's ways); and, for stage 2, the dev score that selected the model, with another
+task's demonstrations beside it. The same numbers go to markdown tables beside the figure
+(``curve.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,28 @@ def tokens_read(lines: Sequence[dict[str, Any]]) -> dict[int, float]:
         if "tokens" in record:  # a training log line: the tokens of its window
             total += record["tokens"]
             out[record["step"]] = total
+    return out
+
+
+def tokens_at(tokens: dict[int, float], step: int) -> float:
+    """Tokens read by ``step``: those of the nearest logged step at or before it."""
+    return tokens[max(s for s in tokens if s <= step)]
+
+
+def held_out(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
+    """``{run name: [{"step", "tokens", "kl_own", "content_share"}, ...]}``: the content
+    controls each run logged on held-out text, against the tokens it had read by then."""
+    out = {}
+    for run in map(Path, runs):
+        if not (run / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run} is not a training run's output directory: it has no "
+                              f"metrics.jsonl.")
+        lines = read_metrics(run / "metrics.jsonl")
+        tokens = tokens_read(lines)
+        out[run.name] = [{"step": r["step"], "tokens": tokens_at(tokens, r["step"]),
+                          "kl_own": r.get("monitor_kl_own"),
+                          "content_share": r["monitor_content_share"]}
+                         for r in lines if "monitor_content_share" in r]
     return out
 
 
@@ -101,18 +124,32 @@ def table(curves: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
-    """The figure of the module docstring."""
+def held_out_table(controls: dict[str, list[dict[str, Any]]]) -> str:
+    """:func:`held_out`'s numbers as markdown: one row per run and logged step."""
+    lines = ["| run | step | tokens read | held-out KL, own | content share |",
+             "|---|---|---|---|---|"]
+    for name, pts in controls.items():
+        for p in pts:
+            kl = "–" if p["kl_own"] is None else f"{p['kl_own']:.4f}"
+            lines.append(f"| {name} | {p['step']} | {p['tokens'] / 1e3:.1f}k | {kl} | "
+                         f"{100 * p['content_share']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | Path,
+         beside: Sequence[str | Path] = ()) -> None:
+    """The figure of the module docstring; the held-out content share of the ``beside``
+    runs is drawn with the run's, each against the tokens it read."""
     run = Path(run)
     lines = read_metrics(run / "metrics.jsonl")
     tokens = tokens_read(lines)
 
-    def at(step: int) -> float:  # tokens read by a logged line's step (the nearest before)
-        return tokens[max(s for s in tokens if s <= step)] / 1e3
+    def at(step: int) -> float:
+        return tokens_at(tokens, step) / 1e3
 
-    content = [r for r in lines if "monitor_content_share" in r]
+    controls = {k: v for k, v in held_out([run, *beside]).items() if v}
     evals = [r for r in lines if "eval_score" in r]
-    panels = 1 + bool(content) + bool(evals)
+    panels = 1 + bool(controls) + bool(evals)
     plt = pyplot()
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
@@ -125,12 +162,15 @@ def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | P
     ax.set(xlabel="tokens read (k)", ylabel="recovered share of ICL's gain (%)",
            title=f"{run.name}: held-out tasks")
     ax.legend(fontsize=8)
-    if content:
+    if controls:
         ax = axes[0][1]
-        ax.plot([at(r["step"]) for r in content],
-                [100 * r["monitor_content_share"] for r in content], "-o")
+        for name, pts in controls.items():
+            ax.plot([p["tokens"] / 1e3 for p in pts], [100 * p["content_share"] for p in pts],
+                    "-o", label=name)
         ax.set(xlabel="tokens read (k)", ylabel="content share (% of KL_swap)",
                title="content controls (held-out text)")
+        if len(controls) > 1:
+            ax.legend(fontsize=8)
     if evals:
         ax = axes[0][-1]
         x = [at(r["step"]) for r in evals]

@@ -62,3 +62,24 @@ def test_a_model_that_is_not_a_step_of_the_run_is_refused(run, tmp_path, capsys)
     assert "is not a step of" in capsys.readouterr().err
     assert mend(["curve", str(run), str(unlogged)]) == 2
     assert "logged no line at step 15" in capsys.readouterr().err
+
+
+def test_other_runs_held_out_controls_are_drawn_and_tabled_beside(run, tmp_path, capsys):
+    other = tmp_path / "ablate" / "kvzip"
+    other.mkdir(parents=True)
+    lines = [{"step": 0, "monitor_kl_own": 0.4, "monitor_content_share": 0.8},
+             {"step": 10, "loss": 1.0, "tokens": 400.0},
+             {"step": 20, "loss": 1.0, "tokens": 600.0},
+             {"step": 20, "monitor_kl_own": 0.15, "monitor_content_share": 0.9}]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert [(p["step"], p["tokens"], p["kl_own"]) for p in curves.held_out([other])["kvzip"]] \
+        == [(0, 0.0, 0.4), (20, 1000.0, 0.15)]
+    files = [scored(tmp_path / "out", "demo", "kept", run, 0.7, 0.80, 0.40)]
+    figure = tmp_path / "curve.png"
+    assert mend(["curve", str(run), *map(str, files), "--output", str(figure),
+                 "--beside", str(other)]) == 0
+    table = (tmp_path / "curve.md").read_text()
+    assert "| stage2 | 20 | 0.2k | – | 85.0% |" in table  # the run's own: no KL logged
+    assert "| kvzip | 20 | 1.0k | 0.1500 | 90.0% |" in table
+    assert mend(["curve", str(run), *map(str, files), "--beside", str(tmp_path / "no")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err

@@ -140,10 +140,12 @@ ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from 
   #   kvzip: selection inside the distiller, no fit (KV-Distill's way: KVzip's query-agnostic
   #          scorer picks the positions, the LoRA teaches them to carry the rest);
   #   am-4:  Attention Matching's fit on the distiller's cache at bos + 4 positions (l = 4);
-  #   learned: Attention Matching with a learned scorer (KV-Distill's learned selection).
+  #   kvzip-learned: kvzip with a learned scorer (KV-Distill's learned selection), so that
+  #          the two differ by the scorer alone.
+  # Each trained at bos + 16 is also scored at bos + 4 (a compaction cuts to any budget).
   ablate_way kvzip 16 model.compaction=kvzip
   ablate_way am-4 4 model.num_placeholders=4
-  ablate_way learned 16 model.learned_scorer=true
+  ablate_way kvzip-learned 16 model.compaction=kvzip model.learned_scorer=true
 }
 
 # ablate_way NAME L ARGS...: stage 1 with ARGS at bos + L positions, then its demo rows.
@@ -156,6 +158,11 @@ ablate_way() {
     "$SHORT"
   mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
     num_placeholders="$l" "$LONG"
+  [ "$l" = 16 ] || return 0
+  mend_row "ablate-$name-4" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" num_placeholders=4 \
+    "$SHORT"
+  mend_row "ablate-$name-4" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
+    num_placeholders=4 "$LONG"
 }
 
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
