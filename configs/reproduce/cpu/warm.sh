@@ -143,27 +143,48 @@ ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from 
   #   kvzip-learned: kvzip with a learned scorer (KV-Distill's learned selection), so that
   #          the two differ by the scorer alone.
   # Each trained at bos + 16 is also scored at bos + 4 (a compaction cuts to any budget).
-  ablate_way kvzip 16 model.compaction=kvzip
-  ablate_way am-4 4 model.num_placeholders=4
-  ablate_way kvzip-learned 16 model.compaction=kvzip model.learned_scorer=true
+  ablate_way kvzip 16 kvzip model.compaction=kvzip
+  ablate_way am-4 4 attention_matching-4 model.num_placeholders=4
+  ablate_way kvzip-learned 16 kvzip model.compaction=kvzip model.learned_scorer=true
+  local set
+  for set in demo demo-long; do  # the learned scorer alone
+    mend compare "$OUT/$set/eval"/ablate-kvzip{,-learned}/results.json \
+      --against ablate-kvzip --output "$DOCS/ablate/scorer-$set.md"
+  done
+  # Their held-out content controls against tokens read, beside the stage-1 run's
+  mend curve "$OUT/stage1" "$OUT"/demo{,-long}/eval/warm-stage1/results.json \
+    --beside "$OUT"/ablate/{kvzip,am-4,kvzip-learned} --output "$DOCS/ablate/curve.png"
 }
 
-# ablate_way NAME L ARGS...: stage 1 with ARGS at bos + L positions, then its demo rows.
+# ablate_way NAME L START ARGS...: stage 1 with ARGS at bos + L positions, then its rows on
+# the demo's sets, each beside START, the training-free row it starts from (at bos + 4 too,
+# START-4, for a way trained at bos + 16).
 ablate_way() {
-  local name=$1 l=$2 dir="$OUT/ablate/$1"; shift 2
+  local name=$1 l=$2 start=$3 dir="$OUT/ablate/$1"; shift 3
   train pretrain "$dir" --config "$WARM/pretrain.yaml" \
     train.max_minutes="${ABLATE_MINUTES:-25}" "$@"
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" num_placeholders="$l" \
-    "$SHORT"
-  mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
-    num_placeholders="$l" "$LONG"
+  ablate_rows "ablate-$name" "$dir" "$l" "$start"
   [ "$l" = 16 ] || return 0
-  mend_row "ablate-$name-4" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" num_placeholders=4 \
-    "$SHORT"
-  mend_row "ablate-$name-4" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" \
-    num_placeholders=4 "$LONG"
+  ablate_rows "ablate-$name-4" "$dir" 4 "$start-4"
 }
+
+# ablate_rows ROW DIR L START: the distiller at DIR compacting to bos + L on the demo's sets,
+# as ROW, with its paired difference from START (ablate/ROW-SET.md).
+ablate_rows() {
+  local row=$1 dir=$2 l=$3 start=$4 set tasks eval
+  for set in demo demo-long; do
+    tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
+    eval="$OUT/$set/eval"
+    mend_row "$row" "$dir" "$CFG/eval-demo.yaml" "$eval" num_placeholders="$l" "$tasks"
+    mkdir -p "$DOCS/ablate"
+    mend compare "$eval/$start/results.json" "$eval/$row/results.json" \
+      --against "$(label_of "$eval/$start/results.json")" --output "$DOCS/ablate/$row-$set.md"
+  done
+}
+
+# label_of RESULTS: a results file's row label, which `mend compare --against` names.
+label_of() { python -c "import json, sys; print(json.load(open(sys.argv[1]))['label'])" "$1"; }
 
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
 # by `mend export` the first time.
