@@ -143,14 +143,15 @@ if kill_in and kill_in[0] == "save":
         return out
     Accelerator.save_state = dying_save
 if kill_in and kill_in[0] == "eval":
-    run_on_model, calls = loop._run_on_model, [0]
+    from mend.training import selection
+    run_on_model, calls = selection.run_on_model, [0]
     def dying_eval(*a, **k):
         calls[0] += 1
         out = run_on_model(*a, **k)  # scored, and not yet logged or kept
         if calls[0] == kill_in[1]:
             die()
         return out
-    loop._run_on_model = dying_eval
+    selection.run_on_model = dying_eval
 from mend.recipes.{recipe} import cli
 sys.exit(cli(sys.argv[1:]))
 """
