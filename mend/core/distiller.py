@@ -23,11 +23,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from mend.config import from_dict, replace, to_dict
-from mend.core import checkpoint, context, kv_cache
+from mend.core import checkpoint, context, kv_cache, trainable
 from mend.core import compaction as compactions
 from mend.core.backbones import (
     DTYPES,
@@ -193,59 +192,12 @@ class Distiller(ServesContext, nn.Module):
                              ) -> dict[str, torch.Tensor]:
         """Placeholders, projection, the learned scorer, and the distiller's weights (or only
         its LoRA adapters), taken from ``state_dict`` (this module's, gathered from a sharded
-        run) or from the module itself."""
-        if self.merged:
-            raise CheckpointError("This distiller's LoRA adapters were merged for inference "
-                                  "(merge_adapters), so there is no adapter to save: save it "
-                                  "before merging, or load the checkpoint again.")
-        own = self.state_dict() if state_dict is None else state_dict
-        state = {k: v for k, v in own.items() if k == "placeholders"
-                 or k.startswith(("projection.", "scorer."))}
-        encoder = {k[len("encoder."):]: v for k, v in own.items() if k.startswith("encoder.")}
-        if self.config.train_mode == "lora":
-            encoder = get_peft_model_state_dict(self.encoder, state_dict=encoder)
-        state.update({f"encoder.{k}": v for k, v in encoder.items()})
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        run) or from the module itself (:func:`mend.core.trainable.state_of`)."""
+        return trainable.state_of(self, state_dict)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`trainable_state_dict`; checks every shape before copying."""
-        ph = state.get("placeholders")
-        if ph is None or ph.shape != self.placeholders.shape:
-            raise CheckpointError(
-                f"The checkpoint's placeholders have shape "
-                f"{None if ph is None else tuple(ph.shape)}, but this distiller needs "
-                f"{tuple(self.placeholders.shape)} (num_placeholders x distiller hidden size).")
-        proj = {k[len("projection."):]: v for k, v in state.items() if k.startswith("projection.")}
-        mine = self.projection.state_dict()
-        if proj.keys() != mine.keys() or any(proj[k].shape != mine[k].shape for k in mine):
-            raise CheckpointError(
-                f"The checkpoint's projection ({_shapes(proj)}) does not fit this distiller and "
-                f"LLM ({_shapes(mine)}): the LLM's hidden size ({self.llm.hidden_size}) must be "
-                f"the one the checkpoint was trained for.")
-        scorer = {k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")}
-        mine = {} if self.scorer is None else self.scorer.state_dict()
-        if scorer.keys() != mine.keys() or any(scorer[k].shape != mine[k].shape for k in mine):
-            raise CheckpointError(
-                f"The checkpoint's learned scorer ({len(scorer)} tensors) does not fit this "
-                f"distiller's ({len(mine)}; learned_scorer: {self.config.learned_scorer}): set "
-                f"learned_scorer as the checkpoint was trained, on the same distiller.")
-        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        with torch.no_grad():
-            self.placeholders.copy_(ph)
-        self.projection.load_state_dict(proj)
-        if self.scorer is not None:
-            self.scorer.load_state_dict(scorer)
-        if self.config.train_mode == "lora":
-            result = set_peft_model_state_dict(self.encoder, encoder)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise CheckpointError(f"LoRA weights do not fit the distiller: {unexpected[:3]}")
-        else:
-            try:
-                self.encoder.load_state_dict(encoder, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"The checkpoint's distiller weights do not fit "
-                                      f"`{self.config.distiller}`: {e}") from None
+        trainable.load_into(self, state)
 
     def gradient_checkpointing_enable(self) -> None:
         """Trade compute for memory in the distiller and in the frozen LLM's student pass.
@@ -405,6 +357,3 @@ def _matched_norm(llm: PrefixLM, like: torch.Tensor) -> nn.RMSNorm:
     nn.init.constant_(norm.weight, rms)
     return norm
 
-
-def _shapes(state: dict[str, torch.Tensor]) -> str:
-    return ", ".join(f"{k} {tuple(v.shape)}" for k, v in state.items()) or "none"
