@@ -11,6 +11,7 @@
 #     STEP=150 REFINE_SETS=demo-long bash configs/reproduce/cpu/warm.sh refined  # it, refined
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
 #     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
+#     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh way_stage2  # a way's stage 2
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -73,20 +74,22 @@ scored() {  # the trained distiller (stage 2, once it finished), and stage 1 alo
   every_set mend_row warm-stage1 "$OUT/stage1"
 }
 
-curve() {  # the recovered share on the demo's sets against tokens read: stage 1's end (stage
-  # 2's step 0) and stage 2's kept steps every CURVE_EVERY steps (`mend export`ed)
-  local step name dir
-  for step in "$OUT/stage2/checkpoints"/step-*; do
+curve() {  # curve [RUN START]: the recovered share on the demo's sets against tokens read over
+  # a stage 2 (RUN, default stage2): its start (START, the row of its init_from; stage 1's end,
+  # warm-stage1, by default) and its kept steps every CURVE_EVERY steps (`mend export`ed)
+  local run=${1:-stage2} start=${2:-warm-stage1} step name dir prefix
+  prefix="warm${run#stage2}"
+  for step in "$OUT/$run/checkpoints"/step-*; do
     [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
     (( 10#${name#step-} % ${CURVE_EVERY:-150} == 0 )) || continue
-    dir=$(exported stage2 "$name")
-    mend_row "warm-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
-    mend_row "warm-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+    dir=$(exported "$run" "$name")
+    mend_row "$prefix-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+    mend_row "$prefix-$name" "$dir" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
   done
-  mkdir -p "$DOCS/stage2"
-  mend curve "$OUT/stage2" "$OUT"/demo{,-long}/eval/warm{-stage1,-step-????????}/results.json \
-    --output "$DOCS/stage2/curve.png"
+  mkdir -p "$DOCS/$run"
+  mend curve "$OUT/$run" "$OUT"/demo{,-long}/eval/"$start"/results.json \
+    "$OUT"/demo{,-long}/eval/"$prefix"-step-????????/results.json --output "$DOCS/$run/curve.png"
 }
 
 refined() {  # the warm distiller stage 2 kept (or its kept step STEP=N) + REFINE steps at
@@ -143,9 +146,9 @@ ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from 
   #   kvzip-learned: kvzip with a learned scorer (KV-Distill's learned selection), so that
   #          the two differ by the scorer alone.
   # Each trained at bos + 16 is also scored at bos + 4 (a compaction cuts to any budget).
-  ablate_way kvzip 16 kvzip model.compaction=kvzip
-  ablate_way am-4 4 attention_matching-4 model.num_placeholders=4
-  ablate_way kvzip-learned 16 kvzip model.compaction=kvzip model.learned_scorer=true
+  ablate_way kvzip 16 kvzip
+  ablate_way am-4 4 attention_matching-4
+  ablate_way kvzip-learned 16 kvzip
   local set
   for set in demo demo-long; do  # the learned scorer alone
     mend compare "$OUT/$set/eval"/ablate-kvzip{,-learned}/results.json \
@@ -156,17 +159,44 @@ ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from 
     --beside "$OUT"/ablate/{kvzip,am-4,kvzip-learned} --output "$DOCS/ablate/curve.png"
 }
 
-# ablate_way NAME L START ARGS...: stage 1 with ARGS at bos + L positions, then its rows on
-# the demo's sets, each beside START, the training-free row it starts from (at bos + 4 too,
-# START-4, for a way trained at bos + 16).
+# way_args NAME: an ablated way's config arguments, beside warm/model.yaml's.
+way_args() {
+  case $1 in
+    kvzip) echo model.compaction=kvzip ;;
+    am-4) echo model.num_placeholders=4 ;;
+    kvzip-learned) echo model.compaction=kvzip model.learned_scorer=true ;;
+    *) echo "unknown way: $1 (kvzip, am-4 or kvzip-learned)" >&2; return 2 ;;
+  esac
+}
+
+# ablate_way NAME L START: stage 1 of the way NAME (way_args) at bos + L positions, then its
+# rows on the demo's sets, each beside START, the training-free row it starts from (at bos + 4
+# too, START-4, for a way trained at bos + 16).
 ablate_way() {
-  local name=$1 l=$2 start=$3 dir="$OUT/ablate/$1"; shift 3
+  local name=$1 l=$2 start=$3 dir="$OUT/ablate/$1" args
+  read -r -a args <<< "$(way_args "$name")"
   train pretrain "$dir" --config "$WARM/pretrain.yaml" \
-    train.max_minutes="${ABLATE_MINUTES:-25}" "$@"
+    train.max_minutes="${ABLATE_MINUTES:-25}" "${args[@]}"
   python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
   ablate_rows "ablate-$name" "$dir" "$l" "$start"
   [ "$l" = 16 ] || return 0
   ablate_rows "ablate-$name-4" "$dir" 4 "$start-4"
+}
+
+way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stage2's config and
+  # budget, from that way's stage 1 (the run under ablate/ where this machine has it, else
+  # its committed weights), as the run stage2-WAY; then that start (the row warm-WAY-start)
+  # and the step selection kept (warm-WAY) on every set, and the curve on the demo's sets
+  # over its kept steps every CURVE_EVERY (50)
+  local way=${WAY:-kvzip-learned} init args
+  local run="stage2-$way"
+  init="$OUT/ablate/$way"
+  [ -f "$init/done" ] || init="$DOCS/ablate/$way/weights"
+  read -r -a args <<< "$(way_args "$way")"
+  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" "${args[@]}"
+  every_set mend_row "warm-$way-start" "$init"
+  CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
+  every_set mend_row "warm-$way" "$OUT/$run"
 }
 
 # ablate_rows ROW DIR L START: the distiller at DIR compacting to bos + L on the demo's sets,
@@ -231,6 +261,7 @@ for part in "${parts[@]}"; do
     refined) refined ;;
     reselect) reselect ;;
     ablate) ablate ;;
+    way_stage2) way_stage2 ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
