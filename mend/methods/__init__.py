@@ -48,9 +48,12 @@ class MethodConfig:
     """The positions kept beside bos in each layer and head: kv_compress's (None: 16, a
     shipped distiller's l, for a comparison at equal memory), and a warm-started distiller's
     (``output: compacted``; None: its checkpoint's), which compacts to any budget."""
-    compaction: CompactionName = "attention_cut"
-    """kv_compress: how the cache is cut (:data:`mend.core.compaction.COMPACTIONS`):
-    attention_cut, kvzip, attention_matching or kvzip_matching."""
+    compaction: CompactionName | None = None
+    """How a cache is cut (:data:`mend.core.compaction.COMPACTIONS`): attention_cut, kvzip,
+    attention_matching or kvzip_matching. kv_compress: ICL's cache (None: attention_cut); a
+    warm-started distiller (``output: compacted``): its own cache (None: its checkpoint's),
+    so one trained with one compaction is scored with another (kvzip's selection trained,
+    Attention Matching's fit on top: kvzip_matching)."""
     refine_steps: int = 0
     """mend and kv_compress: gradient steps on each compressed prefix against the ICL
     teacher on its own demonstrations, leave-one-out (:mod:`mend.core.refine`); 0: the

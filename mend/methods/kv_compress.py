@@ -31,7 +31,7 @@ class KVCompress(LLMOnly):
     def load(cls, cfg, device=None, llm=None) -> KVCompress:
         method = super().load(cfg, device, llm)
         method.compressor = KVCompressor(method.llm, method.format, cfg.num_placeholders or 16,
-                                         compaction=cfg.compaction)
+                                         compaction=cfg.compaction or "attention_cut")
         method.refine_steps = cfg.refine_steps
         return method
 

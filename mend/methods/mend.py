@@ -88,14 +88,15 @@ class Mend:
         """The evaluation method a :class:`~mend.methods.MethodConfig` names. Evaluation never
         trains, so LoRA adapters are folded into the weights (the same vectors, fewer
         matmuls)."""
-        budget = {}
-        if cfg.num_placeholders is not None:
-            if read_config(cfg.checkpoint).output != "compacted":
-                raise ConfigError(f"num_placeholders={cfg.num_placeholders} changes only a "
-                                  f"warm-started distiller's budget (output: compacted); "
-                                  f"{cfg.checkpoint} emits the l vectors it was trained for. "
-                                  f"Remove num_placeholders.")
-            budget = {"num_placeholders": cfg.num_placeholders}
+        # A warm-started distiller compacts its own cache, so it takes any budget and any
+        # compaction at load time; a distiller of vectors has neither to change.
+        budget = {k: v for k, v in (("num_placeholders", cfg.num_placeholders),
+                                    ("compaction", cfg.compaction)) if v is not None}
+        if budget and read_config(cfg.checkpoint).output != "compacted":
+            given = " and ".join(f"{k}={v}" for k, v in budget.items())
+            raise ConfigError(f"{given} changes only a warm-started distiller's compaction "
+                              f"(output: compacted); {cfg.checkpoint} emits the l vectors it "
+                              f"was trained for. Remove {' and '.join(budget)}.")
         distiller = Distiller.from_pretrained(cfg.checkpoint, device=device, **cfg.load_time,
                                               distiller_dtype=cfg.distiller_dtype, **budget)
         return cls(distiller.eval().merge_adapters(), name=name, refine_steps=cfg.refine_steps)

@@ -113,3 +113,23 @@ def test_a_warm_started_distiller_compacts_to_any_budget_at_evaluation(warm, tmp
     warm(output="kv").save_pretrained(tmp_path / "kv")
     with pytest.raises(ConfigError, match="only a warm-started distiller"):
         build_method(MethodConfig("mend", checkpoint=str(tmp_path / "kv"), num_placeholders=2))
+    with pytest.raises(ConfigError, match="only a warm-started distiller"):
+        build_method(MethodConfig("mend", checkpoint=str(tmp_path / "kv"), compaction="kvzip"))
+
+
+def test_a_warm_started_distiller_is_scored_with_another_compaction(warm, tmp_path):
+    # Trained with attention_cut (the fixture's default), scored with Attention Matching's fit
+    # on top: at step 0 that is the training-free attention_matching, bit for bit.
+    from mend.methods import MethodConfig, build_method
+    warm().save_pretrained(tmp_path / "warm")
+    method = build_method(MethodConfig("mend", checkpoint=str(tmp_path / "warm"),
+                                       compaction="attention_matching"))
+    assert method.distiller.config.compaction == "attention_matching"
+    sets = [DEMOS * 3]
+    mine = method.prefix(sets, [[]])
+    theirs = KVCompressor(method.distiller.llm, method.distiller.format, 3,
+                          compaction="attention_matching").compress_batch(sets).prefill
+    assert mine.bias is not None
+    for (k, v), (k2, v2) in zip(mine.cache, theirs.cache):
+        assert torch.allclose(k, k2, atol=1e-5) and torch.allclose(v, v2, atol=1e-5)
+    assert all(torch.allclose(b, b2, atol=1e-5) for b, b2 in zip(mine.bias, theirs.bias))
