@@ -20,17 +20,26 @@ import base64
 import contextlib
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from mend.core import attention, kv_cache
+from mend.core.kv_cache import Prefill
 from mend.core.prefix_lm import PrefixLM
 from mend.core.text import DemoFormat, encode, pad, positions
 from mend.errors import InputError
 
-if TYPE_CHECKING:  # context.py serves these functions as methods, so it imports this module
-    from mend.core.context import DistilledContext
+
+class Context(Protocol):
+    """What these functions read of a :class:`~mend.core.context.DistilledContext` (named
+    here, not imported: context.py serves these functions as methods, so it imports this
+    module)."""
+
+    vectors: torch.Tensor | None
+    prefill: Prefill | None
+
+    def __len__(self) -> int: ...
 
 
 class HFInputs(dict):
@@ -53,7 +62,7 @@ class HFInputs(dict):
         return attention.biased(model, self.key_bias)
 
 
-def hf_inputs(llm: PrefixLM, fmt: DemoFormat, ctx: DistilledContext,
+def hf_inputs(llm: PrefixLM, fmt: DemoFormat, ctx: Context,
               queries: Sequence[str]) -> HFInputs:
     """The context and ``queries`` as the keyword arguments of ``model(...)`` or
     ``model.generate(...)`` (:class:`HFInputs`); see the module docs. A one-row context
@@ -88,7 +97,7 @@ def hf_inputs(llm: PrefixLM, fmt: DemoFormat, ctx: DistilledContext,
     return out
 
 
-def prompt_embeds(llm: PrefixLM, fmt: DemoFormat, ctx: DistilledContext,
+def prompt_embeds(llm: PrefixLM, fmt: DemoFormat, ctx: Context,
                   queries: Sequence[str]) -> list[torch.Tensor]:
     """One ``(seq_len, hidden_size)`` tensor per query, in the LLM's dtype: ``[bos | the
     context's vectors | the query's token embeddings]``, unpadded, as vLLM's ``prompt_embeds``

@@ -14,20 +14,18 @@ that names the setting, never half a model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 
 from mend.errors import CheckpointError
 
-if TYPE_CHECKING:
-    from mend.core.distiller import Distiller
-
 State = dict[str, torch.Tensor]
+# The distiller is passed in as a module (its placeholders, projection, scorer, encoder,
+# config and merged flag are read), so this module needs nothing of mend.core.distiller.
 
 
-def state_of(distiller: Distiller, state_dict: State | None = None) -> State:
+def state_of(distiller: nn.Module, state_dict: State | None = None) -> State:
     """The trainable tensors of ``distiller``, taken from ``state_dict`` (its ``state_dict()``
     as gathered from a sharded run) or from the module itself, on the CPU."""
     if distiller.merged:
@@ -44,7 +42,7 @@ def state_of(distiller: Distiller, state_dict: State | None = None) -> State:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def load_into(distiller: Distiller, state: State) -> None:
+def load_into(distiller: nn.Module, state: State) -> None:
     """Inverse of :func:`state_of`: every part's shapes are checked before any is copied."""
     ph = state.get("placeholders")
     if ph is None or ph.shape != distiller.placeholders.shape:
