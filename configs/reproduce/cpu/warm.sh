@@ -12,6 +12,7 @@
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
 #     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh way_stage2  # a way's stage 2
+#     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh fit_on_top  # + the fit at eval
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -159,6 +160,27 @@ ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from 
     --beside "$OUT"/ablate/{kvzip,am-4,kvzip-learned} --output "$DOCS/ablate/curve.png"
 }
 
+fit_on_top() {  # a way trained on kvzip's selection (WAY, default kvzip-learned): its stage 1
+  # and, where it ran, its stage 2, scored with Attention Matching's fit on top of the trained
+  # cache (compaction=kvzip_matching, the fifth way's fit at evaluation only) on the demo's
+  # sets, beside the training-free kvzip_matching row it is at step 0
+  local way=${WAY:-kvzip-learned} set tasks eval dir row rows
+  for set in demo demo-long; do
+    tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
+    eval="$OUT/$set/eval"
+    rows=("$eval/kvzip_matching/results.json")
+    for row in "warm-$way-start" "warm-$way"; do
+      [ -f "$eval/$row/results.json" ] || continue  # stage 2 not run
+      dir=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['models']['checkpoint'])" \
+        "$eval/$row/results.json")
+      mend_row "$row-fit" "$dir" "$CFG/eval-demo.yaml" "$eval" compaction=kvzip_matching "$tasks"
+      rows+=("$eval/$row/results.json" "$eval/$row-fit/results.json")
+    done
+    mkdir -p "$DOCS/ablate"
+    mend compare "${rows[@]}" --against kvzip_matching --output "$DOCS/ablate/fit-$way-$set.md"
+  done
+}
+
 # way_args NAME: an ablated way's config arguments, beside warm/model.yaml's.
 way_args() {
   case $1 in
@@ -262,6 +284,7 @@ for part in "${parts[@]}"; do
     reselect) reselect ;;
     ablate) ablate ;;
     way_stage2) way_stage2 ;;
+    fit_on_top) fit_on_top ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;
