@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,6 +104,11 @@ def train(cfg: TrainConfig, method: Trainable, make_batches: BatchFactory,
     if cfg.mixed_precision == "fp16" and device_type != "cuda":
         raise ConfigError("train.mixed_precision=fp16 needs CUDA; use bf16 or no on a CPU.")
     mixed, why = precision.resolve(cfg.mixed_precision, device_type)
+    asks = [f"train.mixed_precision={mixed}"] if mixed == "bf16" else []
+    if any(p.dtype == torch.bfloat16 for p in method.module.parameters()):
+        asks.append("the model's weights stored in bfloat16")
+    if slow := precision.bf16_warning(asks, device_type):
+        warnings.warn(slow, stacklevel=2)
     if cfg.tensorboard:
         optional.require("tensorboard", "train.tensorboard=true (or set it to false)")
     engine.check_launch()

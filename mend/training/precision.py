@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -49,3 +50,19 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
     if bf16 >= fp32:
         return "bf16", f"this CPU computes bf16 natively ({rates})"
     return "no", f"this CPU emulates bf16 ({rates}), so training stays in fp32"
+
+
+def bf16_warning(asks: Iterable[str], device_type: str) -> str | None:
+    """Why the settings in ``asks`` (those that compute in bf16: ``train.mixed_precision=bf16``,
+    frozen weights stored in bf16) will be slow here, or None: on a CPU whose measured bf16
+    matmul rate is under half its fp32 rate (an emulating CPU runs bf16 tens of times slower)."""
+    asks = list(asks)
+    if device_type != "cpu" or not asks:
+        return None
+    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    if bf16 >= fp32 / 2:
+        return None
+    return (f"{' and '.join(asks)} compute in bf16, but this CPU emulates it (bf16 matmul "
+            f"{bf16 / 1e9:.0f} GFLOP/s, fp32 {fp32 / 1e9:.0f}: {fp32 / bf16:.0f}x slower). "
+            f"Train in fp32 here: train.mixed_precision=auto (or no) and the model's dtypes "
+            f"float32.")

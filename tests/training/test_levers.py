@@ -27,6 +27,21 @@ def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch, bf16, fp3
     assert precision.resolve("bf16", "cpu") == ("bf16", "as configured")
 
 
+@pytest.mark.parametrize("bf16, fp32, warns", [(1e9, 176e9, True), (300e9, 200e9, False)])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_fix(monkeypatch, bf16, fp32, warns):
+    rates = {torch.bfloat16: bf16, torch.float32: fp32}
+    monkeypatch.setattr(precision, "matmul_rate", lambda dtype, *a, **k: rates[dtype])
+    asks = ["train.mixed_precision=bf16", "the model's weights stored in bfloat16"]
+    why = precision.bf16_warning(asks, "cpu")
+    if warns:
+        assert "176x slower" in why and "train.mixed_precision=bf16 and the model's" in why
+        assert "train.mixed_precision=auto" in why
+    else:
+        assert why is None
+    assert precision.bf16_warning([], "cpu") is None
+    assert precision.bf16_warning(asks, "cuda") is None
+
+
 def test_lr_multipliers_group_parameters_by_name_prefix():
     module = torch.nn.Module()
     module.placeholders = torch.nn.Parameter(torch.zeros(2))
