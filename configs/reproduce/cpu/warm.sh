@@ -210,12 +210,16 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   # its committed weights), as the run stage2-WAY; then that start (the row warm-WAY-start)
   # and the step selection kept (warm-WAY) on every set, and the curve on the demo's sets
   # over its kept steps every CURVE_EVERY (50)
-  local way=${WAY:-kvzip-learned} init args
+  local way=${WAY:-kvzip-learned} init args extra
   local run="stage2-$way"
   init="$OUT/ablate/$way"
   [ -f "$init/done" ] || init="$DOCS/ablate/$way/weights"
   read -r -a args <<< "$(way_args "$way")"
-  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" "${args[@]}"
+  # TRAIN_ARGS: more overrides, e.g. fp32 where this CPU emulates bf16 (train.mixed_precision=
+  # auto model.distiller_dtype=float32 model.llm_dtype=float32)
+  read -r -a extra <<< "${TRAIN_ARGS:-}"
+  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" "${args[@]}" \
+    ${extra[@]+"${extra[@]}"}
   every_set mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
   every_set mend_row "warm-$way" "$OUT/$run"
