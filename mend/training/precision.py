@@ -52,6 +52,12 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
     return "no", f"this CPU emulates bf16 ({rates}), so training stays in fp32"
 
 
+@functools.cache
+def cpu_rates() -> tuple[float, float]:
+    """This CPU's ``(fp32, bf16)`` matmul FLOP/s, measured once a process."""
+    return matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+
+
 def bf16_warning(asks: Iterable[str], device_type: str) -> str | None:
     """Why the settings in ``asks`` (those that compute in bf16: ``train.mixed_precision=bf16``,
     frozen weights stored in bf16) will be slow here, or None: on a CPU whose measured bf16
@@ -59,7 +65,7 @@ def bf16_warning(asks: Iterable[str], device_type: str) -> str | None:
     asks = list(asks)
     if device_type != "cpu" or not asks:
         return None
-    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    fp32, bf16 = cpu_rates()
     if bf16 >= fp32 / 2:
         return None
     return (f"{' and '.join(asks)} compute in bf16, but this CPU emulates it (bf16 matmul "

@@ -32,7 +32,11 @@ def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_fix(monkeypatch, bf16,
     rates = {torch.bfloat16: bf16, torch.float32: fp32}
     monkeypatch.setattr(precision, "matmul_rate", lambda dtype, *a, **k: rates[dtype])
     asks = ["train.mixed_precision=bf16", "the model's weights stored in bfloat16"]
-    why = precision.bf16_warning(asks, "cpu")
+    precision.cpu_rates.cache_clear()
+    try:
+        why = precision.bf16_warning(asks, "cpu")
+    finally:
+        precision.cpu_rates.cache_clear()
     if warns:
         assert "176x slower" in why and "train.mixed_precision=bf16 and the model's" in why
         assert "train.mixed_precision=auto" in why
