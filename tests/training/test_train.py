@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -196,6 +197,21 @@ class _Clock:
     def perf_counter(self) -> float:
         self.now += self.tick
         return self.now
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_before_it_trains(setup, tmp_path, monkeypatch):
+    from mend.training import precision
+    _, _, stage1 = setup
+    monkeypatch.setattr(precision, "cpu_rates", lambda: (176e9, 1e9))  # fp32, bf16
+    with pytest.warns(UserWarning, match=r"train.mixed_precision=bf16 compute in bf16, but "
+                                         r"this CPU emulates it .*176x slower"):
+        pretrain(pretrain_cfg(stage1 + ["train.mixed_precision=bf16"], tmp_path / "bf16",
+                              max_steps=1, save_every=1))
+    monkeypatch.setattr(precision, "cpu_rates", lambda: (176e9, 400e9))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*emulates it")
+        pretrain(pretrain_cfg(stage1 + ["train.mixed_precision=bf16"], tmp_path / "native",
+                              max_steps=1, save_every=1))
 
 
 def test_a_time_budget_ends_the_run_as_finished_and_resumes_across_it(setup, tmp_path,
