@@ -45,7 +45,7 @@ def resolve(setting: str, device_type: str) -> tuple[str, str]:
         return "no", "this CUDA GPU does not support bf16"
     if device_type != "cpu":
         return "no", f"no bf16 check for {device_type} devices"
-    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    fp32, bf16 = cpu_rates()
     rates = f"bf16 matmul {bf16 / 1e9:.0f} GFLOP/s, fp32 {fp32 / 1e9:.0f}"
     if bf16 >= fp32:
         return "bf16", f"this CPU computes bf16 natively ({rates})"

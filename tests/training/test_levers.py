@@ -19,10 +19,12 @@ def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch, bf16, fp3
     rates = {torch.bfloat16: bf16, torch.float32: fp32}
     monkeypatch.setattr(precision, "matmul_rate", lambda dtype, *a, **k: rates[dtype])
     precision.resolve.cache_clear()
+    precision.cpu_rates.cache_clear()
     try:
         chosen, why = precision.resolve("auto", "cpu")
     finally:
         precision.resolve.cache_clear()
+        precision.cpu_rates.cache_clear()
     assert chosen == expected and "GFLOP/s" in why
     assert precision.resolve("bf16", "cpu") == ("bf16", "as configured")
 
