@@ -171,8 +171,7 @@ fit_on_top() {  # a way trained on kvzip's selection (WAY, default kvzip-learned
     rows=("$eval/kvzip_matching/results.json")
     for row in "warm-$way-start" "warm-$way"; do
       [ -f "$eval/$row/results.json" ] || continue  # stage 2 not run
-      dir=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['models']['checkpoint'])" \
-        "$eval/$row/results.json")
+      dir=$(field_of "$eval/$row/results.json" models checkpoint)
       mend_row "$row-fit" "$dir" "$CFG/eval-demo.yaml" "$eval" compaction=kvzip_matching "$tasks"
       rows+=("$eval/$row/results.json" "$eval/$row-fit/results.json")
     done
@@ -235,12 +234,18 @@ ablate_rows() {
     mend_row "$row" "$dir" "$CFG/eval-demo.yaml" "$eval" num_placeholders="$l" "$tasks"
     mkdir -p "$DOCS/ablate"
     mend compare "$eval/$start/results.json" "$eval/$row/results.json" \
-      --against "$(label_of "$eval/$start/results.json")" --output "$DOCS/ablate/$row-$set.md"
+      --against "$(field_of "$eval/$start/results.json" label)" --output "$DOCS/ablate/$row-$set.md"
   done
 }
 
-# label_of RESULTS: a results file's row label, which `mend compare --against` names.
-label_of() { python -c "import json, sys; print(json.load(open(sys.argv[1]))['label'])" "$1"; }
+# field_of RESULTS KEY...: one field of a results file (`label`, which `mend compare --against`
+# names; `models checkpoint`, the distiller a row scored).
+field_of() {
+  python -c "import json, sys
+v = json.load(open(sys.argv[1]))
+for k in sys.argv[2:]: v = v[k]
+print(v)" "$@"
+}
 
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
 # by `mend export` the first time.
