@@ -12,6 +12,7 @@
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
 #     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh way_stage2  # a way's stage 2
+#     WAY=am bash configs/reproduce/cpu/warm.sh way_stage2  # stage 2 from step 0, no stage 1
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh fit_on_top  # + the fit at eval
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
@@ -121,18 +122,19 @@ step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default sta
 
 reselect() {  # the second selection (select-dev.yaml, fixed before any candidate was scored on
   # it): the training-free start (Attention Matching), stage 1's end (stage 2's step 0) and
-  # every 50th step of stage 2 on the dev rows of the three partitions' tasks, in one table
-  local dir="$OUT/selection-dev" step name
+  # every 50th step of stage 2 (or of the run STEP_RUN, e.g. stage2-am) on the dev rows of
+  # the three partitions' tasks, in one table with every candidate scored before
+  local dir="$OUT/selection-dev" step name run=${STEP_RUN:-stage2}
   evaluate "$WARM/select-dev.yaml" "$dir/zero_shot" method=zero_shot
   evaluate "$WARM/select-dev.yaml" "$dir/icl" method=icl
   row "$WARM/select-dev.yaml" "$dir/attention_matching" method=kv_compress \
     compaction=attention_matching num_placeholders="$L" label=attention_matching
   mend_row warm-stage1 "$OUT/stage1" "$WARM/select-dev.yaml" "$dir"
-  for step in "$OUT/stage2/checkpoints"/step-*; do
+  for step in "$OUT/$run/checkpoints"/step-*; do
     [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
     (( 10#${name#step-} % 50 == 0 )) || continue
-    mend_row "warm-$name" "$(exported stage2 "$name")" "$WARM/select-dev.yaml" "$dir"
+    mend_row "warm${run#stage2}-$name" "$(exported "$run" "$name")" "$WARM/select-dev.yaml" "$dir"
   done
   mend compare "$dir"/*/results.json --against attention_matching \
     --output "$DOCS/selection-dev/compare.md"
@@ -186,7 +188,8 @@ way_args() {
     kvzip) echo model.compaction=kvzip ;;
     am-4) echo model.num_placeholders=4 ;;
     kvzip-learned) echo model.compaction=kvzip model.learned_scorer=true ;;
-    *) echo "unknown way: $1 (kvzip, am-4 or kvzip-learned)" >&2; return 2 ;;
+    am) echo "" ;;  # model.yaml's own: Attention Matching's fit at bos + 16
+    *) echo "unknown way: $1 (kvzip, am-4, kvzip-learned or am)" >&2; return 2 ;;
   esac
 }
 
@@ -208,20 +211,48 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   # budget, from that way's stage 1 (the run under ablate/ where this machine has it, else
   # its committed weights), as the run stage2-WAY; then that start (the row warm-WAY-start)
   # and the step selection kept (warm-WAY) on every set, and the curve on the demo's sets
-  # over its kept steps every CURVE_EVERY (50)
-  local way=${WAY:-kvzip-learned} init args extra
+  # over its kept steps every CURVE_EVERY (50). WAY=am is stage 2 with no stage 1: from the
+  # training-free Attention Matching start itself (LoRA at zero), whose start row is scored
+  # on the demo's sets only (the test says it is the attention_matching row on every set).
+  local way=${WAY:-kvzip-learned} init args extra start_sets=every_set
   local run="stage2-$way"
+  read -r -a args <<< "$(way_args "$way")"
   init="$OUT/ablate/$way"
   [ -f "$init/done" ] || init="$DOCS/ablate/$way/weights"
-  read -r -a args <<< "$(way_args "$way")"
+  if [ "$way" = am ]; then
+    init="$OUT/ablate/am-untrained" start_sets=demo_sets
+    untrained "$init" ${args[@]+"${args[@]}"}
+  fi
   # TRAIN_ARGS: more overrides, e.g. fp32 where this CPU emulates bf16 (train.mixed_precision=
   # auto model.distiller_dtype=float32 model.llm_dtype=float32)
   read -r -a extra <<< "${TRAIN_ARGS:-}"
-  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" "${args[@]}" \
-    ${extra[@]+"${extra[@]}"}
-  every_set mend_row "warm-$way-start" "$init"
+  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" \
+    ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
+  $start_sets mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
   every_set mend_row "warm-$way" "$OUT/$run"
+}
+
+# untrained DIR ARGS...: the warm distiller of model.yaml (with ARGS) before any training, its
+# LoRA at zero, saved as a checkpoint at DIR: a start that a stage 2 continues and rows score.
+untrained() {
+  local dir=$1; shift
+  [ -f "$dir/mend_config.json" ] && return 0
+  python - "$WARM/model.yaml" "$dir" "$@" <<'EOF'
+import sys
+from mend.config import config_data, from_dict
+from mend.core.config import MendConfig
+from mend.core.distiller import Distiller
+model = from_dict(MendConfig, config_data(sys.argv[1], sys.argv[3:])["model"], "model")
+Distiller.from_config(model, device="cpu").save_pretrained(sys.argv[2])
+EOF
+}
+
+# demo_sets FUNCTION ARGS...: every_set, on the demo's two sets alone.
+demo_sets() {
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
 }
 
 # ablate_rows ROW DIR L START: the distiller at DIR compacting to bos + L on the demo's sets,
