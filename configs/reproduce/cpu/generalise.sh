@@ -74,13 +74,18 @@ methods() {
   row "$config" "$out/mend" method=mend checkpoint="$MEND" "$@"
 }
 
+# demo_sets FN [FN-ARGS...]: as every_set, on the demo's short and long tasks alone.
+demo_sets() {
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
+  "$@" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+}
+
 # every_set FN [FN-ARGS...]: FN FN-ARGS... CONFIG OUTDIR SET-ARGS... on the demo's short and
 # long tasks and on each partition.
 every_set() {
   local p
-  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  "$@" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
-  "$@" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
+  demo_sets "$@"
   for p in "${PARTITIONS[@]}"; do
     "$@" "$CFG/eval.yaml" "$OUT/$p/eval" data.partition="$p" "data.seeds=[100,13]"
   done

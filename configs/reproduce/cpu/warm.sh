@@ -217,11 +217,12 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   local way=${WAY:-kvzip-learned} init args extra start_sets=every_set
   local run="stage2-$way"
   read -r -a args <<< "$(way_args "$way")"
-  init="$OUT/ablate/$way"
-  [ -f "$init/done" ] || init="$DOCS/ablate/$way/weights"
   if [ "$way" = am ]; then
     init="$OUT/ablate/am-untrained" start_sets=demo_sets
     untrained "$init" ${args[@]+"${args[@]}"}
+  else
+    init="$OUT/ablate/$way"
+    [ -f "$init/done" ] || init="$DOCS/ablate/$way/weights"
   fi
   # TRAIN_ARGS: more overrides, e.g. fp32 where this CPU emulates bf16 (train.mixed_precision=
   # auto model.distiller_dtype=float32 model.llm_dtype=float32)
@@ -246,13 +247,6 @@ from mend.core.distiller import Distiller
 model = from_dict(MendConfig, config_data(sys.argv[1], sys.argv[3:])["model"], "model")
 Distiller.from_config(model, device="cpu").save_pretrained(sys.argv[2])
 EOF
-}
-
-# demo_sets FUNCTION ARGS...: every_set, on the demo's two sets alone.
-demo_sets() {
-  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
-  "$@" "$CFG/eval-demo.yaml" "$OUT/demo/eval" "$SHORT"
-  "$@" "$CFG/eval-demo.yaml" "$OUT/demo-long/eval" "$LONG"
 }
 
 # ablate_rows ROW DIR L START: the distiller at DIR compacting to bos + L on the demo's sets,
