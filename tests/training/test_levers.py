@@ -31,14 +31,9 @@ def test_auto_precision_follows_the_measured_matmul_rates(monkeypatch, bf16, fp3
 
 @pytest.mark.parametrize("bf16, fp32, warns", [(1e9, 176e9, True), (300e9, 200e9, False)])
 def test_bf16_on_a_cpu_that_emulates_it_is_named_with_the_fix(monkeypatch, bf16, fp32, warns):
-    rates = {torch.bfloat16: bf16, torch.float32: fp32}
-    monkeypatch.setattr(precision, "matmul_rate", lambda dtype, *a, **k: rates[dtype])
+    monkeypatch.setattr(precision, "cpu_rates", lambda: (fp32, bf16))
     asks = ["train.mixed_precision=bf16", "the model's weights stored in bfloat16"]
-    precision.cpu_rates.cache_clear()
-    try:
-        why = precision.bf16_warning(asks, "cpu")
-    finally:
-        precision.cpu_rates.cache_clear()
+    why = precision.bf16_warning(asks, "cpu")
     if warns:
         assert "176x slower" in why and "train.mixed_precision=bf16 and the model's" in why
         assert "train.mixed_precision=auto" in why
