@@ -13,6 +13,8 @@
 #     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh way_stage2  # a way's stage 2
 #     WAY=am bash configs/reproduce/cpu/warm.sh way_stage2  # stage 2 from step 0, no stage 1
+#     RUN=stage2-am-anneal OWN_ROWS=0 TRAIN_ARGS="train.max_steps=150" WAY=am \
+#       bash configs/reproduce/cpu/warm.sh way_stage2  # another schedule of the same way
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh fit_on_top  # + the fit at eval
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
@@ -214,8 +216,11 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   # over its kept steps every CURVE_EVERY (50). WAY=am is stage 2 with no stage 1: from the
   # training-free Attention Matching start itself (LoRA at zero), whose start row is scored
   # on the demo's sets only (the test says it is the attention_matching row on every set).
+  # RUN=stage2-NAME names another run of the same way (e.g. another schedule in TRAIN_ARGS),
+  # whose rows are warm-NAME; OWN_ROWS=0 leaves out the rows of its own selection, where the
+  # second selection (`reselect`, then `step_rows`) picks the step instead.
   local way=${WAY:-kvzip-learned} init args extra start_sets=every_set
-  local run="stage2-$way"
+  local run=${RUN:-stage2-$way}
   read -r -a args <<< "$(way_args "$way")"
   if [ "$way" = am ]; then
     init="$OUT/ablate/am-untrained" start_sets=demo_sets
@@ -231,7 +236,7 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
     ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
   $start_sets mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
-  every_set mend_row "warm-$way" "$OUT/$run"
+  [ "${OWN_ROWS:-1}" = 0 ] || every_set mend_row "warm-${run#stage2-}" "$OUT/$run"
 }
 
 # untrained DIR ARGS...: the warm distiller of model.yaml (with ARGS) before any training, its
