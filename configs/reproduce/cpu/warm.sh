@@ -236,7 +236,7 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
     ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
   $start_sets mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
-  [ "${OWN_ROWS:-1}" = 0 ] || every_set mend_row "warm-${run#stage2-}" "$OUT/$run"
+  [ "${OWN_ROWS:-1}" = 0 ] || every_set mend_row "warm${run#stage2}" "$OUT/$run"
 }
 
 # untrained DIR ARGS...: the warm distiller of model.yaml (with ARGS) before any training, its
