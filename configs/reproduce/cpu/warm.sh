@@ -9,7 +9,10 @@
 #                                                        #   stage2 scored curve frontier report
 #     STEP=150 bash configs/reproduce/cpu/warm.sh step_rows  # a kept stage-2 step, every set
 #     STEP=150 REFINE_SETS=demo-long bash configs/reproduce/cpu/warm.sh refined  # it, refined
+#     STEP_RUN=stage2-am-anneal STEP=50 bash configs/reproduce/cpu/warm.sh step_rows refined
 #     bash configs/reproduce/cpu/warm.sh reselect        # the second selection, on dev rows
+#     STEP_RUN=stage2-am-anneal STEP=50 bash configs/reproduce/cpu/warm.sh replicate  # a tie,
+#                                                        #   on 32 rows a task
 #     bash configs/reproduce/cpu/warm.sh ablate          # the ways to warm-start, one budget
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh way_stage2  # a way's stage 2
 #     WAY=am bash configs/reproduce/cpu/warm.sh way_stage2  # stage 2 from step 0, no stage 1
@@ -99,11 +102,11 @@ curve() {  # curve [RUN START]: the recovered share on the demo's sets against t
 refined() {  # the warm distiller stage 2 kept (or its kept step STEP=N) + REFINE steps at
   # compress time, on the demo's sets (REFINE_SETS), beside the training-free start + the same
   # steps (the compaction's fitted biases are refined with its keys and values)
-  local set tasks dir="$OUT/stage2" name="warm-refine$REFINE"
+  local set tasks run=${STEP_RUN:-stage2} dir="$OUT/stage2" name="warm-refine$REFINE"
   if [ -n "${STEP:-}" ]; then
     name=$(printf "step-%08d" "$STEP")
-    dir=$(exported stage2 "$name")
-    name="warm-$name-refine$REFINE"
+    dir=$(exported "$run" "$name")
+    name="warm${run#stage2}-$name-refine$REFINE"
   fi
   for set in ${REFINE_SETS:-demo demo-long}; do
     tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
@@ -140,6 +143,25 @@ reselect() {  # the second selection (select-dev.yaml, fixed before any candidat
   done
   mend compare "$dir"/*/results.json --against attention_matching \
     --output "$DOCS/selection-dev/compare.md"
+}
+
+replicate() {  # the one set where the kept step and the shipped distiller could not be told
+  # apart (REPLICATE_SET, non_nli_to_nli: 31.5 against 32.1 on 8 rows a task), scored again on
+  # the first 32 test rows a task, same seeds. The rule, fixed before any of these rows was
+  # scored: the kept step (STEP of STEP_RUN) is shipped if its score here is at or above the
+  # shipped distiller's; the other four sets stand as measured. Decision rows first.
+  local set=${REPLICATE_SET:-non_nli_to_nli} run=${STEP_RUN:?name the run: STEP_RUN=stage2-NAME}
+  local name dir out; name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
+  dir=$(exported "$run" "$name")
+  out="$OUT/$set-32/eval"
+  local args=("$CFG/eval.yaml" "$out" data.partition="$set" "data.seeds=[100,13]" data.limit=32)
+  mend_row mend "$MEND" "${args[@]}"
+  mend_row "warm${run#stage2}-$name" "$dir" "${args[@]}"
+  evaluate "$CFG/eval.yaml" "$out/zero_shot" method=zero_shot "${args[@]:2}"
+  evaluate "$CFG/eval.yaml" "$out/icl" method=icl "${args[@]:2}"
+  L=16 compaction_rows "${args[@]}"
+  mkdir -p "$DOCS/$set-32"
+  mend compare "$out"/*/results.json --against mend --output "$DOCS/$set-32/compare.md"
 }
 
 ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from LoRA at zero
@@ -296,10 +318,15 @@ frontier() {  # recovered share against positions: l = 4 and 8 (16 is in `free`)
 
 # warm_at CONFIG OUTDIR ARGS...: the trained distiller (WARM_RUN) compacting to bos + L
 # positions (its budget is the compaction's, so one distiller serves every L), as the row
-# warm-<run>-L.
+# warm-<run>-L; a run's exported step (RUN/steps/step-N) is named as step_rows names it.
 warm_at() {
-  local config=$1 out=$2; shift 2
-  mend_row "warm-$(basename "$WARM_RUN")-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
+  local config=$1 out=$2 name; shift 2
+  name="warm-$(basename "$WARM_RUN")"
+  if [ "$(basename "$(dirname "$WARM_RUN")")" = steps ]; then
+    name="$(basename "$(dirname "$(dirname "$WARM_RUN")")")"
+    name="warm${name#stage2}-$(basename "$WARM_RUN")"
+  fi
+  mend_row "$name-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
 }
 
 equal_memory_icl() {
@@ -321,6 +348,7 @@ for part in "${parts[@]}"; do
     step_rows) step_rows ;;
     refined) refined ;;
     reselect) reselect ;;
+    replicate) replicate ;;
     ablate) ablate ;;
     way_stage2) way_stage2 ;;
     fit_on_top) fit_on_top ;;
