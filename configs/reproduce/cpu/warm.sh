@@ -149,16 +149,16 @@ replicate() {  # the one set where the kept step and the shipped distiller could
   # apart (REPLICATE_SET, non_nli_to_nli: 31.5 against 32.1 on 8 rows a task), scored again on
   # the first 32 test rows a task, same seeds. The rule, fixed before any of these rows was
   # scored: the kept step (STEP of STEP_RUN) is shipped if its score here is at or above the
-  # shipped distiller's; the other four sets stand as measured. Decision rows first.
+  # shipped distiller's; the other four sets stand as measured.
   local set=${REPLICATE_SET:-non_nli_to_nli} run=${STEP_RUN:?name the run: STEP_RUN=stage2-NAME}
   local name dir out; name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
   dir=$(exported "$run" "$name")
   out="$OUT/$set-32/eval"
   local args=("$CFG/eval.yaml" "$out" data.partition="$set" "data.seeds=[100,13]" data.limit=32)
+  evaluate "$CFG/eval.yaml" "$out/zero_shot" method=zero_shot "${args[@]:2}"  # every share's
+  evaluate "$CFG/eval.yaml" "$out/icl" method=icl "${args[@]:2}"                # references
   mend_row mend "$MEND" "${args[@]}"
   mend_row "warm${run#stage2}-$name" "$dir" "${args[@]}"
-  evaluate "$CFG/eval.yaml" "$out/zero_shot" method=zero_shot "${args[@]:2}"
-  evaluate "$CFG/eval.yaml" "$out/icl" method=icl "${args[@]:2}"
   L=16 compaction_rows "${args[@]}"
   mkdir -p "$DOCS/$set-32"
   mend compare "$out"/*/results.json --against mend --output "$DOCS/$set-32/compare.md"
