@@ -85,7 +85,7 @@ curve() {  # curve [RUN START]: the recovered share on the demo's sets against t
   # a stage 2 (RUN, default stage2): its start (START, the row of its init_from; stage 1's end,
   # warm-stage1, by default) and its kept steps every CURVE_EVERY steps (`mend export`ed)
   local run=${1:-stage2} start=${2:-warm-stage1} step name dir prefix
-  prefix="warm${run#stage2}"
+  prefix=$(row_of "$run")
   for step in "$OUT/$run/checkpoints"/step-*; do
     [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
@@ -106,7 +106,7 @@ refined() {  # the warm distiller stage 2 kept (or its kept step STEP=N) + REFIN
   if [ -n "${STEP:-}" ]; then
     name=$(printf "step-%08d" "$STEP")
     dir=$(exported "$run" "$name")
-    name="warm${run#stage2}-$name-refine$REFINE"
+    name="$(row_of "$run")-$name-refine$REFINE"
   fi
   for set in ${REFINE_SETS:-demo demo-long}; do
     tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
@@ -122,7 +122,7 @@ step_rows() {  # one kept step of a stage-2 run (STEP=N of STEP_RUN, default sta
   local run=${STEP_RUN:-stage2} name dir
   name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
   dir=$(exported "$run" "$name")
-  every_set mend_row "warm${run#stage2}-$name" "$dir"
+  every_set mend_row "$(row_of "$run")-$name" "$dir"
 }
 
 reselect() {  # the second selection (select-dev.yaml, fixed before any candidate was scored on
@@ -139,7 +139,7 @@ reselect() {  # the second selection (select-dev.yaml, fixed before any candidat
     [ -d "$step" ] || continue  # no checkpoint yet: the glob is left as it is
     name=$(basename "$step")
     (( 10#${name#step-} % 50 == 0 )) || continue
-    mend_row "warm${run#stage2}-$name" "$(exported "$run" "$name")" "$WARM/select-dev.yaml" "$dir"
+    mend_row "$(row_of "$run")-$name" "$(exported "$run" "$name")" "$WARM/select-dev.yaml" "$dir"
   done
   mend compare "$dir"/*/results.json --against attention_matching \
     --output "$DOCS/selection-dev/compare.md"
@@ -151,17 +151,17 @@ replicate() {  # the one set where the kept step and the shipped distiller could
   # scored: the kept step (STEP of STEP_RUN) is shipped if its score here is at or above the
   # shipped distiller's; the other four sets stand as measured.
   local set=${REPLICATE_SET:-non_nli_to_nli} run=${STEP_RUN:?name the run: STEP_RUN=stage2-NAME}
-  local name dir out; name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
+  local rows=32 name dir out; name=$(printf "step-%08d" "${STEP:?name the step: STEP=N}")
   dir=$(exported "$run" "$name")
-  out="$OUT/$set-32/eval"
-  local args=("$CFG/eval.yaml" "$out" data.partition="$set" "data.seeds=[100,13]" data.limit=32)
+  out="$OUT/$set-$rows/eval"
+  local args=("$CFG/eval.yaml" "$out" data.partition="$set" "data.seeds=[100,13]" data.limit=$rows)
   evaluate "$CFG/eval.yaml" "$out/zero_shot" method=zero_shot "${args[@]:2}"  # every share's
   evaluate "$CFG/eval.yaml" "$out/icl" method=icl "${args[@]:2}"                # references
   mend_row mend "$MEND" "${args[@]}"
-  mend_row "warm${run#stage2}-$name" "$dir" "${args[@]}"
+  mend_row "$(row_of "$run")-$name" "$dir" "${args[@]}"
   L=16 compaction_rows "${args[@]}"
-  mkdir -p "$DOCS/$set-32"
-  mend compare "$out"/*/results.json --against mend --output "$DOCS/$set-32/compare.md"
+  mkdir -p "$DOCS/$set-$rows"
+  mend compare "$out"/*/results.json --against mend --output "$DOCS/$set-$rows/compare.md"
 }
 
 ablate() {  # the ways to warm-start that a config reaches, each a stage 1 from LoRA at zero
@@ -258,7 +258,7 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
     ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
   $start_sets mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
-  [ "${OWN_ROWS:-1}" = 0 ] || every_set mend_row "warm${run#stage2}" "$OUT/$run"
+  [ "${OWN_ROWS:-1}" = 0 ] || every_set mend_row "$(row_of "$run")" "$OUT/$run"
 }
 
 # untrained DIR ARGS...: the warm distiller of model.yaml (with ARGS) before any training, its
@@ -299,6 +299,11 @@ for k in sys.argv[2:]: v = v[k]
 print(v)" "$@"
 }
 
+# row_of RUN: the row-name prefix of a stage-2 run's rows (stage2 -> warm, stage2-am-anneal ->
+# warm-am-anneal), one spelling for curve, step_rows, refined, reselect, replicate, way_stage2
+# and frontier; its step N's row is "$(row_of RUN)-step-N".
+row_of() { echo "warm${1#stage2}"; }
+
 # exported RUN STEP: the directory of RUN's kept step STEP (step-N) as a checkpoint, written
 # by `mend export` the first time.
 exported() {
@@ -323,8 +328,7 @@ warm_at() {
   local config=$1 out=$2 name; shift 2
   name="warm-$(basename "$WARM_RUN")"
   if [ "$(basename "$(dirname "$WARM_RUN")")" = steps ]; then
-    name="$(basename "$(dirname "$(dirname "$WARM_RUN")")")"
-    name="warm${name#stage2}-$(basename "$WARM_RUN")"
+    name="$(row_of "$(basename "$(dirname "$(dirname "$WARM_RUN")")")")-$(basename "$WARM_RUN")"
   fi
   mend_row "$name-$L" "$WARM_RUN" "$config" "$out" num_placeholders="$L" "$@"
 }
