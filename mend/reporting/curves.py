@@ -48,15 +48,20 @@ def tokens_at(tokens: dict[int, float], step: int) -> float:
     return tokens[max(s for s in tokens if s <= step)]
 
 
+def run_metrics(run: Path) -> list[dict[str, Any]]:
+    """The lines of ``run``'s ``metrics.jsonl``; a clear error when ``run`` has none."""
+    if not (run / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run} is not a training run's output directory: it has no "
+                          f"metrics.jsonl.")
+    return read_metrics(run / "metrics.jsonl")
+
+
 def held_out(runs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """``{run name: [{"step", "tokens", "kl_own", "content_share"}, ...]}``: the content
     controls each run logged on held-out text, against the tokens it had read by then."""
     out = {}
     for run in map(Path, runs):
-        if not (run / "metrics.jsonl").is_file():
-            raise ConfigError(f"{run} is not a training run's output directory: it has no "
-                              f"metrics.jsonl.")
-        lines = read_metrics(run / "metrics.jsonl")
+        lines = run_metrics(run)
         tokens = tokens_read(lines)
         out[run.name] = [{"step": r["step"], "tokens": tokens_at(tokens, r["step"]),
                           "kl_own": r.get("monitor_kl_own"),
@@ -83,7 +88,7 @@ def step_of(checkpoint: str, run: Path, init_from: str | None, kept: int) -> int
 def points(run: str | Path, results: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]:
     """``{set: [{"step", "tokens", "share", "content_gap", "score"}, ...]}``, by step."""
     run = Path(run)
-    lines = read_metrics(run / "metrics.jsonl")
+    lines = run_metrics(run)
     tokens = tokens_read(lines)
     init_from = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("init_from")
     # The run's own model: the step selection kept or, with no selection, its last.
@@ -141,7 +146,7 @@ def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | P
     """The figure of the module docstring; the held-out content share of the ``beside``
     runs is drawn with the run's, each against the tokens it read."""
     run = Path(run)
-    lines = read_metrics(run / "metrics.jsonl")
+    lines = run_metrics(run)
     tokens = tokens_read(lines)
 
     def at(step: int) -> float:

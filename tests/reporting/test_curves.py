@@ -64,6 +64,15 @@ def test_a_model_that_is_not_a_step_of_the_run_is_refused(run, tmp_path, capsys)
     assert "logged no line at step 15" in capsys.readouterr().err
 
 
+def test_a_run_folder_without_metrics_is_refused_by_name(tmp_path, capsys):
+    empty = tmp_path / "stage2"
+    empty.mkdir()
+    result = scored(tmp_path / "out", "demo", "x", empty / "steps" / "step-00000010",
+                    0.5, 0.7, 0.3)
+    assert mend(["curve", str(empty), str(result)]) == 2
+    assert f"{empty} is not a training run's output directory" in capsys.readouterr().err
+
+
 def test_other_runs_held_out_controls_are_drawn_and_tabled_beside(run, tmp_path, capsys):
     other = tmp_path / "ablate" / "kvzip"
     other.mkdir(parents=True)
