@@ -18,6 +18,8 @@
 #     WAY=am bash configs/reproduce/cpu/warm.sh way_stage2  # stage 2 from step 0, no stage 1
 #     RUN=stage2-am-anneal OWN_ROWS=0 TRAIN_ARGS="train.max_steps=150" WAY=am \
 #       bash configs/reproduce/cpu/warm.sh way_stage2  # another schedule of the same way
+#     RUN=stage2-am-long WAY_CONFIG=configs/reproduce/cpu/warm/finetune-long.yaml WAY=am \
+#       bash configs/reproduce/cpu/warm.sh way_stage2  # the same way on long contexts
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh fit_on_top  # + the fit at eval
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
@@ -238,9 +240,10 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   # over its kept steps every CURVE_EVERY (50). WAY=am is stage 2 with no stage 1: from the
   # training-free Attention Matching start itself (LoRA at zero), whose start row is scored
   # on the demo's sets only (the test says it is the attention_matching row on every set).
-  # RUN=stage2-NAME names another run of the same way (e.g. another schedule in TRAIN_ARGS),
-  # whose rows are warm-NAME; OWN_ROWS=0 leaves out the rows of its own selection, where the
-  # second selection (`reselect`, then `step_rows`) picks the step instead.
+  # RUN=stage2-NAME names another run of the same way (e.g. another schedule in TRAIN_ARGS,
+  # or another stage-2 config in WAY_CONFIG), whose rows are warm-NAME; OWN_ROWS=0 leaves
+  # out the rows of its own selection, where the second selection (`reselect`, then
+  # `step_rows`) picks the step instead.
   local way=${WAY:-kvzip-learned} init args extra start_sets=every_set
   local run=${RUN:-stage2-$way}
   read -r -a args <<< "$(way_args "$way")"
@@ -254,7 +257,7 @@ way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stag
   # TRAIN_ARGS: more overrides, e.g. fp32 where this CPU emulates bf16 (train.mixed_precision=
   # auto model.distiller_dtype=float32 model.llm_dtype=float32)
   read -r -a extra <<< "${TRAIN_ARGS:-}"
-  train finetune "$OUT/$run" --config "$WARM/finetune.yaml" init_from="$init" \
+  train finetune "$OUT/$run" --config "${WAY_CONFIG:-$WARM/finetune.yaml}" init_from="$init" \
     ${args[@]+"${args[@]}"} ${extra[@]+"${extra[@]}"}
   $start_sets mend_row "warm-$way-start" "$init"
   CURVE_EVERY=${CURVE_EVERY:-50} curve "$run" "warm-$way-start"
