@@ -58,8 +58,8 @@ def curve(argv=None) -> int:
     args = parser.parse_args(argv)
     points = curves.points(args.run, args.results)
     figure = Path(args.output or Path(args.run) / "curve.png")
-    curves.draw(args.run, points, figure, args.beside)
     controls = curves.held_out([args.run, *args.beside])
+    curves.draw(args.run, points, figure, controls)
     tables = curves.table(points)
     if any(controls.values()):
         tables += "\n" + curves.held_out_table(controls)

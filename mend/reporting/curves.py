@@ -142,9 +142,9 @@ def held_out_table(controls: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | Path,
-         beside: Sequence[str | Path] = ()) -> None:
-    """The figure of the module docstring; the held-out content share of the ``beside``
-    runs is drawn with the run's, each against the tokens it read."""
+         controls: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """The figure of the module docstring; ``controls`` (:func:`held_out` of the run and of
+    the runs beside it) are drawn with it, each against the tokens it read."""
     run = Path(run)
     lines = run_metrics(run)
     tokens = tokens_read(lines)
@@ -152,7 +152,7 @@ def draw(run: str | Path, curves: dict[str, list[dict[str, Any]]], path: str | P
     def at(step: int) -> float:
         return tokens_at(tokens, step) / 1e3
 
-    controls = {k: v for k, v in held_out([run, *beside]).items() if v}
+    controls = {k: v for k, v in (controls or {}).items() if v}
     evals = [r for r in lines if "eval_score" in r]
     panels = 1 + bool(controls) + bool(evals)
     plt = pyplot()
