@@ -10,8 +10,14 @@ from attention that no shipped kernel offers.
   queries and the ``(B, kv_heads, K, d)`` keys and values it attends over (a cache's
   included). The compactions score and fit from what it hands them
   (:mod:`mend.core.compaction`), without ``output_attentions`` or the eager kernel.
+- **A gated second mask for the last queries** (``reopen``): ``(wide, gates)``, a boolean
+  ``(B, 1, T', K)`` mask for the last ``T'`` queries and, per layer, ``(heads,)`` gates. Those
+  queries attend under both masks and take ``out + gate * (out_wide - out)``. With the gates
+  at zero the pass is the one the model's own mask gives, exactly, and the gates still get
+  a gradient: a distiller's seeded placeholders (:mod:`mend.core.seeding`) start as the
+  tokens they copy and learn to read further.
 
-Both are keyword arguments of the model's forward, which transformers hands every attention
+All three are keyword arguments of the model's forward, which transformers hands every attention
 layer unchanged (for ``generate``, which refuses keywords it does not know, :func:`biased`
 sets the bias for a block). The kernel is registered once, as :data:`NAME`, through
 transformers' public ``AttentionInterface`` and ``AttentionMaskInterface`` (the mask is
@@ -51,7 +57,8 @@ Tap = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attention_mask: torch.Tensor | None, scaling: float | None = None,
             key_bias: Sequence[torch.Tensor | None] | None = None,
-            layer_tap: Tap | None = None, **kwargs):
+            layer_tap: Tap | None = None,
+            reopen: tuple[torch.Tensor, Sequence[torch.Tensor]] | None = None, **kwargs):
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if layer_tap is not None:
@@ -60,10 +67,23 @@ def _attend(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     bias = None if key_bias is None else key_bias[module.layer_idx]
     if bias is not None:
         attention_mask = biased_mask(attention_mask, bias, query, key)
+    out, weights = _inner(module, query, key, value, attention_mask, scaling, **kwargs)
+    if reopen is None:
+        return out, weights
+    wide, gates = reopen
+    t = wide.shape[2]
+    more, _ = _inner(module, query[:, :, -t:], key, value, wide, scaling, **kwargs)
+    gate = gates[module.layer_idx].to(out.dtype)[:, None]  # (heads, 1), out is (B, T, heads, d)
+    tail = out[:, -t:]
+    return torch.cat([out[:, :-t], tail + gate * (more - tail)], 1), weights
+
+
+def _inner(module, query, key, value, mask, scaling: float, **kwargs):
+    """The model's own kernel: ``(B, T, heads, d)`` outputs and the weights (or None)."""
     if _INNER.get() == "eager":
-        return _eager(query, key, value, attention_mask, scaling)
-    return AttentionInterface()["sdpa"](module, query, key, value, attention_mask,
-                                        scaling=scaling, **kwargs)
+        return _eager(query, key, value, mask, scaling)
+    return AttentionInterface()["sdpa"](module, query, key, value, mask, scaling=scaling,
+                                        **kwargs)
 
 
 def _eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

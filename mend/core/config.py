@@ -91,6 +91,13 @@ class MendConfig:
     compaction's choice of positions and raises the kept keys' logits
     (:mod:`mend.core.compaction.learned`; KV-Distill's learned selection). It starts at no
     correction, so step 0 is still the compaction."""
+    seeded_placeholders: int = 0
+    """With ``output: kv``, how many of the ``l`` placeholders are copies of the
+    demonstrations' own best tokens (the attention cut's choice), at their positions and seeing
+    what those tokens saw, so that with the LoRA at zero they *are* the LLM's cache of those
+    tokens; a gate per layer and head, zero at the start, lets them read the rest once trained
+    (:mod:`mend.core.seeding`). ``l`` seeds every placeholder; fewer mixes ``m`` seeded with
+    ``l - m`` learned ones; 0: the learned placeholders alone."""
     vector_norm: Literal["none", "match"] = "none"
     """``match`` ends the distiller's output in an RMSNorm whose gains start at the RMS of the
     LLM's token embeddings, so the vectors begin at the scale of the inputs the LLM was
@@ -139,5 +146,12 @@ class MendConfig:
         if self.learned_scorer and self.output != "compacted":
             raise ConfigError(f"learned_scorer corrects a compaction's choice of positions, so "
                               f"it needs output: compacted (not {self.output}).")
+        if self.seeded_placeholders and not (
+                self.output == "kv" and 0 < self.seeded_placeholders <= self.num_placeholders):
+            raise ConfigError(f"seeded_placeholders copies demonstration tokens into the "
+                              f"placeholders whose keys and values the LLM reads, so it needs "
+                              f"output: kv (not {self.output}) and 0 <= seeded_placeholders <= "
+                              f"num_placeholders ({self.num_placeholders}); got "
+                              f"{self.seeded_placeholders}.")
         if self.lora_r <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("lora_r must be > 0 and lora_dropout in [0, 1).")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mend.config import from_dict, replace, to_dict
-from mend.core import checkpoint, context, kv_cache, trainable
+from mend.core import attention, checkpoint, context, kv_cache, seeding, trainable
 from mend.core import compaction as compactions
 from mend.core.backbones import (
     DTYPES,
@@ -56,7 +56,7 @@ CONFIG_FILE, WEIGHTS_FILE = (p.name for p in checkpoint.paths(".", "mend"))
 # Fields that define a checkpoint's weights: a stage-2 run started from a stage-1 checkpoint
 # must agree on them; load-time fields (dtype, 8-bit, separators) may differ.
 IDENTITY = ("distiller", "llm", "num_placeholders", "output", "projection", "train_mode", "lora_r",
-            "lora_target_modules", "learned_scorer")
+            "lora_target_modules", "learned_scorer", "seeded_placeholders")
 
 
 class Distiller(ServesContext, nn.Module):
@@ -114,6 +114,13 @@ class Distiller(ServesContext, nn.Module):
                 self.scorer = LearnedScorer(layers, head_dim).to(weight.device)
         else:
             self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
+        self.gates: seeding.Gates | None = None
+        """With ``seeded_placeholders``: how far the seeded placeholders read past their token."""
+        if config.seeded_placeholders:  # they are picked from the demonstrations' repeat pass
+            self._prompt = compactions.prompt_ids(tokenizer, self.format)
+            layers = kv_cache.shapes(encoder.config)[0]
+            heads = getattr(encoder.config, "text_config", encoder.config).num_attention_heads
+            self.gates = seeding.Gates(layers, heads, weight.device)
         self.projection: nn.Module = nn.Identity()
         if config.projection == "always" or (config.projection == "auto" and d_enc != d_llm):
             self.projection = nn.Sequential(
@@ -129,8 +136,9 @@ class Distiller(ServesContext, nn.Module):
 
     def _init_placeholders(self, encoder: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         emb = encoder.get_input_embeddings()
-        return init_vectors(emb, min(len(self.tokenizer), emb.num_embeddings),
-                            self.config.num_placeholders, self.config.placeholder_init, dtype)
+        learned = self.config.num_placeholders - self.config.seeded_placeholders
+        return init_vectors(emb, min(len(self.tokenizer), emb.num_embeddings), learned,
+                            self.config.placeholder_init, dtype)
 
     # ----------------------------------------------------------------------------------------
     # Building and saving
@@ -275,6 +283,7 @@ class Distiller(ServesContext, nn.Module):
             layer's keys and values at bos and the ``l`` placeholders (differentiable too).
             With ``output: compacted``, a ``Prefill`` of the distiller's own cache of the
             demonstrations, compacted to bos and ``l`` positions (and the fitted bias).
+            With ``seeded_placeholders``, the ``kv`` prefix of :mod:`mend.core.seeding`.
         """
         b, num_placeholders = input_ids.shape[0], self.config.num_placeholders  # the paper's l
         if self.compaction is not None:
@@ -286,6 +295,8 @@ class Distiller(ServesContext, nn.Module):
         if num_placeholders == 0:
             return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)
         embeds = self.encoder.get_input_embeddings()(input_ids)
+        if self.gates is not None:
+            return self._seeded(input_ids, embeds, attention_mask)
         embeds = torch.cat([embeds, self.placeholders.to(embeds.dtype).expand(b, -1, -1)], 1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(b, num_placeholders)], dim=1)
         # Left padding keeps the placeholders in the last l columns for every row, and the
@@ -298,6 +309,34 @@ class Distiller(ServesContext, nn.Module):
                                            out.last_hidden_state[:, -1], num_placeholders,
                                            self.llm.dtype)
         return self.projection(out.last_hidden_state[:, -num_placeholders:]).to(self.llm.dtype)
+
+    def _seeded(self, ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> Prefill:
+        """``output: kv`` with seeded placeholders (:mod:`mend.core.seeding`): ``(B, S)``
+        demonstration ids, their embeddings and mask in, the prefix of bos and the ``l``
+        placeholders out, positioned as the tokens they copy."""
+        b, s = mask.shape
+        m = self.config.seeded_placeholders
+        learned = self.config.num_placeholders - m
+        index, valid = seeding.pick(self.encoder, ids, mask, m, self._prompt, len(self._bos),
+                                    self.tokenizer.pad_token_id)
+        full, wide, ids = seeding.layout(mask, index, valid, learned)
+        seeded = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
+        embeds = torch.cat([embeds, seeded, self.placeholders.to(embeds.dtype).expand(b, -1, -1)],
+                           1)
+        with attention.kernel(self.encoder):
+            out = self.encoder(inputs_embeds=embeds, attention_mask=full, position_ids=ids,
+                               use_cache=True, reopen=(wide, list(self.gates.weight)))
+        # With every placeholder seeded, the first query token is predicted where the
+        # demonstrations end, as from the LLM's own cache; with learned ones, at the last.
+        last = out.last_hidden_state[:, s - 1 if learned == 0 else -1]
+        kept = torch.cat([mask, valid.to(mask.dtype), mask.new_ones(b, learned)], 1)
+        head = kv_cache.from_distiller(out.past_key_values, kept, last,
+                                       self.config.num_placeholders, self.llm.dtype)
+        # The query continues after the demonstrations and the learned placeholders: the
+        # seeded ones sit at their tokens' positions.
+        head.mask[:, 1:1 + m] = valid
+        head.offset = mask.sum(-1) + learned
+        return head
 
     @torch.no_grad()
     def compress(self, demos: Demos, refine_steps: int = 0) -> DistilledContext:

@@ -5,6 +5,7 @@ A checkpoint (:mod:`mend.core.checkpoint`) holds only these tensors:
     placeholders          (l, d_distiller)
     projection.*          the Linear(+Tanh)(+RMSNorm) to the LLM's hidden size, or nothing
     scorer.*              the learned scorer's per-layer networks (``learned_scorer: true``)
+    gates.*               the seeded placeholders' gates (``seeded_placeholders``)
     encoder.*             the distiller LM's weights, or only its LoRA adapters
 
 Loading checks every part's names and shapes against the distiller it goes into before it
@@ -34,7 +35,7 @@ def state_of(distiller: nn.Module, state_dict: State | None = None) -> State:
                               "before merging, or load the checkpoint again.")
     own = distiller.state_dict() if state_dict is None else state_dict
     state = {k: v for k, v in own.items() if k == "placeholders"
-             or k.startswith(("projection.", "scorer."))}
+             or k.startswith(("projection.", "scorer.", "gates."))}
     encoder = _part(own, "encoder")
     if distiller.config.train_mode == "lora":
         encoder = get_peft_model_state_dict(distiller.encoder, state_dict=encoder)
@@ -63,12 +64,22 @@ def load_into(distiller: nn.Module, state: State) -> None:
             f"The checkpoint's learned scorer ({len(scorer)} tensors) does not fit this "
             f"distiller's ({len(mine)}; learned_scorer: {distiller.config.learned_scorer}): set "
             f"learned_scorer as the checkpoint was trained, on the same distiller.")
+    gates = _part(state, "gates")
+    mine = {} if distiller.gates is None else distiller.gates.state_dict()
+    if not _fits(gates, mine):
+        raise CheckpointError(
+            f"The checkpoint's seeded-placeholder gates ({_shapes(gates)}) do not fit this "
+            f"distiller's ({_shapes(mine)}; seeded_placeholders: "
+            f"{distiller.config.seeded_placeholders}): set seeded_placeholders as the "
+            f"checkpoint was trained, on the same distiller.")
     encoder = _part(state, "encoder")
     with torch.no_grad():
         distiller.placeholders.copy_(ph)
     distiller.projection.load_state_dict(proj)
     if distiller.scorer is not None:
         distiller.scorer.load_state_dict(scorer)
+    if distiller.gates is not None:
+        distiller.gates.load_state_dict(gates)
     if distiller.config.train_mode == "lora":
         result = set_peft_model_state_dict(distiller.encoder, encoder)
         unexpected = getattr(result, "unexpected_keys", [])

@@ -21,6 +21,7 @@
 #     RUN=stage2-am-long WAY_CONFIG=configs/reproduce/cpu/warm/finetune-long.yaml WAY=am \
 #       bash configs/reproduce/cpu/warm.sh way_stage2  # the same way on long contexts
 #     WAY=kvzip-learned bash configs/reproduce/cpu/warm.sh fit_on_top  # + the fit at eval
+#     TRAIN_ARGS="..." bash configs/reproduce/cpu/warm.sh seeded  # seeded placeholders, and the mix
 #     SHIP=RUN bash configs/reproduce/cpu/warm.sh ship   # RUN becomes the demo's distiller
 #
 # `references` copies what this setting shares with generalise-cpu (zero-shot, ICL, ICL at
@@ -233,6 +234,39 @@ ablate_way() {
   ablate_rows "ablate-$name-4" "$dir" 4 "$start-4"
 }
 
+seeded() {  # the last two ways (`output: kv`, `seeded_placeholders`): placeholders seeded from
+  # the demonstrations' own tokens (seeded: all 16), and the mix of 8 seeded with 8 learned
+  # placeholders (mix). Each is a stage 1 from LoRA and gates at zero on ablate's budget
+  # (TRAIN_ARGS: more overrides, e.g. fp32), then its start (ablate-NAME-start: the LLM's own
+  # cache of the seeded tokens, before any training) and its end on the demo's sets beside
+  # Attention Matching, the bar (ablate/seeded-NAME-SET.md). At evaluation a seeded distiller
+  # keeps its 16 positions: only a compacted cache cuts to another budget.
+  local name m dir set tasks eval args extra
+  read -r -a extra <<< "${TRAIN_ARGS:-}"
+  python -c "from mend.data.demo import materialize; materialize('out/demo-tasks')"
+  for name in ${SEEDED_WAYS:-seeded mix}; do
+    case $name in
+      seeded) m=16 ;;
+      mix) m=8 ;;
+      *) echo "unknown seeded way: $name (seeded or mix)" >&2; return 2 ;;
+    esac
+    dir="$OUT/ablate/$name"
+    args=(model.output=kv "model.seeded_placeholders=$m")
+    untrained "$dir-untrained" "${args[@]}"
+    train pretrain "$dir" --config "$WARM/pretrain.yaml" \
+      train.max_minutes="${ABLATE_MINUTES:-25}" "${args[@]}" "${extra[@]}"
+    for set in demo demo-long; do
+      tasks=$SHORT; [ "$set" = demo ] || tasks=$LONG
+      eval="$OUT/$set/eval"
+      mend_row "ablate-$name-start" "$dir-untrained" "$CFG/eval-demo.yaml" "$eval" "$tasks"
+      mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$eval" "$tasks"
+      mkdir -p "$DOCS/ablate"
+      mend compare "$eval"/{attention_matching,"ablate-$name-start","ablate-$name"}/results.json \
+        --against attention_matching --output "$DOCS/ablate/seeded-$name-$set.md"
+    done
+  done
+}
+
 way_stage2() {  # stage 2 of an ablated way (WAY, default kvzip-learned) on stage2's config and
   # budget, from that way's stage 1 (the run under ablate/ where this machine has it, else
   # its committed weights), as the run stage2-WAY; then that start (the row warm-WAY-start)
@@ -359,6 +393,7 @@ for part in "${parts[@]}"; do
     ablate) ablate ;;
     way_stage2) way_stage2 ;;
     fit_on_top) fit_on_top ;;
+    seeded) seeded ;;
     frontier) frontier ;;
     ship) ship ;;
     report) report ;;

@@ -205,8 +205,34 @@ def compact(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
     """
     if mask.shape[1] > width and not compaction.needs_repeat:
         raise InputError(f"compaction {compaction.name} reads no repeat pass.")
-    ctx_mask = mask[:, :width]
     kept: dict[int, tuple] = {}
+
+    def each(layer: int, reading: Reading) -> None:
+        kept[layer] = compaction(reading, keep,
+                                 None if learned is None else learned(layer, reading))
+
+    hidden = read(model, embeds, mask, width, each)
+    ctx_mask = mask[:, :width]
+    layers = [kept[i] for i in range(len(kept))]
+    index = layers[0][0]
+    bias = [b for *_, b in layers] if layers[0][3] is not None else None
+    return Prefill([(k, v) for _, k, v, _ in layers], ctx_mask.gather(1, index[:, 0]),
+                   hidden[:, width - 1], ctx_mask.sum(-1), bias=bias)
+
+
+def read(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
+         each: Callable[[int, Reading], None]) -> torch.Tensor:
+    """Read ``[pad.. context | repeat pad..]`` once with ``model`` and hand every layer's
+    :class:`Reading` to ``each(layer, reading)`` as the model reads it.
+
+    Args:
+        embeds: ``(R, S + Q, d)``, as :func:`compact` takes them; ``mask`` ``(R, S + Q)``.
+        width: ``S``.
+
+    Returns:
+        ``(R, S + Q, d)``: the model's last hidden states.
+    """
+    ctx_mask = mask[:, :width]
 
     def tap(layer: int, query, key, value, scaling: float) -> None:
         reading = Reading(key[:, :, :width], value[:, :, :width], ctx_mask,
@@ -214,17 +240,12 @@ def compact(model, embeds: torch.Tensor, mask: torch.Tensor, width: int,
         if mask.shape[1] > width:
             reading.ref_queries, reading.ref_keys = query[:, :, width:], key[:, :, width:]
             reading.ref_mask = mask[:, width:]
-        kept[layer] = compaction(reading, keep,
-                                 None if learned is None else learned(layer, reading))
+        each(layer, reading)
 
     with attention.kernel(model):
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                     use_cache=False, layer_tap=tap)
-    layers = [kept[i] for i in range(len(kept))]
-    index = layers[0][0]
-    bias = [b for *_, b in layers] if layers[0][3] is not None else None
-    return Prefill([(k, v) for _, k, v, _ in layers], ctx_mask.gather(1, index[:, 0]),
-                   out.last_hidden_state[:, width - 1], ctx_mask.sum(-1), bias=bias)
+    return out.last_hidden_state
 
 
 # The named compactions, in the order tables list them.
