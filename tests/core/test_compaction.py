@@ -81,6 +81,31 @@ def test_under_an_eager_model_the_kernel_attends_by_the_formula_alike():
     assert weights.shape == (2, 4, 3, 6) and weights[..., 0, 4:].abs().max() == 0
 
 
+@pytest.mark.parametrize("inner", ["sdpa", "eager"])
+def test_reopen_blends_the_last_queries_with_their_wide_masks_attention_by_hand(inner):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 1, 4, 8, generator=g),
+               torch.randn(1, 1, 4, 8, generator=g))
+    narrow = torch.ones(4, 4).tril().bool()[None, None].clone()
+    narrow[..., 3, 1:3] = False  # the last query sees keys 0 and 3 only
+    wide = torch.ones(1, 1, 1, 4, dtype=torch.bool)  # and, reopened, every key
+    gates = torch.tensor([0.0, 0.25])  # head 0 stays as it was, head 1 a quarter open
+    token = attention._INNER.set(inner)
+    try:
+        plain, _ = attention._attend(_Layer(), q, k, v, narrow, scaling=0.5)
+        got, _ = attention._attend(_Layer(), q, k, v, narrow, scaling=0.5,
+                                   reopen=(wide, [gates]))
+    finally:
+        attention._INNER.reset(token)
+    torch.testing.assert_close(got[:, :3], plain[:, :3])  # the other queries: untouched
+    for h, gate in enumerate(gates.tolist()):  # by hand: seen + gate * (everything - seen)
+        logits = q[0, h, 3] @ k[0, 0].T * 0.5
+        seen = logits.masked_fill(~narrow[0, 0, 3], float("-inf")).softmax(-1) @ v[0, 0]
+        everything = logits.softmax(-1) @ v[0, 0]
+        torch.testing.assert_close(got[0, 3, h], seen + gate * (everything - seen),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_the_tap_sees_each_layer_queries_and_the_keys_the_cache_holds(llm):
     model = llm("qwen2")
     ids = torch.tensor([encode(model.tokenizer, ["the cat sat on the mat"])[0]])

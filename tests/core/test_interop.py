@@ -21,7 +21,7 @@ QUERIES = ["a joyless film", "the cat sat on the mat by the door"]  # two length
 OPTIONS = ["positive", "negative"]
 
 
-@pytest.fixture(params=["embeddings", "kv", "compacted", "kv_compress"])
+@pytest.fixture(params=["embeddings", "kv", "compacted", "seeded", "kv_compress"])
 def served(request, tiny_model):
     """``(compressor, context, your own model of the LLM's weights)`` for each way to serve."""
     path = tiny_model("llama", 48)
@@ -31,12 +31,14 @@ def served(request, tiny_model):
                                              num_placeholders=3))
         compressor = KVCompressor(d.llm, d.format, 3)
     else:
+        seeded = {"output": "kv", "seeded_placeholders": 2} if request.param == "seeded" else {
+            "output": request.param}
         compressor = Distiller.from_config(MendConfig(
-            distiller=path, llm=path, output=request.param, num_placeholders=3,
-            train_mode="lora", compaction="attention_matching"))
+            distiller=path, llm=path, num_placeholders=3, train_mode="lora",
+            compaction="attention_matching", **seeded))
         with torch.no_grad():  # a trained-looking distiller, not the LLM itself
             for name, p in compressor.named_parameters():
-                if "lora_B" in name:
+                if "lora_B" in name or name == "gates.weight":
                     p.normal_(0, 0.05)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     return compressor, compressor.compress(DEMOS * 2), model
