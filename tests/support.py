@@ -13,6 +13,39 @@ DEMOS = [("great movie!", "positive"), ("dull plot", "negative"),
          ("a delightful story", "positive")]
 
 
+def one_batch(distiller):
+    """``(objective, batch)``: L_pred + L_distill on two copies of one query after ``DEMOS``
+    twice, for tests that train a distiller a few steps."""
+    from mend.data import Example
+    from mend.methods.mend import MendObjective, ObjectiveConfig
+
+    tok = distiller.llm.tokenizer
+    context = sum((tok(p, add_special_tokens=False)["input_ids"]
+                   for p in distiller.format.pieces(DEMOS * 2)), [])
+    query = tok("\n\na joyless film\nnegative", add_special_tokens=False)["input_ids"]
+    objective = MendObjective(distiller, ObjectiveConfig(distill=1.0, pred=1.0))
+    return objective, objective.collate([Example(DEMOS * 2, context, query, len(query) - 1)] * 2)
+
+
+def train_a_few(distiller, steps: int = 5, after_backward=None) -> list[float]:
+    """``steps`` AdamW steps (lr 1e-2) of :func:`one_batch`'s objective on ``distiller``,
+    calling ``after_backward()`` where the gradients are there to check; the losses."""
+    import torch
+
+    objective, batch = one_batch(distiller)
+    opt = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = objective.loss(distiller, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def write_metaicl(root: Path, train: list[str], test: list[str], partition: str = "part",
                   seeds: tuple[int, ...] = (100,)) -> Path:
     """A MetaICL-layout folder of small sentiment-like classification tasks; tasks named in

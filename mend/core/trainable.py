@@ -57,21 +57,10 @@ def load_into(distiller: nn.Module, state: State) -> None:
             f"The checkpoint's projection ({_shapes(proj)}) does not fit this distiller and "
             f"LLM ({_shapes(mine)}): the LLM's hidden size ({distiller.llm.hidden_size}) must be "
             f"the one the checkpoint was trained for.")
-    scorer = _part(state, "scorer")
-    mine = {} if distiller.scorer is None else distiller.scorer.state_dict()
-    if not _fits(scorer, mine):
-        raise CheckpointError(
-            f"The checkpoint's learned scorer ({len(scorer)} tensors) does not fit this "
-            f"distiller's ({len(mine)}; learned_scorer: {distiller.config.learned_scorer}): set "
-            f"learned_scorer as the checkpoint was trained, on the same distiller.")
-    gates = _part(state, "gates")
-    mine = {} if distiller.gates is None else distiller.gates.state_dict()
-    if not _fits(gates, mine):
-        raise CheckpointError(
-            f"The checkpoint's seeded-placeholder gates ({_shapes(gates)}) do not fit this "
-            f"distiller's ({_shapes(mine)}; seeded_placeholders: "
-            f"{distiller.config.seeded_placeholders}): set seeded_placeholders as the "
-            f"checkpoint was trained, on the same distiller.")
+    scorer = _optional(state, "scorer", distiller.scorer, "learned scorer", "learned_scorer",
+                       distiller.config.learned_scorer)
+    gates = _optional(state, "gates", distiller.gates, "seeded placeholders' gates",
+                      "seeded_placeholders", distiller.config.seeded_placeholders)
     encoder = _part(state, "encoder")
     with torch.no_grad():
         distiller.placeholders.copy_(ph)
@@ -96,6 +85,20 @@ def load_into(distiller: nn.Module, state: State) -> None:
 def _part(state: State, prefix: str) -> State:
     """The tensors under ``prefix.``, with the prefix taken off."""
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(f"{prefix}.")}
+
+
+def _optional(state: State, name: str, module: nn.Module | None, what: str, setting: str,
+              value) -> State:
+    """The checkpoint's ``name.*`` tensors, checked against ``module``, a part only some
+    settings have (None where this distiller has none)."""
+    theirs = _part(state, name)
+    mine = {} if module is None else module.state_dict()
+    if not _fits(theirs, mine):
+        raise CheckpointError(
+            f"The checkpoint's {what} ({_shapes(theirs)}) does not fit this distiller's "
+            f"({_shapes(mine)}; {setting}: {value}): set {setting} as the checkpoint was "
+            f"trained, on the same distiller.")
+    return theirs
 
 
 def _fits(theirs: State, mine: State) -> bool:

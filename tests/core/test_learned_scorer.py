@@ -9,10 +9,8 @@ from mend.core import compaction
 from mend.core.compaction import Reading
 from mend.core.compaction.learned import LearnedScorer
 from mend.core.kv_compress import KVCompressor
-from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
-from mend.methods.mend import MendObjective, ObjectiveConfig
-from tests.support import DEMOS
+from tests.support import DEMOS, train_a_few
 
 OPTIONS = ["positive", "negative"]
 
@@ -75,22 +73,13 @@ def test_at_step_0_it_is_still_the_training_free_compaction(scored, name):
 
 def test_the_scorer_trains_beside_the_adapters_and_reloads(scored, tmp_path):
     d = scored()
-    tok = d.llm.tokenizer
-    context = sum((tok(p, add_special_tokens=False)["input_ids"]
-                   for p in d.format.pieces(DEMOS * 2)), [])
-    query = tok("\n\na joyless film\nnegative", add_special_tokens=False)["input_ids"]
-    objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0))
-    batch = objective.collate([Example(DEMOS * 2, context, query, len(query) - 1)] * 2)
     trainable = {n for n, p in d.named_parameters() if p.requires_grad}
     assert any(n.startswith("scorer.") for n in trainable)
-    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss = objective.loss(d, batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        # The last layer starts at zero: its gradient comes through the kept keys' bias.
+
+    def last_layer_learns():  # it starts at zero: its gradient comes through the kept keys' bias
         assert d.scorer.nets[0][-1].weight.grad.abs().sum() > 0
-        opt.step()
+
+    train_a_few(d, steps=3, after_backward=last_layer_learns)
     prefix = d.compress(DEMOS * 2).prefill
     assert any(b.abs().sum() > 0 for b in prefix.bias)  # it corrects now
     d.save_pretrained(tmp_path / "ckpt")

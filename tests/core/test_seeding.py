@@ -8,10 +8,8 @@ import torch
 from mend import Distiller, MendConfig
 from mend.core import seeding
 from mend.core.text import positions
-from mend.data import Example
 from mend.errors import CheckpointError, ConfigError
-from mend.methods.mend import MendObjective, ObjectiveConfig
-from tests.support import DEMOS
+from tests.support import DEMOS, train_a_few
 
 
 @pytest.fixture
@@ -73,26 +71,15 @@ def test_a_context_shorter_than_the_seeds_masks_the_slots_it_cannot_fill(seeded)
 
 def test_training_moves_the_gates_and_the_adapters(seeded):
     d = seeded(m=2, total=3)
-    tok = d.llm.tokenizer
-    context = sum((tok(p, add_special_tokens=False)["input_ids"]
-                   for p in d.format.pieces(DEMOS * 2)), [])
-    query = tok("\n\na joyless film\nnegative", add_special_tokens=False)["input_ids"]
-    objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0))
-    batch = objective.collate([Example(DEMOS * 2, context, query, len(query) - 1)] * 2)
     trainable = {n for n, p in d.named_parameters() if p.requires_grad}
     assert "gates.weight" in trainable and "placeholders" in trainable
     assert all("lora_" in n for n in trainable - {"gates.weight", "placeholders"})
     before = d.compress(DEMOS * 2).prefill
-    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = objective.loss(d, batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        # The gates start at zero and still get a gradient: the wide mask's output differs.
+
+    def gates_learn():  # they start at zero and still get a gradient: the wide mask's output
         assert d.gates.weight.grad is not None and d.gates.weight.grad.abs().sum() > 0
-        opt.step()
-        losses.append(float(loss.detach()))
+
+    losses = train_a_few(d, after_backward=gates_learn)
     assert losses[-1] < losses[0]
     assert d.gates.weight.abs().sum() > 0
     after = d.compress(DEMOS * 2).prefill

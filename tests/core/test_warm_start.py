@@ -10,10 +10,8 @@ from mend import Distiller, MendConfig
 from mend.core import compaction
 from mend.core.config import CompactionName
 from mend.core.kv_compress import KVCompressor
-from mend.data import Example
 from mend.errors import ConfigError, InputError
-from mend.methods.mend import MendObjective, ObjectiveConfig
-from tests.support import DEMOS
+from tests.support import DEMOS, one_batch, train_a_few
 
 OPTIONS = ["positive", "negative"]
 
@@ -53,27 +51,17 @@ def test_at_step_0_it_is_the_training_free_compaction(warm, name, arch):
 
 def test_training_moves_it_from_the_compaction_and_only_its_adapters_train(warm):
     d = warm()
-    tok = d.llm.tokenizer
-    context = sum((ids for ids in [tok(p, add_special_tokens=False)["input_ids"]
-                                   for p in d.format.pieces(DEMOS * 2)]), [])
-    query = tok("\n\na joyless film\nnegative", add_special_tokens=False)["input_ids"]
-    objective = MendObjective(d, ObjectiveConfig(distill=1.0, pred=1.0))
-    batch = objective.collate([Example(DEMOS * 2, context, query, len(query) - 1)] * 2)
+    _, batch = one_batch(d)
     assert batch["demo_width"] < batch["demo_ids"].shape[1]  # the repeat pass follows
     before = d.compress(DEMOS * 2).prefill
     trainable = [n for n, p in d.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    opt = torch.optim.AdamW([p for p in d.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = objective.loss(d, batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        # LoRA's B starts at zero, so A gets no gradient at first; every B does.
+
+    def every_b_learns():  # LoRA's B starts at zero, so A gets no gradient at first; B does
         assert all(p.grad is not None and p.grad.abs().sum() > 0
                    for n, p in d.named_parameters() if "lora_B" in n)
-        opt.step()
-        losses.append(float(loss.detach()))
+
+    losses = train_a_few(d, after_backward=every_b_learns)
     assert losses[-1] < losses[0]
     after = d.compress(DEMOS * 2).prefill
     assert not torch.equal(after.cache[0][1], before.cache[0][1])
