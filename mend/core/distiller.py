@@ -325,7 +325,7 @@ class Distiller(ServesContext, nn.Module):
                            1)
         with attention.kernel(self.encoder):
             out = self.encoder(inputs_embeds=embeds, attention_mask=full, position_ids=ids,
-                               use_cache=True, reopen=(wide, list(self.gates.weight)))
+                               use_cache=True, reopen=(wide, list(self.gates())))
         # With every placeholder seeded, the first query token is predicted where the
         # demonstrations end, as from the LLM's own cache; with learned ones, at the last.
         last = out.last_hidden_state[:, s - 1 if learned == 0 else -1]

@@ -81,9 +81,21 @@ def test_training_moves_the_gates_and_the_adapters(seeded):
 
     losses = train_a_few(d, after_backward=gates_learn)
     assert losses[-1] < losses[0]
-    assert d.gates.weight.abs().sum() > 0
+    assert d.gates().abs().sum() > 0
     after = d.compress(DEMOS * 2).prefill
     assert not torch.equal(after.cache[1][1], before.cache[1][1])
+
+
+def test_one_adam_step_opens_a_gate_by_its_gain_times_the_learning_rate(seeded):
+    # Adam's first step moves a weight by the learning rate, whatever its gradient's size;
+    # the gain makes that a gate's step, so gates open at LoRA's learning rate.
+    d = seeded(m=2, total=2)
+    train_a_few(d, steps=1)
+    moved = d.gates().detach().abs()
+    moved = moved[moved > 0]
+    assert len(moved) > 0
+    torch.testing.assert_close(moved, torch.full_like(moved, seeding.Gates.GAIN * 1e-2),
+                               rtol=1e-3, atol=0)
 
 
 def test_a_seeded_checkpoint_reloads_its_gates(seeded, tmp_path):

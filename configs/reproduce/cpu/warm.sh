@@ -239,7 +239,7 @@ seeded() {  # the last two ways (`output: kv`, `seeded_placeholders`): placehold
   # placeholders (mix). Each is a stage 1 from LoRA and gates at zero on ablate's budget
   # (TRAIN_ARGS: more overrides, e.g. fp32), then its start (ablate-NAME-start: the LLM's own
   # cache of the seeded tokens, before any training) and its end on the demo's sets beside
-  # Attention Matching, the bar (ablate/seeded-NAME-SET.md). At evaluation a seeded distiller
+  # Attention Matching, the bar (ablate/ablate-NAME-SET.md). At evaluation a seeded distiller
   # keeps its 16 positions: only a compacted cache cuts to another budget.
   local name m dir set tasks eval args extra
   read -r -a extra <<< "${TRAIN_ARGS:-}"
@@ -262,7 +262,7 @@ seeded() {  # the last two ways (`output: kv`, `seeded_placeholders`): placehold
       mend_row "ablate-$name" "$dir" "$CFG/eval-demo.yaml" "$eval" "$tasks"
       mkdir -p "$DOCS/ablate"
       mend compare "$eval"/{attention_matching,"ablate-$name-start","ablate-$name"}/results.json \
-        --against attention_matching --output "$DOCS/ablate/seeded-$name-$set.md"
+        --against attention_matching --output "$DOCS/ablate/ablate-$name-$set.md"
     done
   done
 }
