@@ -93,7 +93,7 @@ class MendConfig:
     correction, so step 0 is still the compaction."""
     seeded_placeholders: int = 0
     """With ``output: kv``, how many of the ``l`` placeholders are copies of the
-    demonstrations' own best tokens (the attention cut's choice), at their positions and seeing
+    demonstrations' own best tokens (KVzip's choice), at their positions and seeing
     what those tokens saw, so that with the LoRA at zero they *are* the LLM's cache of those
     tokens; a gate per layer and head, zero at the start, lets them read the rest once trained
     (:mod:`mend.core.seeding`). ``l`` seeds every placeholder; fewer mixes ``m`` seeded with

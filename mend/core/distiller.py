@@ -319,12 +319,12 @@ class Distiller(ServesContext, nn.Module):
         learned = self.config.num_placeholders - m
         index, valid = seeding.pick(self.encoder, ids, mask, m, self._prompt, len(self._bos),
                                     self.tokenizer.pad_token_id)
-        full, wide, ids = seeding.layout(mask, index, valid, learned)
+        full, wide, pos = seeding.layout(mask, index, valid, learned)
         seeded = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         embeds = torch.cat([embeds, seeded, self.placeholders.to(embeds.dtype).expand(b, -1, -1)],
                            1)
         with attention.kernel(self.encoder):
-            out = self.encoder(inputs_embeds=embeds, attention_mask=full, position_ids=ids,
+            out = self.encoder(inputs_embeds=embeds, attention_mask=full, position_ids=pos,
                                use_cache=True, reopen=(wide, list(self.gates())))
         # With every placeholder seeded, the first query token is predicted where the
         # demonstrations end, as from the LLM's own cache; with learned ones, at the last.

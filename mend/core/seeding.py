@@ -1,5 +1,5 @@
 """Placeholders seeded from the demonstrations' own tokens (``seeded_placeholders: m`` with
-``output: kv``): the third way of issue 30's warm start.
+``output: kv``), one of the warm start's ways (``docs/results/warm-cpu/ablation.md``).
 
 The distiller first reads the demonstrations and their repeat pass and picks the ``m`` tokens
 KVzip scores highest (:class:`~mend.core.compaction.kvzip.KVzip`, averaged over layers and
@@ -121,7 +121,5 @@ def layout(mask: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, learned
     wide = full[:, s:s + m].clone()
     wide[:, :, :s] = real[:, None, :]
     pos = positions(mask)
-    count = real.sum(-1, keepdim=True)
-    ids = torch.cat([pos, pos.gather(1, index),
-                     count + torch.arange(learned, device=dev)[None]], 1)
-    return full[:, None], wide[:, None], ids
+    after = real.sum(-1, keepdim=True) + torch.arange(learned, device=dev)[None]
+    return full[:, None], wide[:, None], torch.cat([pos, pos.gather(1, index), after], 1)
