@@ -79,7 +79,9 @@ class Distiller(ServesContext, nn.Module):
                 f"{kv_cache.shapes(encoder.config)} and the LLM "
                 f"{kv_cache.shapes(llm.model.config)}. Use the LLM itself as the distiller "
                 f"(train_mode: lora keeps it small), or output: embeddings.")
-        reads = config.max_distiller_length * (2 if config.output == "compacted" else 1)
+        # A compacted cache and seeded placeholders are picked from a repeat pass.
+        repeats = config.output == "compacted" or config.seeded_placeholders > 0
+        reads = config.max_distiller_length * (2 if repeats else 1)
         limit = max_positions(encoder)
         if limit is not None and reads > limit:
             raise ConfigError(
@@ -97,6 +99,8 @@ class Distiller(ServesContext, nn.Module):
                              f"({d_llm}), and projection='none' forbids mapping between them. "
                              f"Set projection='auto'.")
         weight = encoder.get_input_embeddings().weight
+        self._prompt: list[int] | None = None
+        """What the repeat pass reads before the demonstrations again, where one is read."""
         self.compaction = None
         """With ``output: compacted``: the compaction of the distiller's own cache."""
         self.scorer: LearnedScorer | None = None
@@ -116,7 +120,7 @@ class Distiller(ServesContext, nn.Module):
             self.placeholders = nn.Parameter(self._init_placeholders(encoder, weight.dtype))
         self.gates: seeding.Gates | None = None
         """With ``seeded_placeholders``: how far the seeded placeholders read past their token."""
-        if config.seeded_placeholders:  # they are picked from the demonstrations' repeat pass
+        if config.seeded_placeholders:
             self._prompt = compactions.prompt_ids(tokenizer, self.format)
             layers = kv_cache.shapes(encoder.config)[0]
             heads = getattr(encoder.config, "text_config", encoder.config).num_attention_heads
@@ -238,7 +242,8 @@ class Distiller(ServesContext, nn.Module):
         ``counters`` is given (training pipelines), the counts are added there instead.
 
         With a compaction that reads the demonstrations twice (:mod:`mend.core.compaction`),
-        each row goes on with its repeat pass, right-padded after column ``S``.
+        and with seeded placeholders (picked the same way), each row goes on with its repeat
+        pass, right-padded after column ``S``.
         """
         budget = self.config.max_distiller_length - (
             0 if self.compaction is not None else self.config.num_placeholders)
@@ -261,8 +266,7 @@ class Distiller(ServesContext, nn.Module):
                    f" - {self.config.num_placeholders} placeholders")
                 + f"): dropped {dropped_demos} demonstration(s) and {dropped_tokens} token(s) in "
                   f"all.", TruncationWarning, stacklevel=2)
-        prompt = None if self.compaction is None else self._prompt
-        ids, mask, width = compactions.layout(seqs, len(self._bos), prompt,
+        ids, mask, width = compactions.layout(seqs, len(self._bos), self._prompt,
                                               self.tokenizer.pad_token_id)
         device = self.placeholders.device
         return ids.to(device), mask.to(device), width
@@ -296,7 +300,7 @@ class Distiller(ServesContext, nn.Module):
             return self.placeholders.new_zeros(b, 0, self.llm.hidden_size).to(self.llm.dtype)
         embeds = self.encoder.get_input_embeddings()(input_ids)
         if self.gates is not None:
-            return self._seeded(input_ids, embeds, attention_mask)
+            return self._seeded(embeds, attention_mask, width)
         embeds = torch.cat([embeds, self.placeholders.to(embeds.dtype).expand(b, -1, -1)], 1)
         mask = torch.cat([attention_mask, attention_mask.new_ones(b, num_placeholders)], dim=1)
         # Left padding keeps the placeholders in the last l columns for every row, and the
@@ -310,15 +314,16 @@ class Distiller(ServesContext, nn.Module):
                                            self.llm.dtype)
         return self.projection(out.last_hidden_state[:, -num_placeholders:]).to(self.llm.dtype)
 
-    def _seeded(self, ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> Prefill:
-        """``output: kv`` with seeded placeholders (:mod:`mend.core.seeding`): ``(B, S)``
-        demonstration ids, their embeddings and mask in, the prefix of bos and the ``l``
-        placeholders out, positioned as the tokens they copy."""
-        b, s = mask.shape
+    def _seeded(self, embeds: torch.Tensor, mask: torch.Tensor, width: int) -> Prefill:
+        """``output: kv`` with seeded placeholders (:mod:`mend.core.seeding`): ``(B, S + Q,
+        d)`` embeddings of the demonstrations and their repeat pass (:meth:`tokenize`), their
+        mask, and ``S``, in; the prefix of bos and the ``l`` placeholders out, positioned as
+        the tokens they copy."""
         m = self.config.seeded_placeholders
         learned = self.config.num_placeholders - m
-        index, valid = seeding.pick(self.encoder, ids, mask, m, self._prompt, len(self._bos),
-                                    self.tokenizer.pad_token_id)
+        index, valid = seeding.pick(self.encoder, embeds, mask, width, m)
+        embeds, mask = embeds[:, :width], mask[:, :width]  # the main pass reads no repeat
+        b, s = mask.shape
         full, wide, pos = seeding.layout(mask, index, valid, learned)
         seeded = embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1]))
         embeds = torch.cat([embeds, seeded, self.placeholders.to(embeds.dtype).expand(b, -1, -1)],

@@ -55,29 +55,26 @@ class Gates(nn.Module):
 
 
 @torch.no_grad()
-def pick(model, ids: torch.Tensor, mask: torch.Tensor, m: int, prompt: list[int], skip: int,
-         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pick(model, embeds: torch.Tensor, mask: torch.Tensor, width: int, m: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``m`` demonstration tokens KVzip scores highest, bos and padding never.
 
     Args:
-        model: the distiller's body; ``ids`` ``(R, S)`` and ``mask`` left-padded.
-        prompt: the ids read between the demonstrations and their repeat
-            (:func:`mend.core.compaction.prompt_ids`); ``skip``: the bos ids the repeat leaves
-            out.
+        model: the distiller's body.
+        embeds: ``(R, S + Q, d)``, the demonstrations left-padded and their repeat pass
+            (:func:`mend.core.compaction.layout`); ``mask`` ``(R, S + Q)``; ``width``: ``S``.
 
     Returns:
         ``(R, m)`` column indices, ascending, and ``(R, m)`` booleans: False where a row has
         fewer than ``m`` such tokens (those slots hold a padding column and stay masked).
     """
-    rows = [row[real.bool()].tolist() for row, real in zip(ids, mask)]
-    both, both_mask, width = compactions.layout(rows, skip, prompt, pad_id)
-    both, both_mask = both.to(ids.device), both_mask.to(ids.device)
-    scorer, total = KVzip(), torch.zeros(mask.shape, device=mask.device)
+    scorer, total = KVzip(), torch.zeros(mask.shape[0], width, device=mask.device)
 
     def each(layer: int, reading: compactions.Reading) -> None:
         total.add_(scorer(reading).float().mean(1))  # (R, S): every head counts the same
 
-    compactions.read(model, model.get_input_embeddings()(both), both_mask, width, each)
+    compactions.read(model, embeds, mask, width, each)
+    mask = mask[:, :width]
     first = mask.long().argmax(-1, keepdim=True)  # bos, which the prefix holds anyway
     total.masked_fill_(~mask.bool(), float("-inf")).scatter_(1, first, float("-inf"))
     top = total.topk(min(m, mask.shape[1]), dim=-1)

@@ -42,10 +42,12 @@ def test_at_step_0_seeded_placeholders_are_the_llms_cache_of_their_tokens(seeded
     d = seeded(arch, m, total)
     sets = [DEMOS * 3, DEMOS[:1]]
     ids, mask, width = d.tokenize(sets)
+    assert width < ids.shape[1]  # the repeat pass the tokens are picked from follows
     with torch.no_grad():
         head = d(ids, mask, width)
-        index, valid = seeding.pick(d.encoder, ids, mask, m, d._prompt, len(d._bos),
-                                    d.tokenizer.pad_token_id)
+        index, valid = seeding.pick(d.encoder, d.encoder.get_input_embeddings()(ids), mask,
+                                    width, m)
+        ids, mask = ids[:, :width], mask[:, :width]
         own = d.llm.body(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                          use_cache=True).past_key_values
     assert valid.all() and (index > mask.argmax(-1, keepdim=True)).all()  # never bos
@@ -62,7 +64,8 @@ def test_at_step_0_seeded_placeholders_are_the_llms_cache_of_their_tokens(seeded
 def test_a_context_shorter_than_the_seeds_masks_the_slots_it_cannot_fill(seeded):
     d = seeded(m=8, total=8)
     head = d.compress([("ok", "yes")]).prefill
-    real = int(d.tokenize([[("ok", "yes")]])[1].sum()) - 1  # demonstration tokens after bos
+    _, mask, width = d.tokenize([[("ok", "yes")]])
+    real = int(mask[:, :width].sum()) - 1  # demonstration tokens after bos
     assert real < 8 and int(head.mask.sum()) == 1 + real
     assert all(torch.isfinite(k).all() for k, _ in head.cache)
     assert torch.isfinite(torch.tensor(d.score(d.compress([("ok", "yes")]), ["a film"],
@@ -120,3 +123,11 @@ def test_seeding_needs_kv_output_and_at_most_l_seeds():
                    seeded_placeholders=2)
     with pytest.raises(ConfigError, match="seeded_placeholders"):
         MendConfig(distiller="x", llm="x", output="kv", num_placeholders=4, seeded_placeholders=5)
+
+
+def test_the_repeat_pass_the_seeds_are_picked_from_counts_against_the_distillers_positions(
+        seeded):
+    # The tiny model takes 2048 positions: 1500 fit once, not twice.
+    assert seeded(m=0, total=3, max_distiller_length=1500).gates is None
+    with pytest.raises(ConfigError, match="twice: the demonstrations and their repeat"):
+        seeded(m=2, total=3, max_distiller_length=1500)
